@@ -1,0 +1,170 @@
+"""The ``simple-dit`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_PRESET, PRESETS, get_preset
+from .errors import UserError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a run directory")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--epochs", type=float, help="passes over the training set")
+    stop.add_argument("--max-steps", type=int, help="total optimiser steps")
+    stop.add_argument("--minutes", type=float, help="training time budget (sampling and checkpoints not counted)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--sample-every", type=int, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a trained run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
+    count.add_argument("--per-class", type=int, help="images per class (default 10)")
+    count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simple-dit", description=__doc__)
+    parser.add_argument("--list-presets", action="store_true", help="print the presets with parameters and GFLOPs")
+    sub = parser.add_subparsers(dest="command")
+    _add_train(sub)
+    _add_sample(sub)
+    return parser
+
+
+def list_presets() -> str:
+    from .models import build_model, count_parameters, forward_gflops
+
+    rows = ["| preset | model | params (M) | GFLOPs / image (fwd) | lr | batch | description |", "|---|---|---|---|---|---|---|"]
+    for name, cfg in PRESETS.items():
+        m = cfg.model
+        model = build_model(m)
+        shape = (
+            f"DiT p{m.patch_size} d{m.hidden_size} x{m.depth} h{m.num_heads}" if m.arch == "dit"
+            else f"UNet {'-'.join(map(str, m.channels))}"
+        )  # fmt: skip
+        rows.append(
+            f"| {name} | {shape} | {count_parameters(model) / 1e6:.2f} | {forward_gflops(model, m.input_size):.3f} "
+            f"| {cfg.train.lr:g} | {cfg.train.batch_size} | {cfg.description} |"
+        )
+    return "\n".join(rows)
+
+
+def cmd_train(args) -> None:
+    from .checkpoint import load_config
+    from .train import train
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("lr", "batch_size", "dataset", "seed", "precision", "sample_every", "checkpoint_every")
+        if getattr(args, k) is not None
+    }
+    if args.resume:
+        config = load_config(args.out)
+        if overrides:
+            raise UserError(f"--resume continues the saved recipe; drop {', '.join('--' + k.replace('_', '-') for k in overrides)}")
+    else:
+        config = get_preset(args.preset)
+        config.train = dataclasses.replace(config.train, **overrides)
+    # A new stopping rule replaces the old one, so `--resume --max-steps 40` extends a 20-step run.
+    if args.epochs is not None or args.max_steps is not None or args.minutes is not None:
+        config.train.epochs = args.epochs or config.train.epochs
+        config.train.max_steps = args.max_steps or 0
+        config.train.minutes = args.minutes or 0.0
+    for name in ("epochs", "max_steps", "minutes", "lr", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    path = train(config, args.out, resume=args.resume, data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+    print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .checkpoint import ensure_writable_dir
+    from .sample import Pipeline, save_gif, save_npz
+
+    if args.steps is not None and args.steps <= 0:
+        raise UserError("--steps must be positive")
+    if args.batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+    pipe = Pipeline.from_pretrained(args.run_dir, use_ema=not args.no_ema, device=args.device, precision=args.precision)
+    k = pipe.num_classes
+    if args.labels is not None:
+        try:
+            labels = torch.tensor([int(s) for s in args.labels.split(",")])
+        except ValueError:
+            raise UserError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    elif args.n is not None:
+        if args.n <= 0:
+            raise UserError("--n must be positive")
+        labels = torch.arange(args.n) % k
+    else:
+        per_class = 10 if args.per_class is None else args.per_class
+        if per_class <= 0:
+            raise UserError("--per-class must be positive")
+        labels = torch.arange(k).repeat_interleave(per_class)
+    labels = pipe.validate_labels(labels)
+    out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
+    ensure_writable_dir(out.parent)
+    trajectory: list | None = None if args.no_gif else []
+    images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                  batch_size=args.batch_size, trajectory=trajectory, progress=True)  # fmt: skip
+    written = [pipe.save_grid(images, labels, out.with_name(out.name + ".png")), save_npz(images, labels, out.with_name(out.name + ".npz"))]
+    if trajectory:
+        written.append(save_gif(trajectory, labels, pipe.class_names, out.with_name(out.name + ".gif")))
+    print("\n".join(str(p) for p in written))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_presets:
+            print(list_presets())
+        elif args.command == "train":
+            cmd_train(args)
+        elif args.command == "sample":
+            cmd_sample(args)
+        else:
+            parser.print_help()
+            return 2
+    except UserError as e:
+        print(f"simple-dit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simple-dit: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

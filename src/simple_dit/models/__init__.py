@@ -1,0 +1,53 @@
+"""The two denoisers, both called as ``model(x_t, t, y) -> eps``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import DiTConfig, ModelConfig, UNetConfig
+from .dit import DiT
+from .unet import UNetCond
+
+__all__ = ["DiT", "UNetCond", "build_model", "count_parameters", "forward_gflops"]
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if isinstance(config, DiTConfig):
+        return DiT(
+            input_size=config.input_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            hidden_size=config.hidden_size,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            num_classes=config.num_classes,
+            class_dropout_prob=config.class_dropout_prob,
+        )
+    if isinstance(config, UNetConfig):
+        return UNetCond(
+            in_channels=config.in_channels,
+            channels=tuple(config.channels),
+            time_embed_dim=config.time_embed_dim,
+            num_classes=config.num_classes,
+            class_dropout_prob=config.class_dropout_prob,
+        )
+    raise TypeError(f"not a model config: {config!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_gflops(model: nn.Module, image_size: int = 28) -> float:
+    """GFLOPs of one forward pass for one image (a multiply-add counts as two), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, model.in_channels, image_size, image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9

@@ -1,0 +1,70 @@
+"""The small conditional UNet of the article (the book-style ``UNetCond``).
+
+Two down blocks, a bottleneck and two up blocks of (conv3x3-BatchNorm-ReLU) x 2, max-pool down,
+bilinear up, concatenated skips. The time encoding goes through a small MLP per block and is added
+to the block's input; the label embedding is added to the time encoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .embeddings import LabelEmbedder
+
+
+def book_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The book's sinusoidal encoding (sin on even, cos on odd channels), for a whole batch at once."""
+    i = torch.arange(dim, device=t.device)
+    div_term = torch.exp(i / dim * math.log(10000.0))
+    angles = t.float()[:, None] / div_term[None]
+    return torch.where(i % 2 == 0, torch.sin(angles), torch.cos(angles))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, time_embed_dim: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(),
+        )  # fmt: skip
+        self.mlp = nn.Sequential(nn.Linear(time_embed_dim, in_ch), nn.ReLU(), nn.Linear(in_ch, in_ch))
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.convs(x + self.mlp(v)[:, :, None, None])
+
+
+class UNetCond(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: tuple[int, int, int] = (64, 128, 256),
+        time_embed_dim: int = 100,
+        num_classes: int = 10,
+        class_dropout_prob: float = 0.1,
+    ):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.in_channels = self.out_channels = in_channels
+        self.time_embed_dim = time_embed_dim
+        self.num_classes = num_classes
+        self.down1 = ConvBlock(in_channels, c1, time_embed_dim)
+        self.down2 = ConvBlock(c1, c2, time_embed_dim)
+        self.bot1 = ConvBlock(c2, c3, time_embed_dim)
+        self.up2 = ConvBlock(c2 + c3, c2, time_embed_dim)
+        self.up1 = ConvBlock(c1 + c2, c1, time_embed_dim)
+        self.out = nn.Conv2d(c1, in_channels, 1)
+        self.label_emb = LabelEmbedder(num_classes, time_embed_dim, class_dropout_prob)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # The book counts timesteps from 1 where the schedule indexes them from 0.
+        v = book_time_encoding(t + 1, self.time_embed_dim) + self.label_emb(y)
+        x1 = self.down1(x, v)
+        x2 = self.down2(F.max_pool2d(x1, 2), v)
+        x = self.bot1(F.max_pool2d(x2, 2), v)
+        x = self.up2(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x2], dim=1), v)
+        x = self.up1(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x1], dim=1), v)
+        return self.out(x)

@@ -1,0 +1,168 @@
+"""Sampling: the ``Pipeline`` object and the files it writes (grid PNG, ADM-style NPZ, GIF).
+
+    pipe = Pipeline.from_pretrained("runs/mini")
+    images = pipe(labels=[3, 3, 7], steps=50, guidance=2.0, seed=0)   # uint8 (N, C, H, W)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write, load_weights
+from .config import RunConfig
+from .data import DATASETS, to_uint8
+from .diffusion import GaussianDiffusion
+from .errors import UserError
+from .models import build_model
+from .runtime import autocast, parse_device, resolve_precision
+
+GIF_FRAMES = 40
+GIF_MAX_IMAGES = 100
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: RunConfig,
+        model: torch.nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        precision: str = "auto",
+        class_names: Sequence[str] | None = None,
+    ):
+        self.config = config
+        self.device = parse_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.diffusion = GaussianDiffusion(config.diffusion)
+        self.num_classes = config.model.num_classes
+        dataset = DATASETS.get(config.train.dataset)
+        self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
+
+    @classmethod
+    def from_pretrained(
+        cls, run_dir: str | Path, *, use_ema: bool = True, device=None, precision: str = "auto"
+    ) -> "Pipeline":
+        config, weights, _ = load_weights(run_dir, use_ema=use_ema)
+        model = build_model(config.model)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint in {run_dir} does not match its config: {str(e).splitlines()[0]}") from None
+        return cls(config, model, device=device, precision=precision)
+
+    def validate_labels(self, labels) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if labels.numel() == 0:
+            raise UserError("no labels to sample")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise UserError(f"label {int(bad[0])} is out of range: classes are 0..{self.num_classes - 1}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels,
+        *,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        guidance: float = 2.0,
+        seed: int = 0,
+        batch_size: int = 250,
+        trajectory: list | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """uint8 images (N, C, H, W) for ``labels``, drawn ``batch_size`` at a time.
+
+        The same arguments and seed give the same images. If ``trajectory`` is a list, it receives
+        uint8 frames of the first batch's denoising (at most GIF_FRAMES of them).
+        """
+        labels = self.validate_labels(labels)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        c, s = self.model.in_channels, self.config.model.input_size
+        n_steps = len(self.diffusion.timesteps(steps or (self.diffusion.num_timesteps if sampler == "ddpm" else 50)))
+        record_every = max(1, n_steps // GIF_FRAMES)
+        out = []
+        batches = labels.split(batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, unit="batch", desc="sampling")
+        for b, batch_labels in enumerate(batches):
+
+            def on_step(i: int, x: torch.Tensor) -> None:
+                if trajectory is not None and b == 0 and ((i + 1) % record_every == 0 or i + 1 == n_steps):
+                    trajectory.append(to_uint8(x[:GIF_MAX_IMAGES]).cpu())
+
+            with autocast(self.device, self.precision):
+                x = self.diffusion.sample(
+                    self.model, batch_labels.to(self.device), sampler=sampler, steps=steps, guidance=guidance,
+                    null_class=self.num_classes, generator=generator, image_shape=(c, s, s), on_step=on_step,
+                )  # fmt: skip
+            out.append(to_uint8(x).cpu())
+        return torch.cat(out)
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def grid(self, images: torch.Tensor, labels, max_per_row: int = 16):
+        return labelled_grid(images, self.validate_labels(labels), self.class_names, max_per_row)
+
+    def save_grid(self, images: torch.Tensor, labels, path: str | Path) -> Path:
+        return save_png(self.grid(images, labels), path)
+
+
+def labelled_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], max_per_row: int = 16, scale: int = 2):
+    """A PIL image with one row per class present, its name on the left."""
+    from PIL import Image, ImageDraw
+
+    n, c, h, w = images.shape
+    classes = sorted(set(labels.tolist()))
+    per_row = min(max_per_row, max(int((labels == k).sum()) for k in classes))
+    margin, pad = 12 * scale + max(len(class_names[k]) for k in classes) * 6 * scale, 2
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = Image.new("L" if c == 1 else "RGB", (margin + per_row * cell_w, len(classes) * cell_h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for row, k in enumerate(classes):
+        members = images[labels == k][:per_row]
+        draw.text((4, row * cell_h + cell_h // 2 - 6), class_names[k], fill=255 if c == 1 else (255, 255, 255))
+        for col, img in enumerate(members):
+            arr = img.permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr[..., 0] if c == 1 else arr).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (margin + col * cell_w, row * cell_h))
+    return canvas
+
+
+def save_png(image, path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
+    """ADM/DiT evaluation convention: ``arr_0`` uint8 (N, H, W, C) and ``labels`` int64."""
+    path = Path(path)
+    arr = images.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr, labels=labels.numpy().astype(np.int64))
+
+    atomic_write(path, write)
+    return path
+
+
+def save_gif(frames: list[torch.Tensor], labels: torch.Tensor, class_names: Sequence[str], path: str | Path) -> Path:
+    """Animate the denoising trajectory as a sequence of labelled grids; the last frame lingers."""
+    path = Path(path)
+    labels = labels[: frames[0].shape[0]]
+    grids = [labelled_grid(f, labels, class_names) for f in frames]
+    durations = [80] * (len(grids) - 1) + [1500]
+    atomic_write(
+        path, lambda tmp: grids[0].save(tmp, format="GIF", save_all=True, append_images=grids[1:], duration=durations, loop=0)
+    )
+    return path

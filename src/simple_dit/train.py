@@ -1,0 +1,195 @@
+"""Training: one loop, top to bottom.
+
+    simple-dit train --preset dit-mini --out runs/mini --minutes 10
+
+The run directory holds config.json, checkpoint.safetensors (weights, EMA, optimiser, RNG),
+metrics.jsonl, TensorBoard events under tb/, and sample grids under samples/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ensure_writable_dir, load_training_state, save_checkpoint, write_json
+from .config import RunConfig
+from .data import load_dataset
+from .diffusion import GaussianDiffusion
+from .errors import UserError
+from .models import build_model
+from .runtime import autocast, parse_device, resolve_precision
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """EMA decay that warms up: the average covers about the last step/10 steps early on, so a
+    short run's EMA follows the model instead of staying stuck near its random initialisation."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch, a pure function of (seed, epoch) so a resumed run replays it."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+def check_output_dir(out_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (out_dir / CHECKPOINT_NAME).is_file():
+            raise UserError(f"--resume: no checkpoint in {out_dir}")
+        return
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ensure_writable_dir(out_dir)
+
+
+def train(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_dir: str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train ``config`` into ``out_dir`` and return the checkpoint path."""
+    from .sample import Pipeline
+
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, resume)
+    tc = config.train
+    device = parse_device(device)
+    precision = resolve_precision(tc.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dataset = load_dataset(tc.dataset, "train", data_dir)
+    if dataset.num_classes != config.model.num_classes:
+        raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
+    steps_per_epoch = len(dataset) // tc.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
+    max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * steps_per_epoch))
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    diffusion = GaussianDiffusion(config.diffusion)
+
+    state = {"step": 0, "train_seconds": 0.0, "images_seen": 0}
+    if resume:
+        state = load_training_state(out_dir, model, ema, optimizer)
+    else:
+        write_json(out_dir / CONFIG_NAME, config.to_dict())
+
+    writer = _tensorboard_writer(out_dir / "tb")
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    sample_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
+
+    def checkpoint() -> None:
+        save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=state)
+
+    def sample_grid() -> None:
+        pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+        images = pipe(labels=sample_labels, sampler="ddim", steps=25, guidance=2.0, seed=0)
+        pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
+
+    bar = _progress_bar(max_steps, state["step"], progress)
+    loss_sum, loss_count, window_seconds, window_images = 0.0, 0, 0.0, 0
+    perm, perm_epoch = None, -1
+    model.train()
+    while True:
+        step = state["step"]
+        if (max_steps and step >= max_steps) or (tc.minutes and state["train_seconds"] >= tc.minutes * 60):
+            break
+        step_start = time.perf_counter()
+        epoch, offset = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
+        x0, y = dataset.batch(perm[offset * tc.batch_size : (offset + 1) * tc.batch_size])
+        x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        lr = lr_at(step, tc.lr, tc.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            loss = diffusion.training_loss(model, x0, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
+
+        state["step"] = step + 1
+        state["images_seen"] += x0.shape[0]
+        loss_sum += loss.detach()
+        loss_count += 1
+        window_images += x0.shape[0]
+        if device.type == "cuda" and state["step"] % tc.log_every == 0:
+            torch.cuda.synchronize()
+        step_seconds = time.perf_counter() - step_start
+        state["train_seconds"] += step_seconds
+        window_seconds += step_seconds
+
+        if state["step"] % tc.log_every == 0 or state["step"] == max_steps:
+            # The only host sync of the loop: reading the loss once per logging window.
+            mean_loss = float(loss_sum) / loss_count
+            images_per_s = window_images / max(window_seconds, 1e-9)
+            record = {
+                "step": state["step"], "epoch": state["images_seen"] / len(dataset), "loss": mean_loss,
+                "lr": lr, "images_per_s": images_per_s, "train_seconds": state["train_seconds"],
+            }  # fmt: skip
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if writer is not None:
+                for key in ("loss", "lr", "images_per_s"):
+                    writer.add_scalar(f"train/{key}", record[key], state["step"])
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+            loss_sum, loss_count, window_seconds, window_images = 0.0, 0, 0.0, 0
+        bar.update(1)
+        if state["step"] % tc.sample_every == 0:
+            sample_grid()
+        if state["step"] % tc.checkpoint_every == 0:
+            checkpoint()
+
+    bar.close()
+    checkpoint()
+    sample_grid()
+    shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
+    metrics_file.close()
+    if writer is not None:
+        writer.close()
+    return out_dir / CHECKPOINT_NAME
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional at run time; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
