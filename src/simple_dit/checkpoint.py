@@ -73,7 +73,7 @@ def _optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
+        idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)

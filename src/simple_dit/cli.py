@@ -7,8 +7,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import DEFAULT_PRESET, PRESETS, get_preset
 from .errors import UserError
+
+SAMPLER_CHOICES = ["ddim", "ddpm", "euler", "heun"]
 
 
 def _add_train(sub) -> None:
@@ -22,6 +26,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--objective", choices=["eps", "flow"], help="DDPM epsilon prediction or rectified-flow velocity")
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -40,8 +45,8 @@ def _add_sample(sub) -> None:
     count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default: ddim for eps models, euler for flow models")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim and euler, 25 for heun)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
@@ -51,12 +56,40 @@ def _add_sample(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
+    p.add_argument("source", type=Path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
+    p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="for an .npz (default mnist); a run knows its own")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time training steps and denoiser evaluations of a preset")
+    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--what", choices=["train", "sample", "all"], default="all")
+    p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simple-dit", description=__doc__)
     parser.add_argument("--list-presets", action="store_true", help="print the presets with parameters and GFLOPs")
     sub = parser.add_subparsers(dest="command")
     _add_train(sub)
     _add_sample(sub)
+    _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -87,12 +120,16 @@ def cmd_train(args) -> None:
         for k in ("lr", "batch_size", "dataset", "seed", "precision", "sample_every", "checkpoint_every")
         if getattr(args, k) is not None
     }
+    if args.objective is not None:
+        overrides["objective"] = args.objective
     if args.resume:
         config = load_config(args.out)
         if overrides:
             raise UserError(f"--resume continues the saved recipe; drop {', '.join('--' + k.replace('_', '-') for k in overrides)}")
     else:
         config = get_preset(args.preset)
+        if "objective" in overrides:
+            config.diffusion.objective = overrides.pop("objective")
         config.train = dataclasses.replace(config.train, **overrides)
     # A new stopping rule replaces the old one, so `--resume --max-steps 40` extends a 20-step run.
     if args.epochs is not None or args.max_steps is not None or args.minutes is not None:
@@ -107,8 +144,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from .checkpoint import ensure_writable_dir
     from .sample import Pipeline, save_gif, save_npz
 
@@ -144,6 +179,47 @@ def cmd_sample(args) -> None:
     print("\n".join(str(p) for p in written))
 
 
+def cmd_eval(args) -> None:
+    from .evaluate import QualityMeter, dumps, format_report, load_npz, report
+
+    if args.source.is_dir():
+        from .sample import Pipeline
+
+        if args.n < 6:
+            raise UserError("--n must be at least 6")
+        pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
+        dataset = pipe.config.train.dataset
+        labels = torch.arange(args.n) % pipe.num_classes
+        images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
+    elif args.source.is_file():
+        images, labels = load_npz(args.source)
+        dataset = args.dataset or "mnist"
+    else:
+        raise UserError(f"{args.source} is neither a run directory nor an .npz file")
+    meter = QualityMeter(dataset, args.data_dir)
+    if labels is not None and ((labels < 0) | (labels >= meter.num_classes)).any():
+        raise UserError(f"labels in {args.source} fall outside 0..{meter.num_classes - 1}")
+    result = report(meter.score(images, labels), meter.floor(images.shape[0]))
+    result["dataset"] = dataset
+    print(format_report(result))
+    if args.json:
+        print(dumps(result))
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    from .bench import run_bench
+
+    if args.repeats <= 0:
+        raise UserError("--repeats must be positive")
+    result = run_bench(args.preset, batch_size=args.batch_size, what=args.what, reference=args.reference,
+                       precision=args.precision, device=args.device, repeats=args.repeats)  # fmt: skip
+    for key, value in result.items():
+        print(f"{key:>22}: {value:.1f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    print(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args)
         elif args.command == "sample":
             cmd_sample(args)
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "bench":
+            cmd_bench(args)
         else:
             parser.print_help()
             return 2

@@ -150,3 +150,19 @@ def get_preset(name: str) -> RunConfig:
         diffusion=dataclasses.replace(PRESETS[name].diffusion),
         train=dataclasses.replace(PRESETS[name].train),
     )
+
+
+# Parameter-matched counterparts of the article's two models, for `simple-dit compare`: a DiT as
+# large as unet-seed (2.17M parameters) and a UNet as large as dit-seed (32.5M).
+PRESETS["dit-unet-size"] = _dit(
+    "dit-unet-size",
+    "DiT with unet-seed's parameter count (2.17M): patch 4, hidden 128, depth 7, 4 heads",
+    TrainConfig(lr=3e-4, batch_size=128),
+    patch_size=4, hidden_size=128, depth=7, num_heads=4,
+)
+PRESETS["unet-dit-size"] = RunConfig(
+    model=UNetConfig(channels=(252, 504, 1008)),
+    train=TrainConfig(lr=3e-4, batch_size=128),
+    preset="unet-dit-size",
+    description="UNetCond with dit-seed's parameter count (32.6M): 252-504-1008 channels",
+)

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import atomic_write, load_weights
 from .config import RunConfig
 from .data import DATASETS, to_uint8
-from .diffusion import GaussianDiffusion
+from .diffusion import check_sampler, make_process
 from .errors import UserError
 from .models import build_model
 from .runtime import autocast, parse_device, resolve_precision
@@ -38,7 +38,7 @@ class Pipeline:
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
-        self.diffusion = GaussianDiffusion(config.diffusion)
+        self.diffusion = make_process(config.diffusion)
         self.num_classes = config.model.num_classes
         dataset = DATASETS.get(config.train.dataset)
         self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
@@ -69,7 +69,7 @@ class Pipeline:
         self,
         labels,
         *,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         steps: int | None = None,
         guidance: float = 2.0,
         seed: int = 0,
@@ -85,7 +85,8 @@ class Pipeline:
         labels = self.validate_labels(labels)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         c, s = self.model.in_channels, self.config.model.input_size
-        n_steps = len(self.diffusion.timesteps(steps or (self.diffusion.num_timesteps if sampler == "ddpm" else 50)))
+        sampler = check_sampler(self.diffusion, sampler)
+        n_steps = steps or self.diffusion.default_steps(sampler)
         record_every = max(1, n_steps // GIF_FRAMES)
         out = []
         batches = labels.split(batch_size)

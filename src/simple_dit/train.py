@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ensure_writable_dir, load_training_state, save_checkpoint, write_json
 from .config import RunConfig
 from .data import load_dataset
-from .diffusion import GaussianDiffusion
+from .diffusion import make_process
 from .errors import UserError
 from .models import build_model
 from .runtime import autocast, parse_device, resolve_precision
@@ -59,6 +60,18 @@ def check_output_dir(out_dir: Path, resume: bool) -> None:
     ensure_writable_dir(out_dir)
 
 
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def train(
     config: RunConfig,
     out_dir: str | Path,
@@ -68,13 +81,26 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train ``config`` into ``out_dir`` and return the checkpoint path."""
+    """Train ``config`` into ``out_dir`` and return the checkpoint path.
+
+    Under torchrun each of the N processes takes 1/N of every batch (``batch_size`` is the global
+    batch), so the data order and the meaning of a step do not depend on N: a checkpoint written
+    with N processes resumes with M. Only rank 0 writes anything.
+    """
     from .sample import Pipeline
 
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, resume)
     tc = config.train
+    rank, world, local_rank = init_distributed()
+    is_main = rank == 0
+    if world > 1 and device is None and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
     device = parse_device(device)
+    if tc.batch_size % world:
+        raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
+    local_batch = tc.batch_size // world
+    if is_main:
+        check_output_dir(out_dir, resume)
     precision = resolve_precision(tc.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -92,16 +118,24 @@ def train(
     model = build_model(config.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    diffusion = GaussianDiffusion(config.diffusion)
+    diffusion = make_process(config.diffusion)
 
     state = {"step": 0, "train_seconds": 0.0, "images_seen": 0}
     if resume:
         state = load_training_state(out_dir, model, ema, optimizer)
-    else:
+    elif is_main:
         write_json(out_dir / CONFIG_NAME, config.to_dict())
+    if rank > 0:
+        # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
+        torch.manual_seed(tc.seed + 1_000_003 * rank + state["step"])
+    forward_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    writer = _tensorboard_writer(out_dir / "tb")
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
+        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = _tensorboard_writer(out_dir / "tb") if is_main else None
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
     sample_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
 
     def checkpoint() -> None:
@@ -109,29 +143,30 @@ def train(
 
     def sample_grid() -> None:
         pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
-        images = pipe(labels=sample_labels, sampler="ddim", steps=25, guidance=2.0, seed=0)
+        images = pipe(labels=sample_labels, steps=25, guidance=2.0, seed=0)
         pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
 
-    bar = _progress_bar(max_steps, state["step"], progress)
+    bar = _progress_bar(max_steps, state["step"], progress and is_main)
     loss_sum, loss_count, window_seconds, window_images = 0.0, 0, 0.0, 0
     perm, perm_epoch = None, -1
     model.train()
     while True:
         step = state["step"]
-        if (max_steps and step >= max_steps) or (tc.minutes and state["train_seconds"] >= tc.minutes * 60):
+        if (max_steps and step >= max_steps) or _time_is_up(tc.minutes, state["train_seconds"], world):
             break
         step_start = time.perf_counter()
         epoch, offset = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
             perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
-        x0, y = dataset.batch(perm[offset * tc.batch_size : (offset + 1) * tc.batch_size])
+        start = offset * tc.batch_size + rank * local_batch
+        x0, y = dataset.batch(perm[start : start + local_batch])
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
         lr = lr_at(step, tc.lr, tc.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, precision):
-            loss = diffusion.training_loss(model, x0, y)
+            loss = diffusion.training_loss(forward_model, x0, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -140,16 +175,18 @@ def train(
         update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
 
         state["step"] = step + 1
-        state["images_seen"] += x0.shape[0]
+        state["images_seen"] += tc.batch_size
         loss_sum += loss.detach()
         loss_count += 1
-        window_images += x0.shape[0]
+        window_images += tc.batch_size
         if device.type == "cuda" and state["step"] % tc.log_every == 0:
             torch.cuda.synchronize()
         step_seconds = time.perf_counter() - step_start
         state["train_seconds"] += step_seconds
         window_seconds += step_seconds
 
+        if not is_main:
+            continue
         if state["step"] % tc.log_every == 0 or state["step"] == max_steps:
             # The only host sync of the loop: reading the loss once per logging window.
             mean_loss = float(loss_sum) / loss_count
@@ -172,13 +209,29 @@ def train(
             checkpoint()
 
     bar.close()
-    checkpoint()
-    sample_grid()
-    shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
-    metrics_file.close()
-    if writer is not None:
-        writer.close()
+    if is_main:
+        checkpoint()
+        sample_grid()
+        shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the others must not exit (and tear down the group) before rank 0 is done
     return out_dir / CHECKPOINT_NAME
+
+
+def _time_is_up(minutes: float, train_seconds: float, world: int) -> bool:
+    if not minutes:
+        return False
+    up = torch.tensor([float(train_seconds >= minutes * 60)])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(up, src=0)  # rank 0's clock decides, so every rank stops at the same step
+    return bool(up.item())
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -193,3 +246,12 @@ def _tensorboard_writer(log_dir: Path):
     except ImportError:  # TensorBoard is optional at run time; metrics.jsonl always has everything
         return None
     return SummaryWriter(log_dir=str(log_dir))
+
+
+if __name__ == "__main__":
+    # `torchrun --nproc_per_node N -m simple_dit.train --preset ... --out ...`
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
