@@ -102,7 +102,7 @@ PRESETS: dict[str, RunConfig] = {
     "dit-mini": _dit(
         "dit-mini",
         "small DiT for a 2-core CPU: recognisable digits in about 10 minutes",
-        TrainConfig(lr=1e-3, batch_size=128, warmup_steps=200, grad_clip=1.0, ema_decay=0.999, sample_every=500, checkpoint_every=500),
+        TrainConfig(lr=1e-3, batch_size=64, warmup_steps=200, grad_clip=1.0, ema_decay=0.999, sample_every=250, checkpoint_every=250),
         patch_size=4, hidden_size=128, depth=6, num_heads=4,
     ),
     "dit-seed": _dit(

@@ -152,17 +152,34 @@ def _download(spec: DatasetSpec, file: IdxFile, dest_dir: Path) -> Path:
     )
 
 
-def _locate(spec: DatasetSpec, file: IdxFile, data_dir, download: bool) -> Path:
+def _belongs_to_another_dataset(path: Path, spec: DatasetSpec, file: IdxFile) -> bool:
+    """True for a good copy of another dataset's file of the same name (MNIST and Fashion-MNIST
+    share file names, so one dataset's folder is often searched for the other's files)."""
+    others = [
+        f for d in DATASETS.values() if d.name != spec.name
+        for f in (d.train_images, d.train_labels, d.test_images, d.test_labels) if f.name == file.name
+    ]  # fmt: skip
+    if not others:
+        return False
+    try:
+        _read_verified(path, others[0])
+        return True
+    except UserError:
+        return False
+
+
+def _locate_and_read(spec: DatasetSpec, file: IdxFile, data_dir, download: bool) -> bytes:
     raw_name = file.name.removesuffix(".gz")
     for d in _candidate_dirs(spec.name, data_dir):
         for name in (file.name, raw_name):
-            if (d / name).is_file():
-                return d / name
+            path = d / name
+            if path.is_file() and not _belongs_to_another_dataset(path, spec, file):
+                return _read_verified(path, file)
     if not download:
         where = data_dir or os.environ.get("SIMPLE_DIT_DATA") or default_cache_dir()
         raise UserError(f"{file.name} (md5 {file.gz_md5}) of {spec.name} is missing; put it in {where}")
     target = Path(data_dir) if data_dir is not None else default_cache_dir() / spec.name
-    return _download(spec, file, target)
+    return _read_verified(_download(spec, file, target), file)
 
 
 def _parse_idx(raw: bytes, name: str, expected_ndim: int) -> torch.Tensor:
@@ -214,11 +231,9 @@ def load_dataset(
     image_file, label_file = (
         (spec.train_images, spec.train_labels) if split == "train" else (spec.test_images, spec.test_labels)
     )
-    image_path = _locate(spec, image_file, data_dir, download)
-    label_path = _locate(spec, label_file, data_dir, download)
-    images = _parse_idx(_read_verified(image_path, image_file), image_file.name, 3)
-    labels = _parse_idx(_read_verified(label_path, label_file), label_file.name, 1)
+    images = _parse_idx(_locate_and_read(spec, image_file, data_dir, download), image_file.name, 3)
+    labels = _parse_idx(_locate_and_read(spec, label_file, data_dir, download), label_file.name, 1)
     if images.shape[0] != labels.shape[0]:
-        raise UserError(f"{image_path} has {images.shape[0]} images but {label_path} has {labels.shape[0]} labels")
+        raise UserError(f"{image_file.name} has {images.shape[0]} images but {label_file.name} has {labels.shape[0]} labels")
     return ImageDataset(spec.name, split, images.unsqueeze(1).contiguous(), labels.long(), spec.class_names)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .data import default_cache_dir, load_dataset, to_model_range
 from .errors import UserError
 
-EVALUATOR_EPOCHS = 3
+EVALUATOR_EPOCHS = 6
 EVALUATOR_SEED = 0
 PR_NEIGHBOURS = 3
 

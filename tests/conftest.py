@@ -1,0 +1,128 @@
+"""Shared setup for the simple-dit test suite.
+
+* Torch runs single-threaded (in this process and in every CLI subprocess, through
+  OMP_NUM_THREADS): on a small, busy CPU, oversubscribed threads make tiny models several times
+  slower, and one thread also keeps every run bitwise reproducible. SIMPLE_DIT_TEST_THREADS
+  overrides it.
+* MNIST is read from $SIMPLE_DIT_DATA (CI: ``../shared/data/mnist`` relative to the repository
+  root), else from ``<repo_root>/../shared/data/mnist``. The path is made absolute and exported, so
+  that subprocesses started in other directories find the same files.
+* The user cache directory is redirected to a temporary one, so that no test reads or writes the
+  real ``~/.cache/simple-dit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+THREADS = int(os.environ.get("SIMPLE_DIT_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+os.environ["MKL_NUM_THREADS"] = str(THREADS)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _resolve_data_dir() -> Path:
+    value = os.environ.get("SIMPLE_DIT_DATA")
+    if not value:
+        return (REPO_ROOT.parent / "shared" / "data" / "mnist").resolve()
+    path = Path(value)
+    if not path.is_absolute():
+        # CI gives the path relative to the repository root; fall back to the working directory.
+        path = REPO_ROOT / path if (REPO_ROOT / path).exists() else Path.cwd() / path
+    return path.resolve()
+
+
+MNIST_DIR = _resolve_data_dir()
+os.environ["SIMPLE_DIT_DATA"] = str(MNIST_DIR)
+_CACHE = tempfile.mkdtemp(prefix="simple-dit-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    missing = [f for f in MNIST_FILES if not (MNIST_DIR / f).is_file()]
+    if missing:
+        pytest.fail(f"MNIST files {missing} not found in {MNIST_DIR}; set SIMPLE_DIT_DATA to the directory holding them")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist_train(mnist_dir):
+    from simple_dit.data import load_dataset
+
+    return load_dataset("mnist", "train", data_dir=mnist_dir, download=False)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter a random nudge, so a fresh DiT (whose output is exactly zero) computes
+    something that depends on x, t and y."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_config(preset: str = "dit-tiny", max_steps: int = 20):
+    """A tiny recipe that trains for ``max_steps`` with no mid-run samples or checkpoints."""
+    from simple_dit.config import get_preset
+
+    config = get_preset(preset)
+    config.train.max_steps = max_steps
+    config.train.sample_every = 10**9
+    config.train.checkpoint_every = 10**9
+    config.train.precision = "fp32"
+    return config
+
+
+def run_cli(*args, program: list[str] | None = None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m simple_dit.cli ARGS`` (or ``program ARGS``) in a subprocess, with the test environment."""
+    return subprocess.run(
+        [*(program or [sys.executable, "-m", "simple_dit.cli"]), *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=os.environ.copy(),
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A clean CLI failure: non-zero exit, no traceback, and exactly one error line on stderr,
+    its last line, starting with the prefix and containing every fragment. (Other lines, such as a
+    library's warning, are tolerated.) Returns the error line."""
+    assert result.returncode != 0, f"expected failure, got rc 0\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("simple-dit: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"expected one error line at the end of stderr, got:\n{result.stderr}"
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Relative path -> md5 of every file under ``directory`` (to prove nothing was touched)."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }

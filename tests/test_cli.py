@@ -1,0 +1,282 @@
+"""The ``simple-dit`` command end to end on real MNIST, and its handling of bad input.
+
+Every failure must be one line on stderr starting with "simple-dit: error:", a non-zero exit
+status, no traceback, and no change to anything on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MNIST_FILES, assert_user_error, run_cli, snapshot
+from simple_dit.cli import main
+from simple_dit.config import PRESETS
+
+MAX_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, mnist_dir):
+    """`simple-dit train` for 30 steps of dit-tiny, then `simple-dit sample` from it."""
+    root = tmp_path_factory.mktemp("cli")
+    run = root / "run"
+    trained = run_cli("train", "--preset", "dit-tiny", "--out", run, "--max-steps", MAX_STEPS, "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    # The sample step goes through the installed console script where there is one.
+    script = Path(sys.executable).parent / "simple-dit"
+    program = [str(script)] if script.exists() else None
+    sampled = run_cli("sample", run, "--out", run / "s", "--per-class", 2, "--steps", 5, program=program)
+    assert sampled.returncode == 0, sampled.stderr
+    return {"run": run, "train": trained, "sample": sampled}
+
+
+@pytest.fixture
+def run_copy(cli_run, tmp_path):
+    """A private copy of the CLI run, free to be damaged."""
+    return Path(shutil.copytree(cli_run["run"], tmp_path / "run"))
+
+
+# ---- the happy path ----------------------------------------------------------------------------
+
+
+def test_train_writes_a_run(cli_run):
+    run, result = cli_run["run"], cli_run["train"]
+    assert "Traceback" not in result.stderr
+    assert str(run / "checkpoint.safetensors") in result.stdout
+    for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "samples.png"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "dit-tiny" and config["train"]["max_steps"] == MAX_STEPS
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records, "metrics.jsonl is empty"
+    for record in records:
+        assert isinstance(record["step"], int) and isinstance(record["loss"], float)
+        assert math.isfinite(record["loss"]) and 0 < record["loss"] < 10
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == MAX_STEPS
+
+
+def test_sample_writes_png_npz_and_gif(cli_run):
+    from PIL import Image
+
+    run, result = cli_run["run"], cli_run["sample"]
+    assert "Traceback" not in result.stderr
+    for ext in ("png", "npz", "gif"):
+        assert str(run / f"s.{ext}") in result.stdout
+
+    with Image.open(run / "s.png") as png:
+        png.load()
+        width, height = png.size
+        assert png.format == "PNG"
+    # Ten labelled rows of two 28x28 digits (drawn at least at natural size).
+    assert height >= 10 * 28 and width >= 2 * 28
+    assert width < 2000 and height < 2000
+
+    with np.load(run / "s.npz") as npz:
+        arr, labels = npz["arr_0"], npz["labels"]
+    assert arr.dtype == np.uint8 and arr.shape == (20, 28, 28, 1)
+    assert labels.dtype == np.int64 and labels.tolist() == [k for k in range(10) for _ in range(2)]
+    assert arr.std() > 0 and len(np.unique(arr.reshape(20, -1), axis=0)) == 20  # twenty different images
+
+    with Image.open(run / "s.gif") as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames >= 3
+
+
+def test_sample_files_match_the_python_api(cli_run):
+    """The CLI's npz holds exactly the images Pipeline produces for the same arguments."""
+    from simple_dit.sample import Pipeline
+
+    pipe = Pipeline.from_pretrained(cli_run["run"])
+    labels = torch.arange(10).repeat_interleave(2)
+    images = pipe(labels, steps=5, guidance=2.0, seed=0)
+    with np.load(cli_run["run"] / "s.npz") as npz:
+        assert np.array_equal(npz["arr_0"], images.permute(0, 2, 3, 1).numpy())
+
+
+def test_list_presets_names_every_preset(capsys, monkeypatch):
+    """Every preset gets a row with its parameter count and the GFLOPs forward_gflops reports.
+
+    The models are built on the meta device and forward_gflops is replaced by a recorder: the
+    table needs only shapes, and initialising and running the paper-size DiTs for real would take
+    most of a minute on a small CPU. (forward_gflops itself is tested below.)"""
+    import simple_dit.models as models
+
+    seen = []
+
+    def fake_gflops(model, image_size=28):
+        seen.append((type(model).__name__, models.count_parameters(model)))
+        return 1.234
+
+    monkeypatch.setattr(models, "forward_gflops", fake_gflops)
+    with torch.device("meta"):
+        assert main(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == list(PRESETS)
+    assert len(seen) == len(PRESETS)
+    for row, (arch, n_params), config in zip(rows, seen, PRESETS.values()):
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert arch == ("DiT" if config.model.arch == "dit" else "UNetCond")
+        assert cells[2] == f"{n_params / 1e6:.2f}" and n_params > 0
+        assert cells[3] == "1.234"
+        assert cells[6] == config.description
+
+
+def test_forward_gflops_of_a_tiny_model():
+    from simple_dit.config import get_preset
+    from simple_dit.models import build_model, forward_gflops
+
+    model = build_model(get_preset("dit-tiny").model).train()
+    flops = forward_gflops(model)
+    assert model.training  # mode restored
+    # Two FLOPs per weight of every per-token linear map (patch embedding, attention, MLP, output)
+    # for each of the 16 tokens, plus a little for attention scores and the conditioning path.
+    per_token = sum(
+        p.numel() for name, p in model.named_parameters()
+        if name.endswith("weight") and any(k in name for k in ("x_embedder", "attn.", "mlp.fc", "final_layer.linear"))
+    )  # fmt: skip
+    assert per_token > 20_000
+    assert 2 * 16 * per_token / 1e9 <= flops <= 1.5 * 2 * 16 * per_token / 1e9
+
+
+# ---- bad input, through the real command -------------------------------------------------------
+
+
+def test_corrupt_data_file_is_named_with_its_expected_md5(mnist_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in MNIST_FILES:
+        shutil.copy(mnist_dir / name, data / name)
+    bad = data / "train-images-idx3-ubyte.gz"
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 2)
+    before = snapshot(data)
+    out = tmp_path / "run"
+    result = run_cli("train", "--preset", "dit-tiny", "--out", out, "--max-steps", 5, "--data-dir", data, "--no-progress")
+    assert_user_error(result, str(bad), "f68b3c2dcbeaaa9fbdd348bbdeb94873")
+    assert snapshot(data) == before  # the bad file is reported, not deleted or replaced
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_label_out_of_range(cli_run, tmp_path):
+    before = snapshot(cli_run["run"])
+    result = run_cli("sample", cli_run["run"], "--out", tmp_path / "x", "--labels", "3,12", "--steps", 2)
+    assert_user_error(result, "12", "0..9")
+    assert list(tmp_path.iterdir()) == []
+    assert snapshot(cli_run["run"]) == before
+
+
+def test_unknown_preset(tmp_path):
+    result = run_cli("train", "--preset", "dit-huge", "--out", tmp_path / "r", "--max-steps", 1)
+    assert_user_error(result, "dit-huge", "dit-tiny")
+    assert not (tmp_path / "r").exists()
+
+
+def _corrupt(path: Path, kind: str) -> None:
+    blob = path.read_bytes()
+    if kind == "header":  # garbage over the start of the JSON header
+        damaged = bytearray(blob)
+        damaged[8:72] = b"#" * 64
+        path.write_bytes(bytes(damaged))
+    elif kind == "garbage":  # not a safetensors file at all
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":  # cut in half, as by a full disk
+        path.write_bytes(blob[: len(blob) // 2])
+    else:
+        raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind,command,how",
+    [
+        ("header", "sample", "subprocess"),
+        ("truncated", "resume", "subprocess"),
+        # The same code paths again, without paying for a new interpreter each time.
+        ("header", "resume", "in-process"),
+        ("garbage", "sample", "in-process"),
+        ("garbage", "resume", "in-process"),
+        ("truncated", "sample", "in-process"),
+    ],
+)
+def test_damaged_checkpoint(run_copy, kind, command, how, capsys):
+    ckpt = run_copy / "checkpoint.safetensors"
+    _corrupt(ckpt, kind)
+    before = snapshot(run_copy)
+    if command == "sample":
+        argv = ["sample", run_copy, "--out", run_copy / "s2", "--per-class", 1, "--steps", 2]
+    else:
+        argv = ["train", "--resume", "--out", run_copy, "--max-steps", MAX_STEPS + 10, "--no-progress"]
+    if how == "subprocess":
+        assert_user_error(run_cli(*argv), str(ckpt), "corrupt or truncated")
+    else:
+        assert main([str(a) for a in argv]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("simple-dit: error:"), err
+        assert str(ckpt) in err[0] and "corrupt or truncated" in err[0]
+    assert snapshot(run_copy) == before
+
+
+def test_unwritable_output(cli_run, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file, not a directory\n")
+    result = run_cli("train", "--preset", "dit-tiny", "--out", blocker / "run", "--max-steps", 1, "--no-progress")
+    assert_user_error(result, str(blocker / "run"))
+    # The same check in `sample`, in-process.
+    argv = ["sample", str(cli_run["run"]), "--out", str(blocker / "sub" / "s"), "--per-class", "1", "--steps", "2"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and str(blocker / "sub") in err[0], err
+    assert blocker.read_text() == "a regular file, not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_training_into_an_existing_run_needs_resume(run_copy):
+    before = snapshot(run_copy)
+    result = run_cli("train", "--preset", "dit-tiny", "--out", run_copy, "--max-steps", 5, "--no-progress")
+    assert_user_error(result, str(run_copy), "--resume")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("train", "--resume", "--out", tmp_path / "empty", "--max-steps", 5, "--no-progress")
+    assert_user_error(result, "no checkpoint", str(tmp_path / "empty"))
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+# ---- more bad input, in-process (same code path, no interpreter start-up) ----------------------
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["sample", "{run}", "--out", "{tmp}/x", "--steps", "0"], "--steps must be positive"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--labels", "3,x"], "comma-separated integers"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--n", "0"], "--n must be positive"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--per-class", "1", "--sampler", "euler", "--steps", "2"], "euler"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--per-class", "1", "--steps", "1001"], "1000"),
+        (["sample", "{tmp}/nowhere", "--out", "{tmp}/x"], "no checkpoint"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "0"], "--max-steps must be positive"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--lr", "-1", "--max-steps", "1"], "--lr must be positive"),
+        (["train", "--resume", "--out", "{run}", "--lr", "0.1"], "--lr"),
+    ],
+)
+def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
+    before = snapshot(cli_run["run"])
+    argv = [a.format(run=cli_run["run"], tmp=tmp_path) for a in argv]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("simple-dit: error:") and fragment in err[-1], err
+    assert snapshot(cli_run["run"]) == before
+    assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()

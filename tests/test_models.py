@@ -1,0 +1,92 @@
+"""The two denoisers: shapes for every preset, adaLN-Zero init, patching, label dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import perturb_
+from simple_dit.config import PRESETS, DiTConfig, get_preset
+from simple_dit.models import DiT, UNetCond, build_model, count_parameters
+from simple_dit.models.embeddings import LabelEmbedder
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_maps_images_to_images(name):
+    config = get_preset(name)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    assert isinstance(model, DiT if config.model.arch == "dit" else UNetCond)
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.tensor([0, 999], dtype=torch.long)
+    y = torch.tensor([3, 10], dtype=torch.long)  # a real class and the null class
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert out.shape == (2, 1, 28, 28)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "dit-mini"])
+def test_fresh_dit_outputs_exactly_zero(name):
+    """adaLN-Zero: gates and the final projection start at zero, so the model predicts eps = 0."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(name).model)
+    x = torch.randn(4, 1, 28, 28)
+    t = torch.tensor([0, 10, 500, 999])
+    y = torch.tensor([0, 5, 9, 10])
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            out = model(x, t, y)
+        assert out.shape == x.shape
+        assert torch.count_nonzero(out) == 0
+    # ...and it is the init that does it: the same network with nudged weights is not zero.
+    perturb_(model)
+    with torch.no_grad():
+        assert torch.count_nonzero(model.eval()(x, t, y)) > 0
+
+
+def test_dit_output_depends_on_x_t_and_y():
+    torch.manual_seed(0)
+    model = perturb_(build_model(get_preset("dit-tiny").model)).eval()
+    x = torch.randn(1, 1, 28, 28)
+    t, y = torch.tensor([100]), torch.tensor([3])
+    with torch.no_grad():
+        base = model(x, t, y)
+        assert not torch.allclose(base, model(x + 0.5, t, y))
+        assert not torch.allclose(base, model(x, torch.tensor([900]), y))
+        assert not torch.allclose(base, model(x, t, torch.tensor([10])))
+        # Deterministic in eval mode.
+        assert torch.equal(base, model(x, t, y))
+
+
+@pytest.mark.parametrize("patch", [2, 4, 7])
+def test_unpatchify_inverts_patching(patch):
+    model = DiT(input_size=28, patch_size=patch, hidden_size=32, depth=1, num_heads=2)
+    g = 28 // patch
+    x = torch.randn(2, 1, 28, 28)
+    # Tokens in raster order of patches, each patch flattened as (row-in-patch, col-in-patch, channel).
+    tokens = x.reshape(2, 1, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, patch * patch)
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_dit_rejects_patch_that_does_not_divide_image():
+    with pytest.raises(ValueError):
+        build_model(DiTConfig(patch_size=5, hidden_size=32, depth=1, num_heads=2))
+
+
+def test_label_dropout_only_in_training():
+    emb = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=1.0)
+    labels = torch.arange(10)
+    null = emb.embedding_table.weight[10]
+    emb.train()
+    assert torch.equal(emb(labels), null.expand(10, 8))  # every label dropped to the null class
+    emb.eval()
+    assert torch.equal(emb(labels), emb.embedding_table.weight[:10])
+    assert emb.null_class == 10
+
+
+def test_tiny_presets_are_tiny():
+    for name in ("dit-tiny", "unet-tiny"):
+        assert count_parameters(build_model(get_preset(name).model)) < 200_000

@@ -1,0 +1,305 @@
+"""Training: overfitting one batch, checkpoints, exact resume, the sampling Pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from simple_dit.checkpoint import (
+    CHECKPOINT_NAME, CONFIG_NAME, load_config, load_training_state, load_weights, save_checkpoint,
+)  # fmt: skip
+from simple_dit.config import RunConfig, get_preset
+from simple_dit.diffusion import GaussianDiffusion
+from simple_dit.errors import UserError
+from simple_dit.models import build_model
+from simple_dit.sample import Pipeline
+from simple_dit.train import ema_decay_at, epoch_permutation, lr_at, train, update_ema
+
+
+def read_checkpoint(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+
+def test_tiny_dit_overfits_one_batch(mnist_train):
+    """At fixed (t, noise) the loss on 16 images must fall far below where it starts."""
+    x0, y = mnist_train.batch(torch.arange(16))
+    torch.manual_seed(0)
+    model = build_model(get_preset("dit-tiny").model).train()
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, diffusion.num_timesteps, (16,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = diffusion.q_sample(x0, t, noise)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = F.mse_loss(model(xt, t, y), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)  # zero-init model predicts 0
+    final = sum(losses[-10:]) / 10
+    assert math.isfinite(final)
+    assert final < 0.3 * losses[0], f"loss only went from {losses[0]:.3f} to {final:.3f}"
+
+
+def test_training_loss_is_eps_mse_at_random_timesteps():
+    """training_loss draws t and noise from the global RNG and scores the model's eps prediction."""
+    d = GaussianDiffusion()
+    x0 = torch.rand(6, 1, 28, 28) * 2 - 1
+    y = torch.arange(6)
+    calls = []
+
+    def model(x, t, y_):
+        calls.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+    torch.manual_seed(7)
+    loss = d.training_loss(model, x0, y)
+    torch.manual_seed(7)
+    t = torch.randint(0, 1000, (6,))
+    noise = torch.randn_like(x0)
+    assert torch.equal(calls[0][1], t)
+    torch.testing.assert_close(calls[0][0], d.q_sample(x0, t, noise))
+    torch.testing.assert_close(loss, noise.pow(2).mean())
+
+
+def test_schedules_helpers():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+    assert all(ema_decay_at(s, 0.9999) <= ema_decay_at(s + 1, 0.9999) for s in range(0, 2000, 37))
+    assert lr_at(0, 1e-3, 0) == 1e-3
+    assert lr_at(0, 1e-3, 100) == pytest.approx(1e-5)
+    assert lr_at(99, 1e-3, 100) == pytest.approx(1e-3) and lr_at(500, 1e-3, 100) == pytest.approx(1e-3)
+    a, b = epoch_permutation(100, 0, 3), epoch_permutation(100, 0, 3)
+    assert torch.equal(a, b) and sorted(a.tolist()) == list(range(100))
+    assert not torch.equal(a, epoch_permutation(100, 0, 4)) and not torch.equal(a, epoch_permutation(100, 1, 3))
+
+
+def test_update_ema_is_a_lerp():
+    torch.manual_seed(0)
+    model = build_model(get_preset("unet-tiny").model)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.add_(2.0)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.75)
+    for p_ema, p0, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(p_ema, 0.75 * p0 + 0.25 * p)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(b_ema, b)  # BatchNorm statistics are copied, not averaged
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_state(tmp_path):
+    """A dit-tiny trained 3 steps (so weights, EMA and Adam moments are all non-trivial), saved."""
+    config = tiny_config("dit-tiny")
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    for _ in range(3):
+        loss = (model(x, t, y) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_ema(ema, model, 0.9)
+    state = {"step": 3, "train_seconds": 1.5, "images_seen": 12}
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    path = save_checkpoint(tmp_path, config=config, model=model, ema=ema, optimizer=opt, train_state=state)
+    return dict(dir=tmp_path, path=path, config=config, model=model, ema=ema, opt=opt, state=state, rng=rng, batch=(x, t, y))
+
+
+def test_checkpoint_file_holds_weights_ema_optimizer_and_rng(saved_state):
+    s = saved_state
+    assert s["path"] == s["dir"] / CHECKPOINT_NAME and s["path"].is_file()
+    assert not [p for p in s["dir"].iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+    tensors, meta = read_checkpoint(s["path"])
+    assert meta["format"] == "simple-dit/1"
+    for k, v in s["model"].state_dict().items():
+        assert torch.equal(tensors["model." + k], v), k
+    for k, v in s["ema"].state_dict().items():
+        assert torch.equal(tensors["ema." + k], v), k
+    opt_state = s["opt"].state_dict()["state"]
+    for idx, per_param in opt_state.items():
+        for key, value in per_param.items():
+            assert torch.equal(tensors[f"optim.{idx}.{key}"], value), (idx, key)
+    assert torch.equal(tensors["rng.cpu"], s["rng"])
+    assert json.loads(meta["train_state"]) == s["state"]
+
+
+def test_checkpoint_weights_and_config_load_back(saved_state):
+    s = saved_state
+    loaded_config, weights, train_state = load_weights(s["dir"], use_ema=True)
+    assert loaded_config.to_dict() == s["config"].to_dict() and train_state == s["state"]
+    assert weights.keys() == s["ema"].state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in s["ema"].state_dict().items())
+    _, raw, _ = load_weights(s["path"], use_ema=False)
+    assert all(torch.equal(raw[k], v) for k, v in s["model"].state_dict().items())
+    assert not torch.equal(raw["final_layer.linear.weight"], weights["final_layer.linear.weight"])
+    assert load_config(s["dir"]).to_dict() == s["config"].to_dict()
+
+
+def test_load_training_state_restores_everything(saved_state):
+    s = saved_state
+    model, opt, x, t, y = s["model"], s["opt"], *s["batch"]
+    torch.manual_seed(99)
+    model2 = build_model(s["config"].model)
+    ema2 = copy.deepcopy(model2).requires_grad_(False)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=5.0)
+    assert not torch.equal(next(model2.parameters()), next(model.parameters()))
+    assert load_training_state(s["dir"], model2, ema2, opt2) == s["state"]
+    assert torch.equal(torch.get_rng_state(), s["rng"])
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(s["ema"].state_dict().items(), ema2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert opt2.param_groups[0]["lr"] == 1e-3 and opt2.param_groups[0]["weight_decay"] == 0.01
+    # The restored optimiser continues exactly like the original one (same RNG for label dropout).
+    for m, o in ((model, opt), (model2, opt2)):
+        torch.manual_seed(5)
+        loss = (m(x, t, y) - x).pow(2).mean()
+        o.zero_grad()
+        loss.backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_config_round_trips_through_json():
+    for name in ("dit-tiny", "unet-tiny"):
+        config = get_preset(name)
+        again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config
+    with pytest.raises(UserError, match="invalid run configuration"):
+        RunConfig.from_dict({"model": {"arch": "dit", "depth": 2, "wings": 3}, "diffusion": {}, "train": {}})
+
+
+def test_get_preset_returns_independent_copies():
+    a = get_preset("dit-tiny")
+    a.train.max_steps = 123
+    a.model.depth = 99
+    b = get_preset("dit-tiny")
+    assert b.train.max_steps == 0 and b.model.depth == 2
+    with pytest.raises(UserError, match="unknown preset"):
+        get_preset("dit-xl-2")
+
+
+# ---- the training loop: exact resume -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, mnist_dir):
+    """dit-tiny trained for 40 steps on MNIST through the public train() entry point."""
+    run = tmp_path_factory.mktemp("runs") / "straight"
+    train(tiny_config(max_steps=40), run, progress=False, device="cpu")
+    return run
+
+
+def test_train_writes_a_complete_run(straight_run):
+    run = straight_run
+    for name in (CHECKPOINT_NAME, CONFIG_NAME, "metrics.jsonl", "samples.png"):
+        assert (run / name).is_file(), name
+    assert (run / "samples" / "step_0000040.png").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000040.png"]  # no mid-run grids
+    assert json.loads((run / CONFIG_NAME).read_text())["preset"] == "dit-tiny"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    _, meta = read_checkpoint(run / CHECKPOINT_NAME)
+    state = json.loads(meta["train_state"])
+    assert state["step"] == 40 and state["images_seen"] == 40 * 32
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path):
+    resumed_dir = tmp_path / "resumed"
+    train(tiny_config(max_steps=20), resumed_dir, progress=False, device="cpu")
+    after_20, _ = read_checkpoint(resumed_dir / CHECKPOINT_NAME)
+    train(tiny_config(max_steps=40), resumed_dir, resume=True, progress=False, device="cpu")
+
+    resumed, resumed_meta = read_checkpoint(resumed_dir / CHECKPOINT_NAME)
+    straight, straight_meta = read_checkpoint(straight_run / CHECKPOINT_NAME)
+    assert resumed.keys() == straight.keys()
+    for prefix in ("model.", "ema.", "optim."):
+        assert any(k.startswith(prefix) for k in straight), prefix
+    assert "rng.cpu" in straight
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), f"{key} differs after resume"
+    resumed_state, straight_state = json.loads(resumed_meta["train_state"]), json.loads(straight_meta["train_state"])
+    assert resumed_state["step"] == straight_state["step"] == 40
+    assert resumed_state["images_seen"] == straight_state["images_seen"]
+    # Training really happened between step 20 and step 40.
+    assert not torch.equal(after_20["model.final_layer.linear.weight"], straight["model.final_layer.linear.weight"])
+    # metrics.jsonl was appended to, not rewritten.
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 41, 5))
+
+
+def test_pipeline_from_pretrained_loads_and_samples(straight_run):
+    pipe = Pipeline.from_pretrained(straight_run, device="cpu")
+    ckpt, _ = read_checkpoint(straight_run / CHECKPOINT_NAME)
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v, ckpt["ema." + k]), k
+    assert not pipe.model.training
+    assert pipe.config.preset == "dit-tiny" and pipe.num_classes == 10
+    images = pipe(labels=[0, 1, 7], steps=5, guidance=2.0, seed=0)
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 28, 28)
+    assert images.float().std() > 0
+    raw = Pipeline.from_pretrained(straight_run, use_ema=False, device="cpu")
+    for k, v in raw.model.state_dict().items():
+        assert torch.equal(v, ckpt["model." + k]), k
+
+
+def test_pipeline_is_deterministic_per_seed(straight_run):
+    pipe = Pipeline.from_pretrained(straight_run, device="cpu")
+    labels = [0, 1, 2, 3, 4, 5]
+    for sampler, steps in (("ddim", 5), ("ddpm", 5)):
+        a = pipe(labels, sampler=sampler, steps=steps, seed=0)
+        b = pipe(labels, sampler=sampler, steps=steps, seed=0)
+        c = pipe(labels, sampler=sampler, steps=steps, seed=1)
+        assert a.dtype == torch.uint8 and a.shape == (6, 1, 28, 28)
+        assert torch.equal(a, b), sampler
+        assert not torch.equal(a, c), sampler
+    trajectory = []
+    d = pipe(labels, steps=5, seed=0, trajectory=trajectory)
+    assert torch.equal(d, pipe(labels, steps=5, seed=0))
+    assert len(trajectory) == 5 and torch.equal(trajectory[-1], d)
+
+
+def test_pipeline_rejects_bad_labels(straight_run):
+    pipe = Pipeline.from_pretrained(straight_run, device="cpu")
+    with pytest.raises(UserError, match="label 12 is out of range"):
+        pipe([3, 12], steps=2)
+    with pytest.raises(UserError, match="out of range"):
+        pipe([-1], steps=2)
+    with pytest.raises(UserError, match="no labels"):
+        pipe([], steps=2)
+
+
+def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path):
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_config(max_steps=1), straight_run, progress=False, device="cpu")
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tiny_config(max_steps=1), tmp_path / "empty", resume=True, progress=False, device="cpu")
