@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_PRESET, PRESETS, get_preset
+from .compare import add_compare_parser, cmd_compare
 from .errors import UserError
 
-SAMPLER_CHOICES = ["ddim", "ddpm", "euler", "heun"]
+SAMPLER_CHOICES = ["ddim", "ddpm", "dpm++2m", "euler", "heun"]
 
 
 def _add_train(sub) -> None:
@@ -46,7 +47,7 @@ def _add_sample(sub) -> None:
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim and euler, 25 for heun)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim and euler, 20 dpm++2m, 25 heun)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_bench(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_eval(args)
         elif args.command == "bench":
             cmd_bench(args)
+        elif args.command == "compare":
+            cmd_compare(args)
         else:
             parser.print_help()
             return 2

@@ -7,6 +7,7 @@ published MD5 before it is parsed, so a truncated download can never be half-loa
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -225,6 +226,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def load_dataset(
     dataset: str = "mnist", split: str = "train", data_dir: str | os.PathLike | None = None, download: bool = True
 ) -> ImageDataset:
+    """A whole split, parsed once per process (the result is shared: treat it as read-only)."""
+    return _load_dataset(dataset, split, None if data_dir is None else str(data_dir), os.environ.get("SIMPLE_DIT_DATA"), download)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_dataset(dataset: str, split: str, data_dir: str | None, env_data_dir: str | None, download: bool) -> ImageDataset:
+    # env_data_dir is only part of the cache key: the lookup reads the environment itself.
     spec = get_spec(dataset)
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; choose train or test")

@@ -191,8 +191,13 @@ def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) 
     return float(torch.cat(inside).double().mean())
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
-    precision = _coverage(fake, real, _kth_neighbour_radius(real, k))
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = PR_NEIGHBOURS, real_radii: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """``real_radii`` may pass in the k-NN radii of ``real``, when the same reals are reused."""
+    if real_radii is None:
+        real_radii = _kth_neighbour_radius(real, k)
+    precision = _coverage(fake, real, real_radii)
     recall = _coverage(real, fake, _kth_neighbour_radius(fake, k))
     return precision, recall
 
@@ -208,9 +213,14 @@ class Scores:
 
 
 def score_features(
-    features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor, num_classes: int
+    features: torch.Tensor,
+    predicted: torch.Tensor,
+    labels: torch.Tensor | None,
+    reference: torch.Tensor,
+    num_classes: int,
+    reference_radii: torch.Tensor | None = None,
 ) -> Scores:
-    precision, recall = precision_recall(reference, features)
+    precision, recall = precision_recall(reference, features, real_radii=reference_radii)
     scores = Scores(n=features.shape[0], fid=frechet_distance(features, reference), precision=precision, recall=recall)
     if labels is not None:
         scores.label_accuracy = float((predicted == labels).double().mean())
@@ -229,6 +239,9 @@ class QualityMeter:
         test_set = load_dataset(dataset, "test", data_dir)
         self.num_classes = test_set.num_classes
         self.test_features, _ = _run(self.model, test_set.images)
+        # The k-NN radii of the 10,000 test features: a 10k x 10k distance matrix, the same for
+        # every score, so computed once.
+        self.test_radii = _kth_neighbour_radius(self.test_features, PR_NEIGHBOURS)
 
     def score(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None) -> Scores:
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1:] != (1, 28, 28):
@@ -236,7 +249,7 @@ class QualityMeter:
         if images_uint8.shape[0] < 2 * PR_NEIGHBOURS:
             raise UserError(f"need at least {2 * PR_NEIGHBOURS} images to score, got {images_uint8.shape[0]}")
         features, logits = _run(self.model, images_uint8)
-        return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes)
+        return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes, self.test_radii)
 
     def floor(self, n: int, seed: int = 0) -> Scores:
         """The same scores for ``n`` real training images with their true labels."""

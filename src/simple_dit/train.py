@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ensure_writable_dir, load_training_state, save_checkpoint, write_json
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, atomic_write, ensure_writable_dir, load_training_state, save_checkpoint, write_json
 from .config import RunConfig
 from .data import load_dataset
 from .diffusion import make_process
@@ -80,12 +80,14 @@ def train(
     data_dir: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    final_samples: bool = True,
 ) -> Path:
     """Train ``config`` into ``out_dir`` and return the checkpoint path.
 
     Under torchrun each of the N processes takes 1/N of every batch (``batch_size`` is the global
     batch), so the data order and the meaning of a step do not depend on N: a checkpoint written
-    with N processes resumes with M. Only rank 0 writes anything.
+    with N processes resumes with M. Only rank 0 writes anything. ``final_samples=False`` skips
+    the end-of-run grid (for callers that train in short segments and sample on their own).
     """
     from .sample import Pipeline
 
@@ -123,6 +125,8 @@ def train(
     state = {"step": 0, "train_seconds": 0.0, "images_seen": 0}
     if resume:
         state = load_training_state(out_dir, model, ema, optimizer)
+        if is_main:
+            _truncate_metrics(out_dir / "metrics.jsonl", state["step"])
     elif is_main:
         write_json(out_dir / CONFIG_NAME, config.to_dict())
     if rank > 0:
@@ -211,8 +215,9 @@ def train(
     bar.close()
     if is_main:
         checkpoint()
-        sample_grid()
-        shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
+        if final_samples:
+            sample_grid()
+            shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
         metrics_file.close()
         if writer is not None:
             writer.close()
@@ -221,6 +226,20 @@ def train(
 
         dist.barrier()  # the others must not exit (and tear down the group) before rank 0 is done
     return out_dir / CHECKPOINT_NAME
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after its last checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            break  # a torn last line
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def _time_is_up(minutes: float, train_seconds: float, world: int) -> bool:

@@ -1,0 +1,304 @@
+"""`simple-dit compare`: budgets, the segmented train-and-evaluate loop, resuming, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+
+from simple_dit import compare as C
+from simple_dit.errors import UserError
+
+PRESETS = "dit-tiny,unet-tiny"
+LRS = "1e-3,3e-3"
+BUDGET = "640-images"  # batch 32 -> 20 steps, evaluated at 5, 10, 15 and 20
+SETTINGS = dict(eval_n=60, steps=3, precision="fp32", seed=0)
+STEPS = [5, 10, 15, 20]  # at --eval-every-frac 0.25
+RUN_NAMES = ["dit-tiny_lr0.001", "dit-tiny_lr0.003", "unet-tiny_lr0.001", "unet-tiny_lr0.003"]
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, kind, amount",
+    [
+        ("10m", "seconds", 600), ("90s", "seconds", 90), ("1.5h", "seconds", 5400), ("2min", "seconds", 120),
+        ("200k-images", "images", 200_000), ("5000-images", "images", 5000), ("640-images", "images", 640),
+        ("1.5M-images", "images", 1.5e6), ("1e5 images", "images", 1e5),
+        ("1e15-flops", "flops", 1e15), ("500T-flops", "flops", 5e14), ("2.5e12-FLOPs", "flops", 2.5e12),
+    ],
+)  # fmt: skip
+def test_parse_budget(text, kind, amount):
+    budget = C.parse_budget(text)
+    assert budget.kind == kind and budget.amount == pytest.approx(amount)
+    assert C.parse_budget(str(budget)) == budget  # the canonical spelling parses back
+
+
+@pytest.mark.parametrize("text", ["", "10", "ten minutes", "-5m", "0s", "10x", "5q-images", "inf-flops", "1e999-flops", "0.5-images", "10m-flops"])
+def test_parse_budget_rejects_malformed(text):
+    with pytest.raises(UserError, match="budget"):
+        C.parse_budget(text)
+
+
+def test_parse_lrs_and_presets():
+    assert C.parse_lrs("1e-4, 3e-4,1e-3") == [1e-4, 3e-4, 1e-3]
+    for bad in ("", "1e-3,,1e-4", "fast", "0", "-1e-3", "1e-3,0.001", "nan"):
+        with pytest.raises(UserError, match="lr"):
+            C.parse_lrs(bad)
+    assert C.parse_presets(" dit-tiny ,unet-tiny") == ["dit-tiny", "unet-tiny"]
+    for bad, msg in (("dit-tiny,nope", "unknown preset 'nope'"), ("", "presets"), ("dit-tiny,dit-tiny", "repeats")):
+        with pytest.raises(UserError, match=msg):
+            C.parse_presets(bad)
+
+
+def test_schedule_for_each_kind_of_budget():
+    fractions = C.eval_fractions(0.25)
+    assert fractions == [0.25, 0.5, 0.75, 1.0] and C.eval_fractions(0.3) == [0.3, 0.6, 0.9, 1.0] and C.eval_fractions(1) == [1.0]
+    images = C.schedule(C.parse_budget(BUDGET), fractions, batch_size=32, gflops_per_image=1.0)
+    assert [(t.kind, t.value) for t in images] == [("steps", s) for s in STEPS]
+    # FLOPs: 3 x forward GFLOPs per image; 3 * 0.5e9 * 640 FLOPs buy the same 640 images.
+    flops = C.schedule(C.Budget("flops", 3 * 0.5e9 * 640), fractions, batch_size=32, gflops_per_image=0.5)
+    assert [t.value for t in flops] == STEPS
+    seconds = C.schedule(C.parse_budget("90s"), fractions, batch_size=32, gflops_per_image=1.0)
+    assert [(t.kind, t.value) for t in seconds] == [("seconds", 22.5), ("seconds", 45.0), ("seconds", 67.5), ("seconds", 90.0)]
+    # Points that round to the same optimiser step are merged; the last always ends the budget.
+    tiny = C.schedule(C.parse_budget("40-images"), fractions, batch_size=32, gflops_per_image=1.0)
+    assert [(t.point, t.value, t.fraction) for t in tiny] == [(1, 1, 1.0)]
+    for bad in (0, -0.5, 1.5, math.nan):
+        with pytest.raises(UserError, match="eval-every-frac"):
+            C.eval_fractions(bad)
+
+
+def test_pick_best_breaks_fid_ties_on_label_accuracy():
+    runs = [
+        {"lr": 1, "final": {"fid": 5.0, "label_accuracy": 0.5}},
+        {"lr": 2, "final": {"fid": 4.0, "label_accuracy": 0.4}},
+        {"lr": 3, "final": {"fid": 4.0, "label_accuracy": 0.6}},
+        {"lr": 4, "final": {"fid": math.nan, "label_accuracy": 1.0}},
+        {"lr": 5, "final": None},
+    ]
+    assert C.pick_best(runs)["lr"] == 3
+    assert C.pick_best([runs[3], runs[4], runs[0]])["lr"] == 1
+
+
+def test_read_jsonl_ignores_and_repairs_a_torn_last_line(tmp_path):
+    path = tmp_path / "evals.jsonl"
+    path.write_text('{"point": 1}\n{"point": 2}\n{"poi')
+    assert C.read_jsonl(path) == [{"point": 1}, {"point": 2}]
+    assert path.read_text().endswith('{"poi')  # reading alone leaves the file as it is
+    assert C.read_jsonl(path, repair=True) == [{"point": 1}, {"point": 2}]
+    C.append_jsonl(path, {"point": 3})
+    assert path.read_text() == '{"point": 1}\n{"point": 2}\n{"point": 3}\n'
+    assert C.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+EVERY = 0.5  # evaluated at 10 and 20 steps
+E2E_STEPS = [10, 20]
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def meter(mnist_dir):
+    """The real evaluator, scored against 2,000 test images instead of 10,000 (seconds saved)."""
+    from simple_dit import evaluate
+
+    load = evaluate.load_dataset
+
+    def small_test_split(name, split="train", data_dir=None, *args, **kwargs):
+        ds = load(name, split, data_dir, *args, **kwargs)
+        if split == "test":
+            ds = dataclasses.replace(ds, images=ds.images[:2000], labels=ds.labels[:2000])
+        return ds
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "load_dataset", small_test_split)
+        return evaluate.QualityMeter("mnist", str(mnist_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, mnist_dir, meter):
+    """A comparison killed while training the second segment of its second run (just before
+    that segment's checkpoint, after some of its metrics were logged), then run again to the end;
+    records what the second invocation did."""
+    import simple_dit.train
+
+    out = tmp_path_factory.mktemp("compare") / "report"
+    kwargs = dict(lrs=LRS, eval_every_frac=EVERY, data_dir=str(mnist_dir), log=lambda msg: None, meter=meter, **SETTINGS)
+    evaluate, train = C._evaluate, C._train
+    calls = {"evaluate": 0, "train": 0}
+
+    def counting(name, fn, interrupt_at=None):
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            if calls[name] == interrupt_at:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(simple_dit.train, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(_Interrupt()))
+                    return fn(*args, **kw)
+            return fn(*args, **kw)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "_train", counting("train", train, interrupt_at=4))
+        with pytest.raises(_Interrupt):
+            C.compare(PRESETS, BUDGET, out, **kwargs)
+    before = {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES[:2]}
+
+    calls.update(evaluate=0, train=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "_evaluate", counting("evaluate", evaluate))
+        mp.setattr(C, "_train", counting("train", train))
+        results = C.compare(PRESETS, BUDGET, out, **kwargs)
+    return {"out": out, "results": results, "before": before, "calls": dict(calls), "kwargs": kwargs}
+
+
+def test_compare_writes_a_consistent_report(resumed):
+    out, results = resumed["out"], resumed["results"]
+    for name in ("report.md", "report.html", "results.json", "loss.png", "samples_dit-tiny.png", "samples_unet-tiny.png",
+                 "quality_vs_images.png", "quality_vs_seconds.png", "quality_vs_flops.png"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+
+    lrs = C.parse_lrs(LRS)
+    assert [e["preset"] for e in results["presets"]] == ["dit-tiny", "unet-tiny"]
+    for entry in results["presets"]:
+        assert entry["params"] > 0 and entry["gflops_per_image"] > 0 and entry["images_per_s"] > 0
+        assert entry["best_lr"] in lrs
+        assert [r["lr"] for r in entry["runs"]] == lrs
+        for run in entry["runs"]:
+            evals = run["evals"]
+            assert [e["step"] for e in evals] == E2E_STEPS and [e["point"] for e in evals] == [1, 2]
+            assert [e["images_seen"] for e in evals] == [32 * s for s in E2E_STEPS]
+            assert all(e["n"] == 60 and e["sampler"] == "ddim" and math.isfinite(e["fid"]) for e in evals)
+            assert all(0 <= e[k] <= 1 for e in evals for k in ("label_accuracy", "precision", "recall"))
+            assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
+            assert run["final"] == evals[-1] and run["complete"]
+            # One loss record per logged step, even where a killed segment had logged some already.
+            steps = [p["step"] for p in run["loss"]]
+            assert steps == sorted(set(steps)) and steps[-1] == 20
+            assert (out / run["run_dir"] / "checkpoint.safetensors").is_file()
+        best = min(entry["runs"], key=lambda r: (r["final"]["fid"], -r["final"]["label_accuracy"]))
+        assert entry["best_lr"] == best["lr"] and entry["best"] == best["final"]
+    assert 0 < results["floor"]["fid"] and results["floor"]["n"] == 60
+
+    html = (out / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', html)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)  # 2 grids + 4 figures
+    assert "<link" not in html and "<script" not in html  # nothing to fetch
+    md = (out / "report.md").read_text()
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / image).is_file(), image
+    for entry in results["presets"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {entry['preset']} |"))
+        assert f"| {entry['best_lr']:g} |" in row and f"{entry['best']['fid']:.2f}" in row
+        assert entry["preset"] in html and f"{entry['best']['fid']:.2f}" in html
+
+
+def test_resume_redoes_nothing_that_was_finished(resumed):
+    out, before, calls = resumed["out"], resumed["before"], resumed["calls"]
+    # The second invocation skipped run 1, kept run 2's first point and trained run 2 on from its
+    # step-10 checkpoint: 1 + 2 + 2 segments and as many evaluations.
+    assert calls == {"evaluate": 5, "train": 5}
+    first, second = (out / "runs" / name / C.EVALS_NAME for name in RUN_NAMES[:2])
+    assert first.read_bytes() == before[RUN_NAMES[0]] and len(C.read_jsonl(first)) == 2
+    assert before[RUN_NAMES[1]].count(b"\n") == 1
+    assert second.read_bytes().startswith(before[RUN_NAMES[1]]) and len(C.read_jsonl(second)) == 2
+    # The killed segment had logged steps 15 and 20 before it died; the resumed training dropped
+    # them from metrics.jsonl before redoing those steps.
+    raw = [r["step"] for r in C.read_jsonl(second.parent / "metrics.jsonl")]
+    assert raw == [5, 10, 15, 20] and [r["step"] for r in C.read_metrics(second.parent)] == [5, 10, 15, 20]
+
+    # The interrupted run ends exactly where an uninterrupted one does.
+    straight = out.parent / "straight"
+    C.compare("dit-tiny", BUDGET, straight, **dict(resumed["kwargs"], lrs="3e-3"))
+    keys = ("step", "images_seen", "fid", "label_accuracy", "precision", "recall")
+    scores = [[{k: e[k] for k in keys} for e in C.read_jsonl(d / "runs" / RUN_NAMES[1] / C.EVALS_NAME)] for d in (out, straight)]
+    assert scores[0] == scores[1]
+
+    # A finished comparison run again only rewrites its report.
+    snapshots = {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES}
+    (out / "report.html").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        C.compare(PRESETS, BUDGET, out, **resumed["kwargs"])
+    assert (out / "report.html").is_file()
+    assert snapshots == {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES}
+
+
+def test_rerun_with_other_settings_is_refused(resumed):
+    with pytest.raises(UserError, match="eval-n 60, not 100"):
+        C.compare(PRESETS, BUDGET, resumed["out"], **dict(resumed["kwargs"], eval_n=100))
+    with pytest.raises(UserError, match="budget 640-images, not 1280-images"):
+        C.compare(PRESETS, "1280-images", resumed["out"], **resumed["kwargs"])
+
+
+def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mnist_dir, meter):
+    budget = C.parse_budget("1s")
+    settings = C.Settings(["dit-tiny"], [1e-3], budget, [0.5, 1.0], 60, 3, None, 2.0, "mnist", 0, "fp32")
+    targets = C.schedule(budget, settings.fractions, batch_size=32, gflops_per_image=1.0)
+    run_dir = tmp_path / "run"
+    C._run_one("dit-tiny", 1e-3, settings, run_dir, targets, data_dir=str(mnist_dir), device="cpu", log=lambda m: None, meter=meter)
+    evals = C.read_jsonl(run_dir / C.EVALS_NAME)
+    assert [(e["target_kind"], e["target"]) for e in evals] == [("seconds", 0.5), ("seconds", 1.0)]
+    # Each segment stops at the first step that reaches its target.
+    assert 0.5 <= evals[0]["train_seconds"] < 1.0 <= evals[1]["train_seconds"]
+    assert evals[0]["step"] < evals[1]["step"]
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--presets", "dit-tiny,nope", "--budget", "640-images"], "unknown preset 'nope'"),
+        (["--presets", "dit-tiny", "--budget", "lots"], "malformed budget 'lots'"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--lrs", "1e-3;3e-3"], "malformed --lrs"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--eval-every-frac", "2"], "--eval-every-frac"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "3"], "--eval-n"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--sampler", "euler"], "sampler 'euler'"),
+    ],
+)
+def test_cli_rejects_bad_input(args, fragment, tmp_path, capsys):
+    from simple_dit.cli import main
+
+    assert main(["compare", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_unwritable_out(tmp_path, capsys):
+    from simple_dit.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["compare", "--presets", "dit-tiny", "--budget", "640-images", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error: cannot write to"), err
+
+
+def test_parameter_matched_presets():
+    import torch
+
+    from simple_dit.config import get_preset
+    from simple_dit.models import build_model, count_parameters
+
+    def params(name):
+        with torch.device("meta"):  # shapes only: no time spent initialising 32M weights
+            return count_parameters(build_model(get_preset(name).model))
+
+    for small, big in (("dit-unet-size", "unet-seed"), ("unet-dit-size", "dit-seed")):
+        assert abs(params(small) / params(big) - 1) < 0.01, (small, big)
+        assert get_preset(small).train.lr == 3e-4
