@@ -115,3 +115,17 @@ def test_eval_cli_rejects_a_bad_npz(tmp_path):
     out = subprocess.run([sys.executable, "-m", "simple_dit.cli", "eval", str(tmp_path / "bad.npz")], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.startswith("simple-dit: error:") and "Traceback" not in out.stderr
+
+
+def test_training_logs_quality_scores_with_the_loss(tmp_path):
+    from simple_dit import get_preset
+    from simple_dit.train import train
+
+    config = get_preset("dit-tiny")
+    config.train.max_steps, config.train.eval_every, config.train.eval_n = 10, 10, 20
+    train(config, tmp_path / "run", progress=False, final_samples=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_fid" in r]
+    assert [r["step"] for r in evals] == [10]
+    assert evals[0]["eval_n"] == 20 and 0 <= evals[0]["eval_label_accuracy"] <= 1 and evals[0]["eval_fid"] > 0
+    assert any("loss" in r and r["step"] == 10 for r in records)

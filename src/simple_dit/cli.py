@@ -33,6 +33,8 @@ def _add_train(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--sample-every", type=int, help="steps between sample grids")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl")
+    p.add_argument("--eval-n", type=int, help="samples per evaluation (default 500)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--no-progress", action="store_true")
@@ -119,7 +121,7 @@ def cmd_train(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("lr", "batch_size", "dataset", "seed", "precision", "sample_every", "checkpoint_every")
+        for k in ("lr", "batch_size", "dataset", "seed", "precision", "sample_every", "checkpoint_every", "eval_every", "eval_n")
         if getattr(args, k) is not None
     }
     if args.objective is not None:
@@ -138,7 +140,9 @@ def cmd_train(args) -> None:
         config.train.epochs = args.epochs or config.train.epochs
         config.train.max_steps = args.max_steps or 0
         config.train.minutes = args.minutes or 0.0
-    for name in ("epochs", "max_steps", "minutes", "lr", "batch_size"):
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError("--eval-every must be 0 (off) or positive")
+    for name in ("epochs", "max_steps", "minutes", "lr", "batch_size", "sample_every", "checkpoint_every", "eval_n"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     path = train(config, args.out, resume=args.resume, data_dir=args.data_dir, device=args.device, progress=not args.no_progress)

@@ -237,16 +237,9 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl with the records of lost (un-checkpointed) training removed: when a resumed
-    run logs a step again, the earlier records from that step on are dropped."""
-    out: list[dict] = []
-    for rec in read_jsonl(Path(run_dir) / "metrics.jsonl"):
-        if "step" not in rec:
-            continue
-        while out and out[-1]["step"] >= rec["step"]:
-            out.pop()
-        out.append(rec)
-    return out
+    """The training records of metrics.jsonl (a resumed run has already dropped the records of
+    steps it redid, see train._truncate_metrics)."""
+    return [rec for rec in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in rec]
 
 
 # ---- running -----------------------------------------------------------------------------------

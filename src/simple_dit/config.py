@@ -56,6 +56,8 @@ class TrainConfig:
     max_steps: int = 0
     minutes: float = 0.0  # training time only: sampling grids and checkpoints are not counted
     sample_every: int = 1000
+    eval_every: int = 0  # steps between quality evaluations logged with the loss; 0 disables
+    eval_n: int = 500  # samples per such evaluation
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0

@@ -9,6 +9,7 @@ metrics.jsonl, TensorBoard events under tb/, and sample grids under samples/.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -150,8 +151,45 @@ def train(
         images = pipe(labels=sample_labels, steps=25, guidance=2.0, seed=0)
         pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
 
+    meter = None
+
+    def evaluate() -> None:
+        nonlocal meter
+        from .evaluate import QualityMeter
+
+        meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
+        pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+        labels = torch.arange(tc.eval_n) % config.model.num_classes
+        scores = meter.score(pipe(labels=labels, steps=20, guidance=2.0, seed=0), labels)
+        record = {"step": state["step"], "train_seconds": state["train_seconds"]}
+        record |= {f"eval_{k}": v for k, v in dataclasses.asdict(scores).items() if v is not None}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for key in ("fid", "label_accuracy", "precision", "recall"):
+                writer.add_scalar(f"eval/{key}", record[f"eval_{key}"], state["step"])
+
     bar = _progress_bar(max_steps, state["step"], progress and is_main)
-    loss_sum, loss_count, window_seconds, window_images = 0.0, 0, 0.0, 0
+    window = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "images": 0, "lr": tc.lr}
+
+    def log_window() -> None:
+        if window["steps"] == 0:
+            return
+        # The only host sync of the loop: reading the loss once per logging window.
+        mean_loss = float(window["loss_sum"]) / window["steps"]
+        images_per_s = window["images"] / max(window["seconds"], 1e-9)
+        record = {
+            "step": state["step"], "epoch": state["images_seen"] / len(dataset), "loss": mean_loss,
+            "lr": window["lr"], "images_per_s": images_per_s, "train_seconds": state["train_seconds"],
+        }  # fmt: skip
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for key in ("loss", "lr", "images_per_s"):
+                writer.add_scalar(f"train/{key}", record[key], state["step"])
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+        window.update(loss_sum=0.0, steps=0, seconds=0.0, images=0)
+
     perm, perm_epoch = None, -1
     model.train()
     while True:
@@ -166,9 +204,9 @@ def train(
         x0, y = dataset.batch(perm[start : start + local_batch])
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-        lr = lr_at(step, tc.lr, tc.warmup_steps)
+        window["lr"] = lr_at(step, tc.lr, tc.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = window["lr"]
         with autocast(device, precision):
             loss = diffusion.training_loss(forward_model, x0, y)
         optimizer.zero_grad(set_to_none=True)
@@ -180,40 +218,30 @@ def train(
 
         state["step"] = step + 1
         state["images_seen"] += tc.batch_size
-        loss_sum += loss.detach()
-        loss_count += 1
-        window_images += tc.batch_size
+        window["loss_sum"] += loss.detach()
+        window["steps"] += 1
+        window["images"] += tc.batch_size
         if device.type == "cuda" and state["step"] % tc.log_every == 0:
             torch.cuda.synchronize()
         step_seconds = time.perf_counter() - step_start
         state["train_seconds"] += step_seconds
-        window_seconds += step_seconds
+        window["seconds"] += step_seconds
 
         if not is_main:
             continue
-        if state["step"] % tc.log_every == 0 or state["step"] == max_steps:
-            # The only host sync of the loop: reading the loss once per logging window.
-            mean_loss = float(loss_sum) / loss_count
-            images_per_s = window_images / max(window_seconds, 1e-9)
-            record = {
-                "step": state["step"], "epoch": state["images_seen"] / len(dataset), "loss": mean_loss,
-                "lr": lr, "images_per_s": images_per_s, "train_seconds": state["train_seconds"],
-            }  # fmt: skip
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if writer is not None:
-                for key in ("loss", "lr", "images_per_s"):
-                    writer.add_scalar(f"train/{key}", record[key], state["step"])
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
-            loss_sum, loss_count, window_seconds, window_images = 0.0, 0, 0.0, 0
+        if state["step"] % tc.log_every == 0:
+            log_window()
         bar.update(1)
         if state["step"] % tc.sample_every == 0:
             sample_grid()
+        if tc.eval_every and state["step"] % tc.eval_every == 0:
+            evaluate()
         if state["step"] % tc.checkpoint_every == 0:
             checkpoint()
 
     bar.close()
     if is_main:
+        log_window()  # the last, partial window: a short run still logs its loss and speed
         checkpoint()
         if final_samples:
             sample_grid()
