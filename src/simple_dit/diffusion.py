@@ -69,7 +69,41 @@ def check_sampler(process, sampler: str | None) -> str:
     return sampler
 
 
-class GaussianDiffusion:
+class _Process:
+    """What both processes share: sampler selection and the sampling loop's frame. Subclasses
+    define ``samplers`` (the first is the default), ``default_steps`` and ``_steps``, a generator
+    of the successive states x from pure noise to the sample."""
+
+    samplers: tuple[str, ...] = ()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        labels: torch.Tensor,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        null_class: int,
+        generator: torch.Generator | None = None,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] for ``labels``; ``on_step(i, x)`` sees the state after each step."""
+        sampler = check_sampler(self, sampler)
+        x = torch.randn((labels.shape[0], *image_shape), generator=generator, device=labels.device)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided_eps(model, x, t, labels, guidance, null_class).float()
+
+        for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), generator)):
+            if on_step is not None:
+                on_step(i, x)
+        return x
+
+
+class GaussianDiffusion(_Process):
     samplers = ("ddim", "ddpm", "dpm++2m")  # the first is the default
 
     def __init__(self, config: DiffusionConfig | None = None):
@@ -106,33 +140,15 @@ class GaussianDiffusion:
     def default_steps(self, sampler: str) -> int:
         return {"ddpm": self.num_timesteps, "ddim": 50, "dpm++2m": 20}[sampler]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model,
-        labels: torch.Tensor,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        guidance: float = 1.0,
-        null_class: int,
-        generator: torch.Generator | None = None,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] for ``labels``; ``on_step(i, x)`` sees the state after each step."""
-        sampler = check_sampler(self, sampler)
-        steps = steps or self.default_steps(sampler)
-        device = labels.device
+    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):
+        device = x.device
         ts = self.timesteps(steps)
-        x = torch.randn((labels.shape[0], *image_shape), generator=generator, device=device)
         previous = None  # DPM-Solver++'s last (x0 prediction, step size h)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             abar = self.alpha_bars[t].item()
             abar_prev = self.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
-            t_batch = torch.full((labels.shape[0],), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, t_batch, labels, guidance, null_class).float()
+            eps = denoise(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
             if sampler == "ddpm":
                 beta = 1 - abar / abar_prev
                 mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
@@ -148,9 +164,7 @@ class GaussianDiffusion:
                 x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
                 eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
                 x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
-            if on_step is not None:
-                on_step(i, x)
-        return x
+            yield x
 
     @staticmethod
     def _dpm_solver_2m_step(x, eps, abar, abar_next, previous):
@@ -174,7 +188,7 @@ class GaussianDiffusion:
         return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d, (x0, h)
 
 
-class RectifiedFlow:
+class RectifiedFlow(_Process):
     """Rectified flow (Liu et al. 2022; the SD3 recipe of Esser et al. 2024).
 
     x_t = (1 - t) x_0 + t * noise for t in [0, 1]; the model predicts the velocity noise - x_0 and
@@ -207,30 +221,11 @@ class RectifiedFlow:
             raise UserError(f"--steps must be positive, got {steps}")
         return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model,
-        labels: torch.Tensor,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        guidance: float = 1.0,
-        null_class: int,
-        generator: torch.Generator | None = None,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        sampler = check_sampler(self, sampler)
-        steps = steps or self.default_steps(sampler)
-        device = labels.device
-        n = labels.shape[0]
-        x = torch.randn((n, *image_shape), generator=generator, device=device)
+    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):
         ts = self.timesteps(steps)
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            t_batch = torch.full((n,), t, device=device)
-            return guided_eps(model, x, self._model_time(t_batch), labels, guidance, null_class).float()
+            return denoise(x, self._model_time(torch.full((x.shape[0],), t, device=x.device)))
 
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
@@ -240,6 +235,4 @@ class RectifiedFlow:
                 # Heun: average the slopes at both ends (the last step stays Euler, as in EDM).
                 x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
             x = x_next
-            if on_step is not None:
-                on_step(i, x)
-        return x
+            yield x
