@@ -327,12 +327,6 @@ class _Meters:
         return cls._cache[key]
 
 
-def eval_labels(n: int, num_classes: int):
-    import torch
-
-    return torch.arange(n) % num_classes
-
-
 def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path) -> dict:
     """Score the run's checkpoint (EMA weights) on ``eval_n`` fresh samples; save a grid of the
     first few per class."""
@@ -343,7 +337,7 @@ def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path)
 
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(run_dir, device=device, precision=settings.precision)
-    labels = eval_labels(settings.eval_n, pipe.num_classes)
+    labels = pipe.cycled_labels(settings.eval_n)
     sampler = check_sampler(pipe.diffusion, settings.sampler)
     images = pipe(labels, sampler=sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed)
     scores = {k: v for k, v in asdict(meter.score(images, labels)).items() if v is not None}
@@ -671,7 +665,7 @@ def _sample_grid(out_dir: Path, entry: dict, results: dict) -> Path | None:
 
     s = results["settings"]
     pipe = Pipeline.from_pretrained(run_dir, precision=s["precision"])
-    labels = eval_labels(min(s["eval_n"], GRID_PER_CLASS * pipe.num_classes), pipe.num_classes)
+    labels = pipe.cycled_labels(min(s["eval_n"], GRID_PER_CLASS * pipe.num_classes))
     images = pipe(labels, sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"])
     return pipe.save_grid(images, labels, dest)
 

@@ -248,6 +248,8 @@ class QualityMeter:
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
         if images_uint8.shape[0] < 2 * PR_NEIGHBOURS:
             raise UserError(f"need at least {2 * PR_NEIGHBOURS} images to score, got {images_uint8.shape[0]}")
+        if labels is not None and ((labels < 0) | (labels >= self.num_classes)).any():
+            raise UserError(f"labels fall outside the dataset's classes 0..{self.num_classes - 1}")
         features, logits = _run(self.model, images_uint8)
         return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes, self.test_radii)
 

@@ -55,6 +55,10 @@ class Pipeline:
             raise UserError(f"checkpoint in {run_dir} does not match its config: {str(e).splitlines()[0]}") from None
         return cls(config, model, device=device, precision=precision)
 
+    def cycled_labels(self, n: int) -> torch.Tensor:
+        """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
+        return torch.arange(n) % self.num_classes
+
     def validate_labels(self, labels) -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() == 0:

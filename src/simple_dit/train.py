@@ -146,10 +146,12 @@ def train(
     def checkpoint() -> None:
         save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=state)
 
+    # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
+    ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+
     def sample_grid() -> None:
-        pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
-        images = pipe(labels=sample_labels, steps=25, guidance=2.0, seed=0)
-        pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
+        images = ema_pipe(labels=sample_labels, steps=25, guidance=2.0, seed=0)
+        ema_pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
 
     meter = None
 
@@ -158,9 +160,8 @@ def train(
         from .evaluate import QualityMeter
 
         meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
-        pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
-        labels = torch.arange(tc.eval_n) % config.model.num_classes
-        scores = meter.score(pipe(labels=labels, steps=20, guidance=2.0, seed=0), labels)
+        labels = ema_pipe.cycled_labels(tc.eval_n)
+        scores = meter.score(ema_pipe(labels=labels, steps=20, guidance=2.0, seed=0), labels)
         record = {"step": state["step"], "train_seconds": state["train_seconds"]}
         record |= {f"eval_{k}": v for k, v in dataclasses.asdict(scores).items() if v is not None}
         metrics_file.write(json.dumps(record) + "\n")
