@@ -270,6 +270,8 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "0"], "--max-steps must be positive"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--lr", "-1", "--max-steps", "1"], "--lr must be positive"),
         (["train", "--resume", "--out", "{run}", "--lr", "0.1"], "--lr"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--ema-decay", "1", "--max-steps", "1"], "--ema-decay must be in [0, 1)"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--warmup-steps", "-1", "--max-steps", "1"], "--warmup-steps must be 0"),
     ],
 )
 def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):

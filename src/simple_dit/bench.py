@@ -18,6 +18,7 @@ from .config import get_preset
 from .diffusion import make_process
 from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
+from .models.unet import UNetCond, book_time_encoding
 from .runtime import autocast, parse_device, resolve_precision
 
 
@@ -37,6 +38,18 @@ def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> floa
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def article_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The article's time encoding: the same formula, computed one sample at a time in Python."""
+    return torch.stack([book_time_encoding(t[i : i + 1], dim)[0] for i in range(t.shape[0])])
+
+
+def reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The article's implementation of the same architecture, for ``--reference`` timings."""
+    if isinstance(model, UNetCond):
+        model.time_encoding = article_time_encoding
+    return model
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -68,6 +81,8 @@ def run_bench(
         raise UserError("--batch-size must be positive")
     torch.manual_seed(0)
     model = build_model(config.model).to(dev)
+    if reference:
+        model = reference_model(model)
     diffusion = make_process(config.diffusion)
     c, s = config.model.in_channels, config.model.input_size
     x = torch.randn(batch_size, c, s, s, device=dev)
@@ -80,7 +95,7 @@ def run_bench(
         "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not reference and dev.type in ("cpu", "cuda"))
         model.train()
 
         def train_step():

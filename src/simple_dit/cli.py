@@ -26,6 +26,8 @@ def _add_train(sub) -> None:
     stop.add_argument("--minutes", type=float, help="training time budget (sampling and checkpoints not counted)")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, help="EMA decay ceiling, in [0, 1); each step's decay is min(this, (1+step)/(10+step))")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"])
     p.add_argument("--objective", choices=["eps", "flow"], help="DDPM epsilon prediction or rectified-flow velocity")
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
@@ -121,7 +123,8 @@ def cmd_train(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("lr", "batch_size", "dataset", "seed", "precision", "sample_every", "checkpoint_every", "eval_every", "eval_n")
+        for k in ("lr", "batch_size", "warmup_steps", "ema_decay", "dataset", "seed", "precision", "sample_every",
+                  "checkpoint_every", "eval_every", "eval_n")
         if getattr(args, k) is not None
     }
     if args.objective is not None:
@@ -142,6 +145,10 @@ def cmd_train(args) -> None:
         config.train.minutes = args.minutes or 0.0
     if args.eval_every is not None and args.eval_every < 0:
         raise UserError("--eval-every must be 0 (off) or positive")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UserError("--warmup-steps must be 0 (off) or positive")
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        raise UserError("--ema-decay must be in [0, 1)")
     for name in ("epochs", "max_steps", "minutes", "lr", "batch_size", "sample_every", "checkpoint_every", "eval_n"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
