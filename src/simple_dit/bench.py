@@ -76,7 +76,7 @@ def run_bench(
     config = get_preset(preset)
     dev = parse_device(device)
     precision = "fp32" if reference else resolve_precision(precision, dev)
-    batch_size = batch_size or config.train.batch_size
+    batch_size = config.train.batch_size if batch_size is None else batch_size
     if batch_size <= 0:
         raise UserError("--batch-size must be positive")
     torch.manual_seed(0)

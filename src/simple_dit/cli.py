@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_PRESET, PRESETS, get_preset
+from .diffusion import DEFAULT_GUIDANCE
 from .compare import add_compare_parser, cmd_compare
 from .errors import UserError
 
@@ -52,7 +53,7 @@ def _add_sample(sub) -> None:
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default: ddim for eps models, euler for flow models")
     p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim and euler, 20 dpm++2m, 25 heun)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
@@ -67,7 +68,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES)
     p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE:g}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="for an .npz (default mnist); a run knows its own")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .diffusion import DEFAULT_GUIDANCE
 from .errors import UserError
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
@@ -436,7 +437,7 @@ def compare(
     eval_n: int = 1000,
     steps: int = 20,
     sampler: str | None = None,
-    guidance: float = 2.0,
+    guidance: float = DEFAULT_GUIDANCE,
     dataset: str = "mnist",
     data_dir: str | None = None,
     seed: int = 0,
@@ -832,7 +833,7 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--steps", "--sample-steps", dest="steps", type=int, default=20, help="sampler steps of the evaluation samples (default 20)")
     p.add_argument("--sampler", choices=sorted({*GaussianDiffusion.samplers, *RectifiedFlow.samplers}),
                    help="default: ddim for eps models, euler for flow models")  # fmt: skip
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the evaluation samples (default 2)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance of the evaluation samples (default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")

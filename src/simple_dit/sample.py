@@ -1,7 +1,7 @@
 """Sampling: the ``Pipeline`` object and the files it writes (grid PNG, ADM-style NPZ, GIF).
 
     pipe = Pipeline.from_pretrained("runs/mini")
-    images = pipe(labels=[3, 3, 7], steps=50, guidance=2.0, seed=0)   # uint8 (N, C, H, W)
+    images = pipe(labels=[3, 3, 7], steps=50, guidance=3.0, seed=0)   # uint8 (N, C, H, W)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from .checkpoint import atomic_write, load_weights
 from .config import RunConfig
 from .data import DATASETS, to_uint8
-from .diffusion import check_sampler, make_process
+from .diffusion import DEFAULT_GUIDANCE, check_sampler, make_process
 from .errors import UserError
 from .models import build_model
 from .runtime import autocast, parse_device, resolve_precision
@@ -75,7 +75,7 @@ class Pipeline:
         *,
         sampler: str | None = None,
         steps: int | None = None,
-        guidance: float = 2.0,
+        guidance: float = DEFAULT_GUIDANCE,
         seed: int = 0,
         batch_size: int = 250,
         trajectory: list | None = None,

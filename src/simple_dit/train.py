@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, atomic_write, ensure_writable_dir, load_training_state, save_checkpoint, write_json
 from .config import RunConfig
 from .data import load_dataset
-from .diffusion import make_process
+from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import UserError
 from .models import build_model
 from .runtime import autocast, parse_device, resolve_precision
@@ -152,7 +152,7 @@ def train(
     ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
 
     def sample_grid() -> None:
-        images = ema_pipe(labels=sample_labels, steps=25, guidance=2.0, seed=0)
+        images = ema_pipe(labels=sample_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
         ema_pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
 
     meter = None
@@ -163,7 +163,7 @@ def train(
 
         meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
         labels = ema_pipe.cycled_labels(tc.eval_n)
-        scores = meter.score(ema_pipe(labels=labels, steps=20, guidance=2.0, seed=0), labels)
+        scores = meter.score(ema_pipe(labels=labels, steps=20, guidance=DEFAULT_GUIDANCE, seed=0), labels)
         record = {"step": state["step"], "train_seconds": state["train_seconds"]}
         record |= {f"eval_{k}": v for k, v in dataclasses.asdict(scores).items() if v is not None}
         metrics_file.write(json.dumps(record) + "\n")
