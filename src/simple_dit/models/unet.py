@@ -38,8 +38,11 @@ class ConvBlock(nn.Module):
 
 
 class UNetCond(nn.Module):
-    # A class attribute so that the benchmark can swap in the article's per-sample loop.
+    # Class attributes so that the benchmark can swap in the article's per-sample loop and layout.
     time_encoding = staticmethod(book_time_encoding)
+    # oneDNN's convolutions run faster on channels-last tensors (BENCHMARKS.md); the weights are
+    # stored that way too, and checkpoints still hold ordinary contiguous tensors.
+    memory_format = torch.channels_last
 
     def __init__(
         self,
@@ -61,11 +64,12 @@ class UNetCond(nn.Module):
         self.up1 = ConvBlock(c1 + c2, c1, time_embed_dim)
         self.out = nn.Conv2d(c1, in_channels, 1)
         self.label_emb = LabelEmbedder(num_classes, time_embed_dim, class_dropout_prob)
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # The book counts timesteps from 1 where the schedule indexes them from 0.
         v = self.time_encoding(t + 1, self.time_embed_dim) + self.label_emb(y)
-        x1 = self.down1(x, v)
+        x1 = self.down1(x.contiguous(memory_format=self.memory_format), v)
         x2 = self.down2(F.max_pool2d(x1, 2), v)
         x = self.bot1(F.max_pool2d(x2, 2), v)
         x = self.up2(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x2], dim=1), v)
