@@ -3,7 +3,7 @@ class-cycled images (same seed), timed, then scored with the evaluation metrics.
 most steps is the reference that the others' FID is compared with.
 
     .venv/bin/python bench/sampling.py RUN_DIR [--n 1000] [--guidance 3] [--batch-size 500] \
-        [--configs euler:5,euler:10,heun:5,euler:20,euler:100]
+        [--configs euler:5,euler:10,heun:5,euler:20,euler:50] [--device cuda]
 
 Prints a markdown table (seconds for n images, the projection to 10,000, FID, FID / reference FID,
 label accuracy) and, last, one JSON object with every row.
@@ -23,9 +23,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--configs", default="euler:5,euler:10,heun:5,euler:20,euler:100", help="sampler:steps, comma-separated")
+    ap.add_argument("--device")
+    ap.add_argument("--configs", default="euler:5,euler:10,heun:5,euler:20,euler:50", help="sampler:steps, comma-separated")
     args = ap.parse_args()
-    pipe = Pipeline.from_pretrained(args.run)
+    pipe = Pipeline.from_pretrained(args.run, device=args.device)
     meter = QualityMeter(pipe.config.train.dataset, progress=False)
     labels = pipe.cycled_labels(args.n)
     configs = [(name, int(steps)) for name, steps in (c.split(":") for c in args.configs.split(","))]
