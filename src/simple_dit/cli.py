@@ -52,7 +52,7 @@ def _add_sample(sub) -> None:
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim and euler, 20 dpm++2m, 25 heun)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m and euler, 10 heun)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
