@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from simple_dit import build_model, get_preset
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import autocast, parse_device, resolve_precision
+from simple_dit.runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
 
 
 def diffusers_dit(model_config):
@@ -70,7 +70,7 @@ def main() -> None:
     ours_call = lambda m: m(x0, t, y)  # noqa: E731
     theirs_call = lambda m: m(x0, timestep=t, class_labels=y).sample  # noqa: E731
     paths = {
-        "ours": step_fn(ours, resolve_precision("auto", dev), ours_call, fused=dev.type in ("cpu", "cuda")),
+        "ours": step_fn(ours, resolve_precision("auto", dev), ours_call, fused=has_fused_adamw(dev)),
         "reference (fp32 eager)": step_fn(reference, "fp32", ours_call),
         "diffusers DiTTransformer2DModel": step_fn(theirs, "fp32", theirs_call),
     }
@@ -80,12 +80,10 @@ def main() -> None:
         step()  # warm-up
     for _ in range(args.repeats):
         for name, step in paths.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            synchronize(dev)
             start = time.perf_counter()
             step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            synchronize(dev)
             times[name].append(time.perf_counter() - start)
     rate = {name: b / statistics.median(ts) for name, ts in times.items()}
     for name in paths:

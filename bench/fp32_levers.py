@@ -58,7 +58,8 @@ def main() -> None:
     }
     times = {name: [] for name in steps}
     for step in steps.values():
-        step(), step()
+        for _ in range(2):  # warm-up
+            step()
     for _ in range(args.repeats):
         for name, step in steps.items():
             start = time.perf_counter()

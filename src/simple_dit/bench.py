@@ -19,23 +19,18 @@ from .diffusion import make_process
 from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, parse_device, resolve_precision
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
 
 
 def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -98,7 +93,7 @@ def run_bench(
         "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not reference and dev.type in ("cpu", "cuda"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not reference and has_fused_adamw(dev))
         model.train()
 
         def train_step():

@@ -50,6 +50,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def has_fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW's fused kernel (one pass over all parameters) exists for this device."""
+    return device.type in ("cpu", "cuda")
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast for the forward pass; fp32 runs untouched."""
     if precision == "bf16":
