@@ -11,6 +11,7 @@ import pytest
 
 from simple_dit import compare as C
 from simple_dit.errors import UserError
+from simple_dit.io import append_jsonl, read_jsonl
 
 PRESETS = "dit-tiny,unet-tiny"
 LRS = "1e-3,3e-3"
@@ -87,12 +88,12 @@ def test_pick_best_breaks_fid_ties_on_label_accuracy():
 def test_read_jsonl_ignores_and_repairs_a_torn_last_line(tmp_path):
     path = tmp_path / "evals.jsonl"
     path.write_text('{"point": 1}\n{"point": 2}\n{"poi')
-    assert C.read_jsonl(path) == [{"point": 1}, {"point": 2}]
+    assert read_jsonl(path) == [{"point": 1}, {"point": 2}]
     assert path.read_text().endswith('{"poi')  # reading alone leaves the file as it is
-    assert C.read_jsonl(path, repair=True) == [{"point": 1}, {"point": 2}]
-    C.append_jsonl(path, {"point": 3})
+    assert read_jsonl(path, repair=True) == [{"point": 1}, {"point": 2}]
+    append_jsonl(path, {"point": 3})
     assert path.read_text() == '{"point": 1}\n{"point": 2}\n{"point": 3}\n'
-    assert C.read_jsonl(tmp_path / "missing.jsonl") == []
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def resumed(tmp_path_factory, mnist_dir, meter):
 
     out = tmp_path_factory.mktemp("compare") / "report"
     kwargs = dict(lrs=LRS, eval_every_frac=EVERY, data_dir=str(mnist_dir), log=lambda msg: None, meter=meter, **SETTINGS)
-    evaluate, train = C._evaluate, C._train
+    evaluate, train = C.runner._evaluate, C.runner._train
     calls = {"evaluate": 0, "train": 0}
 
     def counting(name, fn, interrupt_at=None):
@@ -147,15 +148,15 @@ def resumed(tmp_path_factory, mnist_dir, meter):
         return wrapper
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "_train", counting("train", train, interrupt_at=4))
+        mp.setattr(C.runner, "_train", counting("train", train, interrupt_at=4))
         with pytest.raises(_Interrupt):
             C.compare(PRESETS, BUDGET, out, **kwargs)
     before = {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES[:2]}
 
     calls.update(evaluate=0, train=0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "_evaluate", counting("evaluate", evaluate))
-        mp.setattr(C, "_train", counting("train", train))
+        mp.setattr(C.runner, "_evaluate", counting("evaluate", evaluate))
+        mp.setattr(C.runner, "_train", counting("train", train))
         results = C.compare(PRESETS, BUDGET, out, **kwargs)
     return {"out": out, "results": results, "before": before, "calls": dict(calls), "kwargs": kwargs}
 
@@ -210,27 +211,27 @@ def test_resume_redoes_nothing_that_was_finished(resumed):
     # step-10 checkpoint: 1 + 2 + 2 segments and as many evaluations.
     assert calls == {"evaluate": 5, "train": 5}
     first, second = (out / "runs" / name / C.EVALS_NAME for name in RUN_NAMES[:2])
-    assert first.read_bytes() == before[RUN_NAMES[0]] and len(C.read_jsonl(first)) == 2
+    assert first.read_bytes() == before[RUN_NAMES[0]] and len(read_jsonl(first)) == 2
     assert before[RUN_NAMES[1]].count(b"\n") == 1
-    assert second.read_bytes().startswith(before[RUN_NAMES[1]]) and len(C.read_jsonl(second)) == 2
+    assert second.read_bytes().startswith(before[RUN_NAMES[1]]) and len(read_jsonl(second)) == 2
     # The killed segment had logged steps 15 and 20 before it died; the resumed training dropped
     # them from metrics.jsonl before redoing those steps.
-    raw = [r["step"] for r in C.read_jsonl(second.parent / "metrics.jsonl")]
+    raw = [r["step"] for r in read_jsonl(second.parent / "metrics.jsonl")]
     assert raw == [5, 10, 15, 20] and [r["step"] for r in C.read_metrics(second.parent)] == [5, 10, 15, 20]
 
     # The interrupted run ends exactly where an uninterrupted one does.
     straight = out.parent / "straight"
     C.compare("dit-tiny", BUDGET, straight, **dict(resumed["kwargs"], lrs="3e-3"))
     keys = ("step", "images_seen", "fid", "label_accuracy", "precision", "recall")
-    scores = [[{k: e[k] for k in keys} for e in C.read_jsonl(d / "runs" / RUN_NAMES[1] / C.EVALS_NAME)] for d in (out, straight)]
+    scores = [[{k: e[k] for k in keys} for e in read_jsonl(d / "runs" / RUN_NAMES[1] / C.EVALS_NAME)] for d in (out, straight)]
     assert scores[0] == scores[1]
 
     # A finished comparison run again only rewrites its report.
     snapshots = {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES}
     (out / "report.html").unlink()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "_train", lambda *a, **k: pytest.fail("trained again"))
-        mp.setattr(C, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
         C.compare(PRESETS, BUDGET, out, **resumed["kwargs"])
     assert (out / "report.html").is_file()
     assert snapshots == {name: (out / "runs" / name / C.EVALS_NAME).read_bytes() for name in RUN_NAMES}
@@ -248,8 +249,8 @@ def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mn
     settings = C.Settings(["dit-tiny"], [1e-3], budget, [0.5, 1.0], 60, 3, None, 2.0, "mnist", 0, "fp32")
     targets = C.schedule(budget, settings.fractions, batch_size=32, gflops_per_image=1.0)
     run_dir = tmp_path / "run"
-    C._run_one("dit-tiny", 1e-3, settings, run_dir, targets, data_dir=str(mnist_dir), device="cpu", log=lambda m: None, meter=meter)
-    evals = C.read_jsonl(run_dir / C.EVALS_NAME)
+    C.runner._run_one("dit-tiny", 1e-3, settings, run_dir, targets, data_dir=str(mnist_dir), device="cpu", log=lambda m: None, meter=meter)
+    evals = read_jsonl(run_dir / C.EVALS_NAME)
     assert [(e["target_kind"], e["target"]) for e in evals] == [("seconds", 0.5), ("seconds", 1.0)]
     # Each segment stops at the first step that reaches its target.
     assert 0.5 <= evals[0]["train_seconds"] < 1.0 <= evals[1]["train_seconds"]

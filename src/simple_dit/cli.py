@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_PRESET, PRESETS, get_preset
-from .diffusion import DEFAULT_GUIDANCE
-from .compare import add_compare_parser, cmd_compare
-from .errors import UserError
+from .config import DEFAULT_PRESET, PRESETS, get_preset, validate_config
+from .data import DATASETS
+from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
+from .errors import Interrupted, UserError
+from .runtime import PRECISIONS
 
-SAMPLER_CHOICES = ["ddim", "ddpm", "dpm++2m", "euler", "heun"]
 
 
 def _add_train(sub) -> None:
@@ -29,14 +29,15 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
     p.add_argument("--ema-decay", type=float, help="EMA decay ceiling, in [0, 1); each step's decay is min(this, (1+step)/(10+step))")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"])
-    p.add_argument("--objective", choices=["eps", "flow"], help="DDPM epsilon prediction or rectified-flow velocity")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (0 = off)")
+    p.add_argument("--dataset", choices=list(DATASETS))
+    p.add_argument("--objective", choices=list(OBJECTIVES), help="eps: DDPM epsilon prediction; flow: rectified-flow velocity")
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--sample-every", type=int, help="steps between sample grids")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl")
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--sample-every", type=int, help="steps between sample grids (0 = off)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
+    p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl (0 = off)")
     p.add_argument("--eval-n", type=int, help="samples per evaluation (default 500)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -51,7 +52,7 @@ def _add_sample(sub) -> None:
     count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default: ddim for eps models, euler for flow models")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim for eps models, euler for flow models")
     p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m and euler, 10 heun)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0)
@@ -59,19 +60,19 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
     p.add_argument("--device")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
     p.add_argument("source", type=Path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
     p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES)
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE:g}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="for an .npz (default mnist); a run knows its own")
+    p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -83,9 +84,29 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--what", choices=["train", "sample", "all"], default="all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--device")
+
+
+def _add_compare(sub) -> None:
+    from .compare import DEFAULT_LRS
+
+    p = sub.add_parser("compare", help="train presets at several learning rates for the same budget and write a report")
+    p.add_argument("--presets", required=True, help="comma-separated presets, e.g. unet-seed,dit-seed")
+    p.add_argument("--budget", required=True, help="per run: training time (90s, 10m, 1h), images (200k-images) or FLOPs (1e15-flops)")
+    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="comma-separated learning rates (default 1e-4,3e-4,1e-3)")
+    p.add_argument("--out", required=True, type=Path, help="report directory (created; rerun with the same --out to resume)")
+    p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
+    p.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation (default 1000)")
+    p.add_argument("--steps", "--sample-steps", dest="steps", type=int, default=20, help="sampler steps of the evaluation samples (default 20)")
+    p.add_argument("--sampler", choices=sorted(set(SAMPLERS)), help="default: ddim for eps models, euler for flow models")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance of the evaluation samples (default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_bench(sub)
-    add_compare_parser(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -124,10 +145,10 @@ def cmd_train(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("lr", "batch_size", "warmup_steps", "ema_decay", "dataset", "seed", "precision", "sample_every",
-                  "checkpoint_every", "eval_every", "eval_n")
+        for k in ("lr", "batch_size", "warmup_steps", "ema_decay", "grad_clip", "dataset", "seed", "precision",
+                  "sample_every", "checkpoint_every", "eval_every", "eval_n")
         if getattr(args, k) is not None
-    }
+    }  # fmt: skip
     if args.objective is not None:
         overrides["objective"] = args.objective
     if args.resume:
@@ -139,26 +160,20 @@ def cmd_train(args) -> None:
         if "objective" in overrides:
             config.diffusion.objective = overrides.pop("objective")
         config.train = dataclasses.replace(config.train, **overrides)
+    for name in ("epochs", "max_steps", "minutes"):  # an explicit stop of 0 stops nothing
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
     # A new stopping rule replaces the old one, so `--resume --max-steps 40` extends a 20-step run.
     if args.epochs is not None or args.max_steps is not None or args.minutes is not None:
         config.train.epochs = args.epochs or config.train.epochs
         config.train.max_steps = args.max_steps or 0
         config.train.minutes = args.minutes or 0.0
-    if args.eval_every is not None and args.eval_every < 0:
-        raise UserError("--eval-every must be 0 (off) or positive")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        raise UserError("--warmup-steps must be 0 (off) or positive")
-    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
-        raise UserError("--ema-decay must be in [0, 1)")
-    for name in ("epochs", "max_steps", "minutes", "lr", "batch_size", "sample_every", "checkpoint_every", "eval_n"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    path = train(config, args.out, resume=args.resume, data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+    path = train(validate_config(config), args.out, resume=args.resume, data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
     print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
 
 
 def cmd_sample(args) -> None:
-    from .checkpoint import ensure_writable_dir
+    from .io import ensure_writable_dir
     from .sample import Pipeline, save_gif, save_npz
 
     if args.steps is not None and args.steps <= 0:
@@ -232,6 +247,21 @@ def cmd_bench(args) -> None:
     print(json.dumps(result))
 
 
+def cmd_compare(args) -> None:
+    from .compare import compare
+    from .compare.report import _fmt
+
+    results = compare(
+        args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
+        steps=args.steps, sampler=args.sampler, guidance=args.guidance, dataset=args.dataset, data_dir=args.data_dir,
+        seed=args.seed, device=args.device, precision=args.precision,
+    )  # fmt: skip
+    for e in results["presets"]:
+        b = e["best"] or {}
+        print(f"{e['preset']}: best lr {_fmt(e['best_lr'], 'g')}, FID {_fmt(b.get('fid'), '.2f')}, label accuracy {_fmt(b.get('label_accuracy'))}")
+    print(f"report: {args.out / 'report.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"simple-dit: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"simple-dit: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("simple-dit: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130

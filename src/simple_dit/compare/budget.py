@@ -1,0 +1,172 @@
+"""The budget of a comparison and the evaluation schedule of one run: parsing ``--budget``,
+``--lrs``, ``--presets`` and ``--eval-every-frac``, run directory names, and the evaluation points
+(``Target``) a budget turns into for a preset of a given batch size and cost per image."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import UserError
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+_SI = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0, "mins": 60.0, "minutes": 60.0,
+               "h": 3600.0, "hr": 3600.0, "hours": 3600.0}  # fmt: skip
+_NUMBER = r"((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
+_COUNT_RE = re.compile(rf"{_NUMBER}\s*([A-Za-z]?)\s*-?\s*(?i:(images?|imgs?|flops?))")
+_TIME_RE = re.compile(rf"{_NUMBER}\s*(?i:({'|'.join(_TIME_UNITS)}))")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A training budget: ``kind`` is "seconds", "images" or "flops", ``amount`` how many."""
+
+    kind: str
+    amount: float
+
+    def __str__(self) -> str:
+        if self.kind == "seconds":
+            return f"{self.amount / 60:g}m" if self.amount >= 60 and self.amount % 60 == 0 else f"{self.amount:g}s"
+        return f"{_compact(self.amount)}-{self.kind}"
+
+    def describe(self) -> str:
+        if self.kind == "seconds":
+            return f"{self.amount:g} s of training on this machine"
+        if self.kind == "images":
+            return f"{self.amount:,.0f} training images"
+        return f"{_compact(self.amount)} training FLOPs"
+
+
+def _compact(x: float) -> str:
+    """The shorter of 2000000000 and 2e9 (both exact)."""
+    plain = f"{x:.12g}"
+    mantissa, exponent = f"{x:.12e}".split("e")
+    sci = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return sci if "e" in plain or (len(plain) > 6 and len(sci) < len(plain)) else plain
+
+
+def parse_budget(text: str) -> Budget:
+    """``90s``, ``10m``, ``1.5h`` (training seconds), ``5000-images``, ``200k-images``,
+    ``1e15-flops``, ``500T-flops``."""
+    raw = str(text).strip()
+    s = raw.replace("_", "")
+    hint = "expected e.g. 10m, 90s, 200k-images or 1e15-flops"
+    if m := _COUNT_RE.fullmatch(s):
+        if m.group(2) not in _SI:
+            raise UserError(f"malformed budget {raw!r}: unknown multiplier {m.group(2)!r} (use k, M, G, T or P); {hint}")
+        value = float(m.group(1)) * _SI[m.group(2)]
+        kind = "images" if m.group(3).lower().startswith("im") else "flops"
+    elif m := _TIME_RE.fullmatch(s):
+        value = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+        kind = "seconds"
+    else:
+        raise UserError(f"malformed budget {raw!r}: {hint}")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"budget {raw!r} must be positive and finite")
+    if kind == "images" and value < 1:
+        raise UserError(f"budget {raw!r} is less than one image")
+    return Budget(kind, value)
+
+
+def parse_lrs(text: str | Sequence[float]) -> list[float]:
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        if not parts or any(not p for p in parts):
+            raise UserError(f"malformed --lrs {text!r}: expected comma-separated learning rates, e.g. 1e-4,3e-4,1e-3")
+        try:
+            lrs = [float(p) for p in parts]
+        except ValueError:
+            raise UserError(f"malformed --lrs {text!r}: expected comma-separated learning rates, e.g. 1e-4,3e-4,1e-3") from None
+    else:
+        lrs = [float(x) for x in text]
+    if not lrs:
+        raise UserError("--lrs is empty: give at least one learning rate")
+    for lr in lrs:
+        if not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"learning rate {lr:g} in --lrs must be positive and finite")
+    names = [_lr_name(lr) for lr in lrs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--lrs repeats a learning rate: {','.join(names)}")
+    return lrs
+
+
+def parse_presets(text: str | Sequence[str]) -> list[str]:
+    from ..config import PRESETS
+
+    names = [p.strip() for p in text.split(",")] if isinstance(text, str) else [str(p).strip() for p in text]
+    if not names or any(not n for n in names):
+        raise UserError(f"malformed --presets {text!r}: expected comma-separated preset names, e.g. unet-seed,dit-seed")
+    for name in names:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--presets repeats a preset: {','.join(names)}")
+    return names
+
+
+def eval_fractions(every: float) -> list[float]:
+    """Evaluation points as fractions of the budget: every 0.25 -> 0.25, 0.5, 0.75, 1."""
+    if not (isinstance(every, (int, float)) and math.isfinite(every) and 0 < every <= 1):
+        raise UserError(f"--eval-every-frac must be in (0, 1], got {every}")
+    n = math.ceil(1 / every - 1e-9)
+    return [min(1.0, round(k * every, 12)) for k in range(1, n + 1)]
+
+
+def _lr_name(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def run_name(preset: str, lr: float) -> str:
+    return f"{preset}_lr{_lr_name(lr)}"
+
+
+# ---- the schedule of one run -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """An evaluation point: train until ``value`` optimiser steps (kind "steps") or training
+    seconds (kind "seconds"), then score the checkpoint."""
+
+    point: int  # 1-based
+    fraction: float
+    kind: str  # "steps" | "seconds"
+    value: float
+
+    def key(self) -> tuple[str, float]:
+        return (self.kind, round(float(self.value), 6))
+
+    def reached(self, state: dict) -> bool:
+        if self.kind == "steps":
+            return state["step"] >= self.value
+        return state["train_seconds"] >= self.value - 1e-9
+
+
+def images_per_budget(budget: Budget, gflops_per_image: float) -> float | None:
+    """Images the budget pays for (None for a time budget)."""
+    if budget.kind == "images":
+        return budget.amount
+    if budget.kind == "flops":
+        return budget.amount / (3 * gflops_per_image * 1e9)
+    return None
+
+
+def schedule(budget: Budget, fractions: Sequence[float], batch_size: int, gflops_per_image: float) -> list[Target]:
+    """The evaluation points of one run; points that round to the same step are merged."""
+    if budget.kind == "seconds":
+        return [Target(k + 1, f, "seconds", round(f * budget.amount, 9)) for k, f in enumerate(fractions)]
+    images = images_per_budget(budget, gflops_per_image)
+    targets: list[Target] = []
+    for f in fractions:
+        steps = max(1, round(f * images / batch_size))
+        if targets and steps <= targets[-1].value:
+            targets[-1] = Target(targets[-1].point, f, "steps", targets[-1].value)  # the later fraction wins
+            continue
+        targets.append(Target(len(targets) + 1, f, "steps", steps))
+    return targets
