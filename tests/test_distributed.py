@@ -12,7 +12,7 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    first = subprocess.run([*torchrun, "-m", "simple_dit.train", "--preset", "dit-tiny", "--out", str(out),
+    first = subprocess.run([*torchrun, "-m", "simple_dit.cli", "train", "--preset", "dit-tiny", "--out", str(out),
                             "--max-steps", "6", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     config, _, state = load_weights(out)

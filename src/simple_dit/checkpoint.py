@@ -9,56 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig
 from .errors import UserError
+from .io import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result to ``path`` only once it is complete on disk."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def ensure_writable_dir(directory: Path) -> None:
-    """Fail early, with one line, if results could not be written to ``directory``."""
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {directory}: {e.strerror}") from None
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def _optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for idx, state in opt_state["state"].items():
@@ -163,9 +123,26 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
         ema.load_state_dict(_read(handle, path, "ema."))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
-    optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), json.loads(meta["optimizer"])))
+    try:
+        optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), json.loads(meta["optimizer"])))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} has an optimiser state that does not match this model ({str(e).splitlines()[0]})") from None
+    _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return json.loads(meta["train_state"])
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each moment tensor its parameter's memory layout again. Checkpoints store contiguous
+    tensors; the fused AdamW walks a parameter and its moments as flat memory, so a channels-last
+    UNet weight updated with contiguous moments mixes up its elements and the resumed run departs
+    from the straight one."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            moments = optimizer.state.get(p, {})
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    moments[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -7,6 +7,7 @@ its checkpoints. Presets are named ``RunConfig`` values; the CLI overrides indiv
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -97,9 +98,13 @@ def _dit(name: str, description: str, train: TrainConfig, **model) -> RunConfig:
     return RunConfig(model=DiTConfig(**model), train=train, preset=name, description=description)
 
 
-# The DiT paper's widths (S: 384 wide, 6 heads; B: 768 wide, 12 heads; both 12 deep).
-_PAPER_WIDTHS = {"s": dict(hidden_size=384, num_heads=6), "b": dict(hidden_size=768, num_heads=12)}
+def _unet(name: str, description: str, train: TrainConfig, **model) -> RunConfig:
+    return RunConfig(model=UNetConfig(**model), train=train, preset=name, description=description)
 
+
+# Every preset, in one table. The DiT paper's sizes: S is 384 wide with 6 heads, B 768 wide with
+# 12 heads, both 12 deep; /2, /4, /7 is the patch size.
+_SMOKE = dict(ema_decay=0.99, sample_every=50, checkpoint_every=50, log_every=5)
 PRESETS: dict[str, RunConfig] = {
     # Chosen by 10-minute runs on a 2-core CPU (BENCHMARKS.md): rectified flow gave digits where
     # epsilon prediction gave none; lr 3e-3 with a short EMA (0.995, ~200 steps) took label
@@ -111,64 +116,71 @@ PRESETS: dict[str, RunConfig] = {
         preset="dit-mini",
         description="small rectified-flow DiT for a 2-core CPU: clean digits in about 10 minutes",
     ),
-    "dit-seed": _dit(
-        "dit-seed",
-        "the article's DiT: patch 4, hidden 384, depth 12, 6 heads",
-        TrainConfig(lr=1e-4, batch_size=128),
-        patch_size=4, hidden_size=384, depth=12, num_heads=6,
-    ),
-    "unet-seed": RunConfig(
-        model=UNetConfig(),
-        train=TrainConfig(lr=1e-3, batch_size=128),
-        preset="unet-seed",
-        description="the article's book-style UNetCond, 64-128-256 channels",
-    ),
-    "dit-tiny": _dit(
-        "dit-tiny",
-        "smoke-test DiT (seconds to train; not for results)",
-        TrainConfig(lr=1e-3, batch_size=32, ema_decay=0.99, sample_every=50, checkpoint_every=50, log_every=5),
-        patch_size=7, hidden_size=32, depth=2, num_heads=2,
-    ),
-    "unet-tiny": RunConfig(
-        model=UNetConfig(channels=(8, 16, 32), time_embed_dim=16),
-        train=TrainConfig(lr=1e-3, batch_size=32, ema_decay=0.99, sample_every=50, checkpoint_every=50, log_every=5),
-        preset="unet-tiny",
-        description="smoke-test UNet (seconds to train; not for results)",
-    ),
-}
-for _width, _heads in _PAPER_WIDTHS.items():
-    for _patch in (2, 4, 7):
-        _name = f"dit-{_width}-{_patch}"
-        PRESETS[_name] = _dit(
-            _name, f"DiT-{_width.upper()}/{_patch} of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128),
-            patch_size=_patch, depth=12, **_heads,
-        )
+    "dit-seed": _dit("dit-seed", "the article's DiT: patch 4, hidden 384, depth 12, 6 heads", TrainConfig(lr=1e-4, batch_size=128),
+                     patch_size=4, hidden_size=384, depth=12, num_heads=6),
+    "unet-seed": _unet("unet-seed", "the article's book-style UNetCond, 64-128-256 channels", TrainConfig(lr=1e-3, batch_size=128)),
+    "dit-tiny": _dit("dit-tiny", "smoke-test DiT (seconds to train; not for results)", TrainConfig(lr=1e-3, batch_size=32, **_SMOKE),
+                     patch_size=7, hidden_size=32, depth=2, num_heads=2),
+    "unet-tiny": _unet("unet-tiny", "smoke-test UNet (seconds to train; not for results)", TrainConfig(lr=1e-3, batch_size=32, **_SMOKE),
+                       channels=(8, 16, 32), time_embed_dim=16),
+    "dit-s-2": _dit("dit-s-2", "DiT-S/2 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=2, hidden_size=384, depth=12, num_heads=6),
+    "dit-s-4": _dit("dit-s-4", "DiT-S/4 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=4, hidden_size=384, depth=12, num_heads=6),
+    "dit-s-7": _dit("dit-s-7", "DiT-S/7 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=7, hidden_size=384, depth=12, num_heads=6),
+    "dit-b-2": _dit("dit-b-2", "DiT-B/2 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=2, hidden_size=768, depth=12, num_heads=12),
+    "dit-b-4": _dit("dit-b-4", "DiT-B/4 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=4, hidden_size=768, depth=12, num_heads=12),
+    "dit-b-7": _dit("dit-b-7", "DiT-B/7 of the paper at 28x28", TrainConfig(lr=1e-4, batch_size=128), patch_size=7, hidden_size=768, depth=12, num_heads=12),
+    # Parameter-matched counterparts of the article's two models, for `simple-dit compare`.
+    "dit-unet-size": _dit("dit-unet-size", "DiT with unet-seed's parameter count (2.17M): patch 4, hidden 128, depth 7, 4 heads",
+                          TrainConfig(lr=3e-4, batch_size=128), patch_size=4, hidden_size=128, depth=7, num_heads=4),
+    "unet-dit-size": _unet("unet-dit-size", "UNetCond with dit-seed's parameter count (32.6M): 252-504-1008 channels",
+                           TrainConfig(lr=3e-4, batch_size=128), channels=(252, 504, 1008)),
+}  # fmt: skip
 
 DEFAULT_PRESET = "dit-mini"
 
 
 def get_preset(name: str) -> RunConfig:
+    """A fresh copy of a preset, safe to modify."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return dataclasses.replace(
-        PRESETS[name],
-        model=dataclasses.replace(PRESETS[name].model),
-        diffusion=dataclasses.replace(PRESETS[name].diffusion),
-        train=dataclasses.replace(PRESETS[name].train),
-    )
+    return RunConfig.from_dict(PRESETS[name].to_dict())
 
 
-# Parameter-matched counterparts of the article's two models, for `simple-dit compare`: a DiT as
-# large as unet-seed (2.17M parameters) and a UNet as large as dit-seed (32.5M).
-PRESETS["dit-unet-size"] = _dit(
-    "dit-unet-size",
-    "DiT with unet-seed's parameter count (2.17M): patch 4, hidden 128, depth 7, 4 heads",
-    TrainConfig(lr=3e-4, batch_size=128),
-    patch_size=4, hidden_size=128, depth=7, num_heads=4,
-)
-PRESETS["unet-dit-size"] = RunConfig(
-    model=UNetConfig(channels=(252, 504, 1008)),
-    train=TrainConfig(lr=3e-4, batch_size=128),
-    preset="unet-dit-size",
-    description="UNetCond with dit-seed's parameter count (32.6M): 252-504-1008 channels",
-)
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """The one check of a run's recipe, shared by the CLI, compare and the Python API: every bad
+    value is a one-line ``UserError`` naming the option."""
+    from .data import DATASETS
+    from .diffusion import OBJECTIVES
+    from .runtime import PRECISIONS
+
+    tc, m, d = config.train, config.model, config.diffusion
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    def number(name: str) -> float:
+        value = getattr(tc, name)
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
+        return value
+
+    for name in ("lr", "batch_size", "epochs", "eval_n", "log_every"):
+        check(number(name) > 0, f"{_flag(name)} must be positive")
+    for name in ("warmup_steps", "max_steps", "minutes", "sample_every", "checkpoint_every", "eval_every", "grad_clip", "weight_decay"):
+        check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
+    for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
+        check(isinstance(getattr(tc, name), int), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+    check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
+    check(tc.eval_n >= 6, "--eval-n must be at least 6")
+    check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    if isinstance(m, DiTConfig):
+        check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
+        check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
+        check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+    return config

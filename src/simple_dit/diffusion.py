@@ -34,11 +34,9 @@ class DiffusionConfig:
 
 def make_process(config: DiffusionConfig | None = None) -> "GaussianDiffusion | RectifiedFlow":
     config = config or DiffusionConfig()
-    if config.objective == "eps":
-        return GaussianDiffusion(config)
-    if config.objective == "flow":
-        return RectifiedFlow(config)
-    raise UserError(f"unknown objective {config.objective!r}; choose eps or flow")
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[config.objective](config)
 
 
 def make_betas(config: DiffusionConfig) -> torch.Tensor:
@@ -243,3 +241,8 @@ class RectifiedFlow(_Process):
                 x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
             x = x_next
             yield x
+
+
+# The registries every parser and validator reads: objective name -> process, and all samplers.
+OBJECTIVES: dict[str, type[_Process]] = {"eps": GaussianDiffusion, "flow": RectifiedFlow}
+SAMPLERS: tuple[str, ...] = tuple(s for process in OBJECTIVES.values() for s in process.samplers)

@@ -131,7 +131,7 @@ def _bundled_path(dataset: str) -> Path:
 def save_evaluator(model: Evaluator, accuracy: float, dataset: str, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     meta = {"dataset": dataset, "test_accuracy": f"{accuracy:.4f}", "sha256": _weights_digest(model),
             "epochs": str(EVALUATOR_EPOCHS), "seed": str(EVALUATOR_SEED)}  # fmt: skip

@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_weights
+from .checkpoint import load_weights
+from .io import atomic_write
 from .config import RunConfig
 from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_sampler, make_process

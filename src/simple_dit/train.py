@@ -8,24 +8,38 @@ metrics.jsonl, TensorBoard events under tb/, and sample grids under samples/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, atomic_write, ensure_writable_dir, load_training_state, save_checkpoint, write_json
-from .config import RunConfig
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_training_state, save_checkpoint
+from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
-from .errors import UserError
+from .errors import Interrupted, TrainingDiverged, UserError
+from .io import DirectoryLock, ensure_writable_dir, write_json
+from .logger import RunLogger, truncate_metrics
 from .models import build_model
 from .runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint."""
+
+    step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0  # optimiser steps only: grids, evaluations and checkpoints are not counted
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -51,14 +65,94 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
 
 
-def check_output_dir(out_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (out_dir / CHECKPOINT_NAME).is_file():
+def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    # The fused kernel does the whole update in one pass over the parameters (BENCHMARKS.md).
+    tc = config.train
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=has_fused_adamw(device))
+
+
+def train_step(model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *, precision: str, grad_clip: float = 0.0):
+    """One optimiser step on one batch; training and every benchmark time this same function.
+
+    Returns the loss and the gradient norm as device tensors, so that the caller decides when to
+    pay for a host sync.
+    """
+    with autocast(x0.device, precision):
+        loss = diffusion.training_loss(model, x0, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:  # still measured: a non-finite norm is how divergence shows first
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    return loss.detach(), grad_norm.detach()
+
+
+class _Window:
+    """Sums over one logging window, kept on the device until the window is read."""
+
+    def __init__(self):
+        self.loss_sum = self.grad_norm_sum = 0.0
+        self.steps, self.images, self.seconds, self.lr = 0, 0, 0.0, 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, images: int, lr: float) -> None:
+        self.loss_sum += loss.float()
+        self.grad_norm_sum += grad_norm.float()
+        self.steps, self.images, self.lr = self.steps + 1, self.images + images, lr
+
+    def check_finite(self, state: TrainState, last_good_step: int) -> None:
+        """Stop before anything is written from a diverged model (one host sync)."""
+        if self.steps and not bool(torch.isfinite(torch.as_tensor(self.loss_sum + self.grad_norm_sum))):
+            raise TrainingDiverged(
+                f"training diverged: the loss or gradient norm became non-finite between steps {state.step - self.steps + 1} "
+                f"and {state.step}; the checkpoint of step {last_good_step} is kept; lower --lr or set --grad-clip"
+            )
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set a flag that the loop reads after each step, so a preempted run
+    checkpoints the step it finished instead of dying mid-write. Handlers are installed only in
+    the main thread (Python's rule) and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
+    """Check ``out_dir`` against ``resume`` and lock it for this process."""
+    def check() -> None:
+        if resume and not (out_dir / CHECKPOINT_NAME).is_file():
             raise UserError(f"--resume: no checkpoint in {out_dir}")
-        return
-    if (out_dir / CHECKPOINT_NAME).exists():
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if not resume and (out_dir / CHECKPOINT_NAME).exists():
+            raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+    check()  # before the lock, so that a refused command leaves the directory untouched
     ensure_writable_dir(out_dir)
+    lock = DirectoryLock(out_dir)
+    try:
+        check()  # again under the lock: another process may have written a checkpoint meanwhile
+    except UserError:
+        lock.release()
+        raise
+    return lock
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -89,11 +183,13 @@ def train(
     batch), so the data order and the meaning of a step do not depend on N: a checkpoint written
     with N processes resumes with M. Only rank 0 writes anything. ``final_samples=False`` skips
     the end-of-run grid (for callers that train in short segments and sample on their own).
+    Raises ``TrainingDiverged`` on a non-finite loss and ``Interrupted`` after SIGINT/SIGTERM,
+    both with the last good checkpoint on disk.
     """
     from .sample import Pipeline
 
-    out_dir = Path(out_dir)
-    tc = config.train
+    validate_config(config)
+    out_dir, tc = Path(out_dir), config.train
     rank, world, local_rank = init_distributed()
     is_main = rank == 0
     if world > 1 and device is None and torch.cuda.is_available():
@@ -101,156 +197,135 @@ def train(
     device = parse_device(device)
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
-    local_batch = tc.batch_size // world
-    if is_main:
-        check_output_dir(out_dir, resume)
     precision = resolve_precision(tc.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = load_dataset(tc.dataset, "train", data_dir)
-    if dataset.num_classes != config.model.num_classes:
-        raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
-    steps_per_epoch = len(dataset) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
-    max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * steps_per_epoch))
-
-    torch.manual_seed(tc.seed)
-    model = build_model(config.model).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # The fused kernel does the whole update in one pass over the parameters (3% faster on dit-mini, CPU).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=has_fused_adamw(device))
-    diffusion = make_process(config.diffusion)
-
-    state = {"step": 0, "train_seconds": 0.0, "images_seen": 0}
-    if resume:
-        state = load_training_state(out_dir, model, ema, optimizer)
+    with contextlib.ExitStack() as cleanup:
         if is_main:
-            _truncate_metrics(out_dir / "metrics.jsonl", state["step"])
-    elif is_main:
-        write_json(out_dir / CONFIG_NAME, config.to_dict())
-    if rank > 0:
-        # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
-        torch.manual_seed(tc.seed + 1_000_003 * rank + state["step"])
-    forward_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+            cleanup.callback(prepare_output_dir(out_dir, resume).release)
+        dataset = load_dataset(tc.dataset, "train", data_dir)
+        if dataset.num_classes != config.model.num_classes:
+            raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
+        steps_per_epoch = len(dataset) // tc.batch_size
+        if steps_per_epoch == 0:
+            raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
+        max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * steps_per_epoch))
 
-        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(tc.seed)
+        model = build_model(config.model).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = make_optimizer(model, config, device)
+        diffusion = make_process(config.diffusion)
+        state = TrainState()
+        if resume:
+            state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
+            if is_main:
+                truncate_metrics(out_dir, state.step)
+        elif is_main:
+            write_json(out_dir / CONFIG_NAME, config.to_dict())
+        if rank > 0:
+            # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
+            torch.manual_seed(tc.seed + 1_000_003 * rank + state.step)
+        forward_model = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-    writer = _tensorboard_writer(out_dir / "tb") if is_main else None
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
-    sample_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
+            forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint() -> None:
-        save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=state)
+        logger = RunLogger(out_dir, enabled=is_main)
+        cleanup.callback(logger.close)
+        signals = cleanup.enter_context(StopSignals())
+        bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
+        cleanup.callback(bar.close)
+        # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
+        ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+        grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
+        window, last_checkpoint, meter = _Window(), state.step, None
 
-    # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
-    ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+        def log_window() -> None:
+            nonlocal window
+            window.check_finite(state, last_checkpoint)
+            if is_main and window.steps:
+                # The only host sync of the loop: reading the sums once per logging window.
+                record = {
+                    "step": state.step, "epoch": state.images_seen / len(dataset), "loss": float(window.loss_sum) / window.steps,
+                    "grad_norm": float(window.grad_norm_sum) / window.steps, "lr": window.lr,
+                    "images_per_s": window.images / max(window.seconds, 1e-9), "train_seconds": state.train_seconds,
+                }  # fmt: skip
+                logger.log(record, scalars={k: f"train/{k}" for k in ("loss", "grad_norm", "lr", "images_per_s")})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            window = _Window()
 
-    def sample_grid() -> None:
-        images = ema_pipe(labels=sample_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
-        ema_pipe.save_grid(images, sample_labels, out_dir / "samples" / f"step_{state['step']:07d}.png")
+        def checkpoint() -> None:
+            nonlocal last_checkpoint
+            window.check_finite(state, last_checkpoint)
+            save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
+            last_checkpoint = state.step
 
-    meter = None
+        def sample_grid() -> Path:
+            images = ema_pipe(labels=grid_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
+            grid = ema_pipe.grid(images, grid_labels)
+            logger.image("samples", grid, state.step)
+            return ema_pipe.save_grid(images, grid_labels, out_dir / "samples" / f"step_{state.step:07d}.png")
 
-    def evaluate() -> None:
-        nonlocal meter
-        from .evaluate import QualityMeter
+        def evaluate() -> None:
+            nonlocal meter
+            from .evaluate import QualityMeter
 
-        meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
-        labels = ema_pipe.cycled_labels(tc.eval_n)
-        scores = meter.score(ema_pipe(labels=labels, steps=20, guidance=DEFAULT_GUIDANCE, seed=0), labels)
-        record = {"step": state["step"], "train_seconds": state["train_seconds"]}
-        record |= {f"eval_{k}": v for k, v in dataclasses.asdict(scores).items() if v is not None}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for key in ("fid", "label_accuracy", "precision", "recall"):
-                writer.add_scalar(f"eval/{key}", record[f"eval_{key}"], state["step"])
+            meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
+            labels = ema_pipe.cycled_labels(tc.eval_n)
+            scores = dataclasses.asdict(meter.score(ema_pipe(labels=labels, steps=20, guidance=DEFAULT_GUIDANCE, seed=0), labels))
+            record = {"step": state.step, "train_seconds": state.train_seconds} | {f"eval_{k}": v for k, v in scores.items() if v is not None}
+            logger.log(record, scalars={f"eval_{k}": f"eval/{k}" for k in ("fid", "label_accuracy", "precision", "recall")})
 
-    bar = _progress_bar(max_steps, state["step"], progress and is_main)
-    window = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "images": 0, "lr": tc.lr}
+        def due(every: int) -> bool:  # 0 turns a periodic action off
+            return every > 0 and state.step % every == 0
 
-    def log_window() -> None:
-        if window["steps"] == 0:
-            return
-        # The only host sync of the loop: reading the loss once per logging window.
-        mean_loss = float(window["loss_sum"]) / window["steps"]
-        images_per_s = window["images"] / max(window["seconds"], 1e-9)
-        record = {
-            "step": state["step"], "epoch": state["images_seen"] / len(dataset), "loss": mean_loss,
-            "lr": window["lr"], "images_per_s": images_per_s, "train_seconds": state["train_seconds"],
-        }  # fmt: skip
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for key in ("loss", "lr", "images_per_s"):
-                writer.add_scalar(f"train/{key}", record[key], state["step"])
-        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
-        window.update(loss_sum=0.0, steps=0, seconds=0.0, images=0)
+        perm, perm_epoch, local_batch = None, -1, tc.batch_size // world
+        model.train()
+        while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
+            step_start = time.perf_counter()
+            epoch, offset = divmod(state.step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
+            start = offset * tc.batch_size + rank * local_batch
+            x0, y = (t.to(device, non_blocking=True) for t in dataset.batch(perm[start : start + local_batch]))
+            lr = lr_at(state.step, tc.lr, tc.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=tc.grad_clip)
+            update_ema(ema, model, ema_decay_at(state.step, tc.ema_decay))
+            state.step, state.images_seen = state.step + 1, state.images_seen + tc.batch_size
+            window.add(loss, grad_norm, tc.batch_size, lr)
+            if due(tc.log_every):
+                synchronize(device)
+            seconds = time.perf_counter() - step_start
+            state.train_seconds += seconds
+            window.seconds += seconds
+            bar.update(seconds if tc.minutes and not max_steps else 1)
 
-    perm, perm_epoch = None, -1
-    model.train()
-    while True:
-        step = state["step"]
-        if (max_steps and step >= max_steps) or _time_is_up(tc.minutes, state["train_seconds"], world):
-            break
-        step_start = time.perf_counter()
-        epoch, offset = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
-        start = offset * tc.batch_size + rank * local_batch
-        x0, y = dataset.batch(perm[start : start + local_batch])
-        x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if due(tc.log_every):
+                log_window()
+            if signals.received is not None:
+                if is_main:
+                    checkpoint()
+                raise Interrupted(signals.received, f"stopped by {signal.Signals(signals.received).name} at step {state.step}; checkpoint saved, --resume continues")
+            if not is_main:
+                continue
+            if due(tc.sample_every):
+                sample_grid()
+            if due(tc.eval_every):
+                evaluate()
+            if due(tc.checkpoint_every):
+                checkpoint()
 
-        window["lr"] = lr_at(step, tc.lr, tc.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = window["lr"]
-        with autocast(device, precision):
-            loss = diffusion.training_loss(forward_model, x0, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
-
-        state["step"] = step + 1
-        state["images_seen"] += tc.batch_size
-        window["loss_sum"] += loss.detach()
-        window["steps"] += 1
-        window["images"] += tc.batch_size
-        if state["step"] % tc.log_every == 0:
-            synchronize(device)
-        step_seconds = time.perf_counter() - step_start
-        state["train_seconds"] += step_seconds
-        window["seconds"] += step_seconds
-
-        if not is_main:
-            continue
-        if state["step"] % tc.log_every == 0:
-            log_window()
-        bar.update(1)
-        if state["step"] % tc.sample_every == 0:
-            sample_grid()
-        if tc.eval_every and state["step"] % tc.eval_every == 0:
-            evaluate()
-        if state["step"] % tc.checkpoint_every == 0:
-            checkpoint()
-
-    bar.close()
-    if is_main:
         log_window()  # the last, partial window: a short run still logs its loss and speed
-        checkpoint()
-        if final_samples:
-            sample_grid()
-            shutil.copyfile(out_dir / "samples" / f"step_{state['step']:07d}.png", out_dir / "samples.png")
-        metrics_file.close()
-        if writer is not None:
-            writer.close()
+        if is_main:
+            checkpoint()
+            if final_samples:
+                shutil.copyfile(sample_grid(), out_dir / "samples.png")
     if world > 1:
         import torch.distributed as dist
 
@@ -258,49 +333,27 @@ def train(
     return out_dir / CHECKPOINT_NAME
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a killed run logged after its last checkpoint: they are about to be redone."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError):
-            break  # a torn last line
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
-
-
-def _time_is_up(minutes: float, train_seconds: float, world: int) -> bool:
+def _time_is_up(minutes: float, train_seconds: float, world: int, device: torch.device) -> bool:
     if not minutes:
         return False
-    up = torch.tensor([float(train_seconds >= minutes * 60)])
+    up = train_seconds >= minutes * 60
     if world > 1:
         import torch.distributed as dist
 
-        dist.broadcast(up, src=0)  # rank 0's clock decides, so every rank stops at the same step
-    return bool(up.item())
+        flag = torch.tensor([float(up)], device=device)  # on the device: NCCL cannot send CPU tensors
+        dist.broadcast(flag, src=0)  # rank 0's clock decides, so every rank stops at the same step
+        up = bool(flag.item())
+    return up
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
+def _progress_bar(max_steps: int, minutes: float, state: TrainState, enabled: bool):
+    """Steps done of the total; for a time budget, training seconds of the budget (so the bar has
+    a total and an ETA)."""
     from tqdm import tqdm
 
-    return tqdm(total=total or None, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-def _tensorboard_writer(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # TensorBoard is optional at run time; metrics.jsonl always has everything
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-if __name__ == "__main__":
-    # `torchrun --nproc_per_node N -m simple_dit.train --preset ... --out ...`
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+    if max_steps or not minutes:
+        return tqdm(total=max_steps or None, initial=state.step, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=round(minutes * 60, 1), initial=round(state.train_seconds, 1), disable=not enabled, unit="s", dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}<{remaining}{postfix}]",
+    )  # fmt: skip

@@ -1,0 +1,160 @@
+"""Crash-safe file helpers: atomic replacement, JSON, JSON lines, writability checks.
+
+Every file the package writes goes through ``atomic_write``: a kill at any moment leaves either
+the old file or the new one, never a torn mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: without this a power cut can undo it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` and move the result to ``path`` only once it is complete on disk."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Fail early, with one line, if results could not be written to ``directory``."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror}") from None
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(dumps_strict(obj, indent=2) + "\n"))
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """JSON that strict readers accept: NaN and infinities become null."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """The complete JSON lines of ``path``. A trailing line without its newline (a write that was
+    interrupted) is ignored, and with ``repair`` cut off so that the next append starts cleanly;
+    lines that are not JSON objects are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if repair and len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    records = []
+    for line in complete.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(dumps_strict(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+LOCK_NAME = ".lock"
+
+
+class DirectoryLock:
+    """One process per run directory: an exclusive ``flock`` on DIR/.lock, held while the object
+    lives. The OS releases it when the holder dies, so a lock left by a killed process never
+    blocks; the file holds the holder's pid so that the error can name it."""
+
+    def __init__(self, directory: Path):
+        import fcntl
+
+        self.path = Path(directory) / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            raise UserError(f"cannot write to {directory}: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
