@@ -50,8 +50,6 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     train_state: dict,
 ) -> Path:
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
@@ -67,8 +65,18 @@ def save_checkpoint(
         "optimizer": json.dumps(opt_meta),
     }
     path = Path(run_dir) / CHECKPOINT_NAME
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
     return path
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:  # a full disk or a file-size limit: report it as the I/O error it is
+        raise OSError(str(e).replace("Error while serializing: ", "")) from None
 
 
 def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
@@ -90,7 +98,13 @@ def _open(path: Path):
         raise UserError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); restore it or train again") from None
     if meta.get("format") != "simple-dit/1":
         raise UserError(f"{path} is not a simple-dit checkpoint")
-    return handle, meta
+    try:
+        parsed = {key: json.loads(meta[key]) for key in ("config", "train_state", "optimizer")}
+        if set(parsed["train_state"]) != {"step", "images_seen", "train_seconds"}:
+            raise ValueError("bad train_state")
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"checkpoint {path} has damaged metadata; restore it or train again") from None
+    return handle, parsed
 
 
 def _read(handle, path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -103,7 +117,7 @@ def _read(handle, path: Path, prefix: str) -> dict[str, torch.Tensor]:
 def load_config(run_dir_or_file) -> RunConfig:
     path = checkpoint_path(run_dir_or_file)
     _, meta = _open(path)
-    return RunConfig.from_dict(json.loads(meta["config"]))
+    return RunConfig.from_dict(meta["config"])
 
 
 def load_weights(run_dir_or_file, use_ema: bool = True) -> tuple[RunConfig, dict[str, torch.Tensor], dict]:
@@ -111,7 +125,7 @@ def load_weights(run_dir_or_file, use_ema: bool = True) -> tuple[RunConfig, dict
     path = checkpoint_path(run_dir_or_file)
     handle, meta = _open(path)
     weights = _read(handle, path, "ema." if use_ema else "model.")
-    return RunConfig.from_dict(json.loads(meta["config"])), weights, json.loads(meta["train_state"])
+    return RunConfig.from_dict(meta["config"]), weights, meta["train_state"]
 
 
 def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
@@ -124,15 +138,18 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
     try:
-        optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), json.loads(meta["optimizer"])))
+        optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), meta["optimizer"]))
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} has an optimiser state that does not match this model ({str(e).splitlines()[0]})") from None
     _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads(meta["train_state"])
+    try:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} has a damaged RNG state ({e}); restore it or train again") from None
+    return meta["train_state"]
 
 
 def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:

@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"simple-dit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a size limit, a vanished directory: one line, not a traceback
+        print(f"simple-dit: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"simple-dit: {e}", file=sys.stderr)
         return 128 + e.signum

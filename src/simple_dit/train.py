@@ -102,12 +102,13 @@ class _Window:
         self.grad_norm_sum += grad_norm.float()
         self.steps, self.images, self.lr = self.steps + 1, self.images + images, lr
 
-    def check_finite(self, state: TrainState, last_good_step: int) -> None:
+    def check_finite(self, state: TrainState, last_checkpoint: int | None) -> None:
         """Stop before anything is written from a diverged model (one host sync)."""
         if self.steps and not bool(torch.isfinite(torch.as_tensor(self.loss_sum + self.grad_norm_sum))):
+            kept = "no checkpoint was written" if last_checkpoint is None else f"the checkpoint of step {last_checkpoint} is kept"
             raise TrainingDiverged(
                 f"training diverged: the loss or gradient norm became non-finite between steps {state.step - self.steps + 1} "
-                f"and {state.step}; the checkpoint of step {last_good_step} is kept; lower --lr or set --grad-clip"
+                f"and {state.step}; {kept}; lower --lr or set --grad-clip"
             )
 
 
@@ -221,9 +222,9 @@ def train(
         state = TrainState()
         if resume:
             state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
-            if is_main:
-                truncate_metrics(out_dir, state.step)
-        elif is_main:
+        if is_main:  # records past the checkpoint (or, for a new run, of an attempt that never checkpointed) are redone
+            truncate_metrics(out_dir, state.step)
+        if is_main:  # on resume too: it records the new stopping rule and repairs a damaged copy
             write_json(out_dir / CONFIG_NAME, config.to_dict())
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
@@ -242,7 +243,7 @@ def train(
         # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
         ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
         grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
-        window, last_checkpoint, meter = _Window(), state.step, None
+        window, last_checkpoint, meter = _Window(), (state.step if resume else None), None
 
         def log_window() -> None:
             nonlocal window

@@ -154,7 +154,7 @@ def _run_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             f = r["final"] or {}
             mark = " *" if r["lr"] == e["best_lr"] else ""
             rows.append([
-                e["preset"], f"{r['lr']:g}{mark}", f"{len(r['evals'])}/{r['eval_points']}", _fmt(f.get("fid"), ".2f"),
+                e["preset"], f"{r['lr']:g}{mark}", f"{len(r['evals'])}/{r['eval_points']}" + (" (diverged)" if r.get("diverged") else ""), _fmt(f.get("fid"), ".2f"),
                 _fmt(f.get("label_accuracy")), _fmt(f.get("precision")), _fmt(f.get("recall")),
                 _fmt(f.get("images_seen"), ",d"), _fmt(f.get("train_seconds"), ".1f"), _fmt(r["images_per_s"], ".0f"),
             ])  # fmt: skip

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..diffusion import DEFAULT_GUIDANCE
-from ..errors import UserError
-from ..io import append_jsonl, ensure_writable_dir, read_jsonl, write_json
+from ..errors import TrainingDiverged, UserError
+from ..io import DirectoryLock, append_jsonl, ensure_writable_dir, read_jsonl, write_json
 from .budget import DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_lrs, parse_presets, run_name, schedule
 from .report import GRID_PER_CLASS, write_report
 
@@ -163,7 +163,11 @@ def _run_one(
         # Nothing to resume from: anything left here is from an attempt that never checkpointed.
         for stale in (EVALS_NAME, "metrics.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in read_jsonl(evals_path, repair=True)}
+    records = read_jsonl(evals_path, repair=True)
+    if any(rec.get("diverged") for rec in records):
+        log(f"{name}: diverged earlier; not retried")
+        return
+    done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if not todo:
         log(f"{name}: done ({len(targets)} evaluation points)")
@@ -174,7 +178,19 @@ def _run_one(
             what = f"{int(target.value)} steps" if target.kind == "steps" else f"{target.value:.1f} s"
             log(f"{name}: training to {what} ({target.fraction:.0%} of the budget)")
             config = _set_stop(run_config(preset, lr, settings), target)
-            _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device)
+            try:
+                _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device)
+            except TrainingDiverged as e:
+                # Too high a learning rate is a result of the sweep, not a failure of it: record it
+                # and go on with the other runs.
+                state = _train_state(run_dir) or {"step": 0, "images_seen": 0, "train_seconds": 0.0}
+                append_jsonl(evals_path, {
+                    "point": target.point, "fraction": target.fraction, "target_kind": target.kind, "target": target.value,
+                    "step": state["step"], "images_seen": state["images_seen"], "train_seconds": state["train_seconds"],
+                    "diverged": True, "message": str(e),
+                })  # fmt: skip
+                log(f"{name}: {e}")
+                return
             state = _train_state(run_dir)
         meter = meter or _Meters.get(settings.dataset, data_dir)
         grid = run_dir / "eval_samples" / f"point_{target.point}.png"
@@ -257,22 +273,28 @@ def compare(
     settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, float(guidance), dataset, seed, precision)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir)
-    ensure_writable_dir(out_dir / "runs")
-    _check_settings(out_dir, settings)
+    with DirectoryLock(out_dir):
+        ensure_writable_dir(out_dir / "runs")
+        _check_settings(out_dir, settings)
+        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter)
+
+
+def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter) -> dict:
+    preset_names, budget, eval_n = settings.presets, settings.budget, settings.eval_n
 
     stats = {p: _model_stats(p) for p in preset_names}
     plan = []
     for preset in preset_names:
-        for lr in lr_list:
-            targets = schedule(budget, fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
+        for lr in settings.lrs:
+            targets = schedule(budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
             plan.append((preset, lr, out_dir / "runs" / run_name(preset, lr), targets))
-    log(f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(fractions)} evaluation points, {eval_n} samples per point")
+    log(f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation points, {eval_n} samples per point")
     for preset, lr, run_dir, targets in plan:
         ensure_writable_dir(run_dir)
         _run_one(preset, lr, settings, run_dir, targets, data_dir=data_dir, device=device, log=log, meter=meter)
 
-    meter = meter or _Meters.get(dataset, data_dir)
-    floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=seed)).items() if v is not None}
+    meter = meter or _Meters.get(settings.dataset, data_dir)
+    floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seed)).items() if v is not None}
     results = collect_results(out_dir, settings, stats, plan, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
@@ -321,6 +343,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan, floor:
             "run_dir": str(run_dir.relative_to(out_dir)),
             "eval_points": len(targets),
             "complete": len(evals) >= len(targets),
+            "diverged": any(e.get("diverged") for e in evals),
             "images_per_s": statistics.median(speeds) if speeds else None,
             "final": evals[-1] if evals else None,
             "evals": evals,

@@ -1,0 +1,296 @@
+"""Fault injection: a run survives kills, signals, full disks, concurrent starts, divergence and
+damaged files without losing or corrupting what was already written.
+
+Every scenario runs the real CLI in a subprocess, as a user or a cluster scheduler would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli, snapshot
+from simple_dit.checkpoint import load_weights
+from simple_dit.config import get_preset
+from simple_dit.io import DirectoryLock
+from simple_dit.train import train
+
+pytestmark = pytest.mark.faults
+
+STEPS = 40
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TRAIN = ["train", "--preset", "dit-tiny", "--checkpoint-every", "10", "--sample-every", "0", "--precision", "fp32", "--no-progress"]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "simple_dit.cli", *map(str, args)]
+
+
+def start(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), **kwargs)
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    _, wa, sa = load_weights(a, use_ema=False)
+    _, wb, sb = load_weights(b, use_ema=False)
+    assert sa["step"] == sb["step"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ from the straight run"
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def checkpoint_step(run: Path) -> int:
+    try:
+        return load_weights(run)[2]["step"]
+    except Exception:
+        return -1
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli(*TRAIN, "--out", out, "--max-steps", STEPS)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ---- exact resume, every family and precision --------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_resume_equals_straight_for_every_family_and_precision(preset, precision, device, tmp_path, mnist_dir):
+    def config(steps: int):
+        c = get_preset(preset)
+        c.train.max_steps, c.train.sample_every, c.train.checkpoint_every = steps, 0, 0
+        c.train.precision, c.train.batch_size = precision, 16
+        return c
+
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    train(config(12), straight_dir, progress=False, device=device, final_samples=False)
+    train(config(6), resumed_dir, progress=False, device=device, final_samples=False)
+    train(config(12), resumed_dir, resume=True, progress=False, device=device, final_samples=False)
+    for use_ema in (False, True):
+        _, a, _ = load_weights(straight_dir, use_ema=use_ema)
+        _, b, _ = load_weights(resumed_dir, use_ema=use_ema)
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst == 0.0, f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
+
+
+# ---- kill -9 at random moments -----------------------------------------------------------------
+
+
+def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
+    """SIGKILL at random moments (checkpoint writes included: one is due every 10 steps), then
+    --resume, until the run is done: the weights are the straight run's, the metrics are monotonic
+    and nothing but the run's own files is left."""
+    out, rng, kills = tmp_path / "run", random.Random(0), 0
+    while checkpoint_step(out) < STEPS:
+        if checkpoint_step(out) >= 0:
+            proc = start("train", "--resume", "--out", out, "--max-steps", STEPS, "--no-progress")
+        else:  # killed before its first checkpoint: the run starts again
+            proc = start(*TRAIN, "--out", out, "--max-steps", STEPS)
+        if kills < 7:
+            time.sleep(rng.uniform(1.5, 4.0))  # the interpreter and torch take ~1.5 s to start
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+        proc.communicate(timeout=120)
+    assert kills >= 5
+    assert_same_weights(out, straight)
+    steps = [r["step"] for r in strict_json_lines(out / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+    stray = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not stray, stray
+
+
+# ---- one process per run directory -------------------------------------------------------------
+
+
+def test_a_second_process_on_the_same_run_fails_at_once_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    first = start(*TRAIN, "--out", out, "--max-steps", 100000)
+    try:
+        wait_for(lambda: (out / ".lock").is_file() and (out / ".lock").read_text().strip() == str(first.pid))
+        began = time.monotonic()
+        second = run_cli(*TRAIN, "--out", out, "--max-steps", 10)
+        assert time.monotonic() - began < 30
+        assert_user_error(second, "in use", f"pid {first.pid}")
+        resumed = run_cli("train", "--resume", "--out", out, "--max-steps", 10, "--no-progress")
+        assert_user_error(resumed, "in use", f"pid {first.pid}")
+    finally:
+        first.kill()
+        first.communicate()
+    # The dead holder's lock blocks nobody: the directory can be used at once.
+    (out / "checkpoint.safetensors").unlink(missing_ok=True)
+    again = run_cli(*TRAIN, "--out", out, "--max-steps", 2)
+    assert again.returncode == 0, again.stderr
+
+
+def test_compare_refuses_a_directory_in_use(tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    with DirectoryLock(out):
+        result = run_cli("compare", "--presets", "dit-tiny", "--budget", "64-images", "--lrs", "1e-3", "--eval-n", "6", "--out", out)
+    assert_user_error(result, "in use", f"pid {os.getpid()}")
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+
+def test_divergence_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*TRAIN, "--out", out, "--lr", "1e6", "--max-steps", 200, "--checkpoint-every", 5)
+    line = assert_user_error(result, "diverged", "non-finite")
+    if "no checkpoint was written" not in line:
+        _, weights, state = load_weights(out, use_ema=False)
+        assert f"checkpoint of step {state['step']} is kept" in line
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    strict_json_lines(out / "metrics.jsonl")  # valid JSON: no bare NaN
+
+
+# ---- signals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_the_current_step_and_resume_is_exact(sig, code, tmp_path):
+    out = tmp_path / "run"
+    proc = start(*TRAIN, "--out", out, "--max-steps", 10**6, "--checkpoint-every", "0")
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "checkpoint saved" in stderr
+    stopped_at = checkpoint_step(out)
+    assert stopped_at > 0
+    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", stopped_at + 10, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_cli(*TRAIN, "--out", tmp_path / "straight", "--max-steps", stopped_at + 10)
+    assert straight.returncode == 0, straight.stderr
+    assert_same_weights(out, tmp_path / "straight")
+
+
+# ---- full disk, unwritable output --------------------------------------------------------------
+
+
+def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(straight, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    (out / ".lock").unlink(missing_ok=True)
+    before = snapshot(out)
+    limit = (out / "checkpoint.safetensors").stat().st_size // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(cli("train", "--resume", "--out", out, "--max-steps", STEPS + 10, "--no-progress"),
+                            capture_output=True, text=True, env=os.environ.copy(), preexec_fn=small_files, timeout=120)  # fmt: skip
+    assert_user_error(result, "File too large")
+    after = snapshot(out)
+    assert after["checkpoint.safetensors"] == before["checkpoint.safetensors"]
+    assert load_weights(out)[2]["step"] == STEPS
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    strict_json_lines(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_unwritable_output_fails_before_any_work(command, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    args = ([*TRAIN, "--out", blocker / "run", "--max-steps", 5] if command == "train" else
+            ["compare", "--presets", "dit-tiny", "--budget", "64-images", "--lrs", "1e-3", "--eval-n", "6", "--out", blocker / "cmp"])  # fmt: skip
+    began = time.monotonic()
+    assert_user_error(run_cli(*args), str(blocker))
+    assert time.monotonic() - began < 30
+
+
+# ---- damaged files -----------------------------------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garble":
+        garbled = bytearray(data)
+        for i in range(0, len(garbled), 7):
+            garbled[i] = (garbled[i] * 31 + 17) % 256
+        path.write_bytes(bytes(garbled))
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("name, how", [
+    ("checkpoint.safetensors", "truncate"), ("checkpoint.safetensors", "garble"), ("checkpoint.safetensors", "empty"),
+    ("config.json", "garble"), ("metrics.jsonl", "truncate"), ("metrics.jsonl", "garble"),
+])  # fmt: skip
+def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    _damage(out / name, how)
+    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", STEPS + 5, "--no-progress")
+    if name == "checkpoint.safetensors":
+        assert_user_error(resumed, "checkpoint")
+        assert_user_error(run_cli("sample", out, "--out", tmp_path / "s", "--per-class", 1, "--steps", 2, "--no-gif"), "checkpoint")
+        return
+    # config.json and metrics.jsonl are views of the checkpoint: they are rewritten, not trusted.
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "config.json").read_text())["preset"] == "dit-tiny"
+    records = strict_json_lines(out / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == STEPS + 5
+
+
+# ---- compare: kill -9 and run again ------------------------------------------------------------
+
+COMPARE = ["compare", "--presets", "dit-tiny", "--budget", "640-images", "--lrs", "1e-3,3e-3", "--eval-every-frac", "0.5",
+           "--eval-n", "10", "--steps", "2", "--precision", "fp32"]  # fmt: skip
+
+
+def test_compare_killed_at_random_moments_resumes_to_the_straight_result(tmp_path):
+    straight = run_cli(*COMPARE, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    out, rng, kills = tmp_path / "killed", random.Random(1), 0
+    while not (out / "results.json").is_file():
+        proc = start(*COMPARE, "--out", out)
+        if kills < 3:
+            time.sleep(rng.uniform(2.0, 6.0))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+        proc.communicate(timeout=300)
+    assert kills >= 2
+
+    def scores(root: Path) -> list:
+        results = json.loads((root / "results.json").read_text())
+        return [(r["lr"], [(e["step"], e["fid"], e.get("label_accuracy")) for e in r["evals"]]) for p in results["presets"] for r in p["runs"]]
+
+    assert scores(out) == scores(tmp_path / "straight")
+    for run in (out / "runs").iterdir():
+        steps = [r["step"] for r in strict_json_lines(run / "metrics.jsonl") if "loss" in r]
+        assert steps == sorted(set(steps))
