@@ -2,11 +2,12 @@
 diffusers' DiTTransformer2DModel of the same size, timed in one process, rounds interleaved.
 
     pip install -e .[bench]          # diffusers, bench-only
-    .venv/bin/python bench/diffusers_compare.py [--preset dit-seed] [--batch-size 128] [--repeats 3]
+    .venv/bin/python bench/diffusers_compare.py [--preset dit-seed] [--batch-size 128] [--repeats 3] [--device cuda]
 
-Each timed step is forward + epsilon-MSE backward + AdamW on random data (ours: the fused AdamW that
-training uses; the other two: PyTorch's default AdamW). Prints one line per path
-and, last, one JSON object with the images/s and the ratios ours/reference and ours/diffusers.
+Each timed step is ``simple_dit.train.train_step`` (the step training runs: the preset's objective,
+forward, backward, gradient norm, AdamW) on random data; ours steps the fused AdamW that training
+uses, the other two PyTorch's default AdamW, in fp32. Prints one line per path and, last, one JSON
+object with the images/s and the ratios ours/reference and ours/diffusers.
 """
 
 import argparse
@@ -15,22 +16,29 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from simple_dit import build_model, get_preset
+from simple_dit.models import count_parameters
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
+from simple_dit.runtime import parse_device, resolve_precision, synchronize
+from simple_dit.train import make_optimizer, train_step
 
 
-def diffusers_dit(model_config):
-    from diffusers import DiTTransformer2DModel
+class DiffusersDiT(torch.nn.Module):
+    """diffusers' DiTTransformer2DModel of a DiT preset's size, called as ``model(x_t, t, y)``."""
 
-    head_dim = model_config.hidden_size // model_config.num_heads
-    return DiTTransformer2DModel(
-        num_attention_heads=model_config.num_heads, attention_head_dim=head_dim, in_channels=model_config.in_channels,
-        num_layers=model_config.depth, sample_size=model_config.input_size, patch_size=model_config.patch_size,
-        num_embeds_ada_norm=model_config.num_classes,
-    )  # fmt: skip
+    def __init__(self, model_config):
+        super().__init__()
+        from diffusers import DiTTransformer2DModel
+
+        self.inner = DiTTransformer2DModel(
+            num_attention_heads=model_config.num_heads, attention_head_dim=model_config.hidden_size // model_config.num_heads,
+            in_channels=model_config.in_channels, num_layers=model_config.depth, sample_size=model_config.input_size,
+            patch_size=model_config.patch_size, num_embeds_ada_norm=model_config.num_classes,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, timestep=t, class_labels=y).sample
 
 
 def main() -> None:
@@ -45,36 +53,23 @@ def main() -> None:
         raise SystemExit("bench/diffusers_compare.py: error: --preset must be a DiT preset")
     dev = parse_device(args.device)
     diffusion = make_process(config.diffusion)
+    precision = resolve_precision("auto", dev)
     b, c, s = args.batch_size, config.model.in_channels, config.model.input_size
     torch.manual_seed(0)
     x0 = torch.randn(b, c, s, s, device=dev)
     y = torch.randint(0, config.model.num_classes, (b,), device=dev)
-    t = torch.randint(0, diffusion.num_timesteps, (b,), device=dev)
-    noise = torch.randn_like(x0)
 
-    def step_fn(model, precision, call, fused=False):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    def step_fn(model, precision, plain_adamw=True):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr) if plain_adamw else make_optimizer(model, config, dev)
+        return lambda: train_step(model, diffusion, optimizer, x0, y, precision=precision)
 
-        def step():
-            with autocast(dev, precision):
-                loss = F.mse_loss(call(model).float(), noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
-
-    ours = build_model(config.model).to(dev)
-    reference = build_model(config.model).to(dev)
-    theirs = diffusers_dit(config.model).to(dev)
-    ours_call = lambda m: m(x0, t, y)  # noqa: E731
-    theirs_call = lambda m: m(x0, timestep=t, class_labels=y).sample  # noqa: E731
+    ours, reference, theirs = build_model(config.model).to(dev), build_model(config.model).to(dev), DiffusersDiT(config.model).to(dev)
     paths = {
-        "ours": step_fn(ours, resolve_precision("auto", dev), ours_call, fused=has_fused_adamw(dev)),
-        "reference (fp32 eager)": step_fn(reference, "fp32", ours_call),
-        "diffusers DiTTransformer2DModel": step_fn(theirs, "fp32", theirs_call),
+        "ours": step_fn(ours, precision, plain_adamw=False),
+        "reference (fp32 eager)": step_fn(reference, "fp32"),
+        "diffusers DiTTransformer2DModel": step_fn(theirs, "fp32"),
     }
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in zip(paths, (ours, reference, theirs))}
+    params = {name: count_parameters(m) for name, m in zip(paths, (ours, reference, theirs))}
     times = {name: [] for name in paths}
     for step in paths.values():
         step()  # warm-up
@@ -91,7 +86,7 @@ def main() -> None:
     ours_rate, ref_rate, diff_rate = rate.values()
     print(json.dumps({
         "preset": args.preset, "batch_size": b, "device": str(dev), "threads": torch.get_num_threads(),
-        "precision": resolve_precision("auto", dev), "ours_images_per_s": ours_rate, "reference_images_per_s": ref_rate,
+        "precision": precision, "ours_images_per_s": ours_rate, "reference_images_per_s": ref_rate,
         "diffusers_images_per_s": diff_rate, "ours_over_reference": ours_rate / ref_rate,
         "ours_over_diffusers": ours_rate / diff_rate,
     }))  # fmt: skip

@@ -2,7 +2,9 @@
 interleaved rounds: attention through scaled_dot_product_attention or explicit batched matmuls,
 and PyTorch's default (foreach) AdamW or the fused one.
 
-    .venv/bin/python bench/fp32_levers.py [--preset dit-mini] [--batch-size 32] [--repeats 7]
+    .venv/bin/python bench/fp32_levers.py [--preset dit-mini] [--batch-size 32] [--repeats 7] [--device cpu]
+
+Each variant times ``simple_dit.train.train_step`` in fp32 (the step training runs).
 """
 
 import argparse
@@ -14,6 +16,8 @@ import torch
 import simple_dit.models.dit as dit
 from simple_dit import build_model, get_preset
 from simple_dit.diffusion import make_process
+from simple_dit.runtime import parse_device, synchronize
+from simple_dit.train import train_step
 
 sdpa_attention = dit.Attention.forward
 
@@ -30,24 +34,23 @@ def main() -> None:
     ap.add_argument("--preset", default="dit-mini")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device")
     args = ap.parse_args()
     config = get_preset(args.preset)
+    dev = parse_device(args.device)
     process = make_process(config.diffusion)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, config.model.in_channels, config.model.input_size, config.model.input_size)
-    y = torch.randint(0, config.model.num_classes, (args.batch_size,))
+    x = torch.randn(args.batch_size, config.model.in_channels, config.model.input_size, config.model.input_size, device=dev)
+    y = torch.randint(0, config.model.num_classes, (args.batch_size,), device=dev)
 
     def variant(attention, fused):
         torch.manual_seed(0)
-        model = build_model(config.model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        model = build_model(config.model).to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
 
         def step():
             dit.Attention.forward = attention
-            loss = process.training_loss(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, process, optimizer, x, y, precision="fp32", grad_clip=config.train.grad_clip)
 
         return step
 
@@ -62,8 +65,10 @@ def main() -> None:
             step()
     for _ in range(args.repeats):
         for name, step in steps.items():
+            synchronize(dev)
             start = time.perf_counter()
             step()
+            synchronize(dev)
             times[name].append(time.perf_counter() - start)
     dit.Attention.forward = sdpa_attention
     for name, ts in times.items():

@@ -6,11 +6,11 @@ import json
 
 import torch
 
-from simple_dit.bench import article_time_encoding, reference_model
+from simple_dit.bench import ArticleUNetCond, article_time_encoding, reference_model
 from simple_dit.cli import main
 from simple_dit.config import get_preset
 from simple_dit.models import build_model
-from simple_dit.models.unet import book_time_encoding
+from simple_dit.models.unet import UNetCond, book_time_encoding
 
 
 def test_the_article_time_encoding_is_the_same_function_one_sample_at_a_time():
@@ -19,14 +19,30 @@ def test_the_article_time_encoding_is_the_same_function_one_sample_at_a_time():
 
 
 def test_the_reference_unet_computes_the_same_outputs():
+    config = get_preset("unet-tiny").model
     torch.manual_seed(0)
-    model = build_model(get_preset("unet-tiny").model).eval()
+    model = build_model(config).eval()
+    torch.manual_seed(0)
+    reference = reference_model(config).eval()
+    assert type(model) is UNetCond and type(reference) is ArticleUNetCond
+    weight, reference_weight = model.down2.convs[0].weight, reference.down2.convs[0].weight  # (16, 8, 3, 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert reference_weight.is_contiguous() and not reference_weight.is_contiguous(memory_format=torch.channels_last)
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999]), torch.tensor([1, 2, 3])
     with torch.no_grad():
         ours = model(x, t, y)
-        reference = reference_model(model)(x, t, y)
-    assert model.time_encoding is article_time_encoding
-    assert torch.allclose(ours, reference, atol=1e-5)
+        theirs = reference(x, t, y)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_model_itself_has_no_benchmark_hooks():
+    assert not hasattr(UNetCond, "time_encoding")
+    assert UNetCond.memory_format is torch.channels_last
+
+
+def test_the_reference_dit_is_the_dit():
+    config = get_preset("dit-tiny").model
+    assert type(reference_model(config)) is type(build_model(config))
 
 
 def test_bench_prints_one_json_object_last(capsys):

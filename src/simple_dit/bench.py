@@ -14,15 +14,18 @@ import time
 
 import torch
 
-from .config import get_preset
+from .config import ModelConfig, UNetConfig, get_preset
 from .diffusion import make_process
 from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
+from .runtime import autocast, parse_device, resolve_precision, synchronize
+from .train import make_optimizer, train_step
 
 
-def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, with the
+    device's queued work waited for around each call."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -40,14 +43,21 @@ def article_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([book_time_encoding(t[i : i + 1], dim)[0] for i in range(t.shape[0])])
 
 
-def reference_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The article's implementation of the same architecture, for ``--reference`` timings: for the
-    UNet, its per-sample time encoding and the default (channels-first) memory layout."""
-    if isinstance(model, UNetCond):
-        model.time_encoding = article_time_encoding
-        model.memory_format = torch.contiguous_format
-        model.to(memory_format=torch.contiguous_format)
-    return model
+class ArticleUNetCond(UNetCond):
+    """The article's implementation of the same UNet, for ``--reference`` timings: the time
+    encoding computed one sample at a time in Python, and PyTorch's default channels-first layout.
+    Same parameters, same initialisation, same outputs as ``UNetCond``."""
+
+    memory_format = torch.contiguous_format
+
+    def encode_time(self, t: torch.Tensor) -> torch.Tensor:
+        return article_time_encoding(t + 1, self.time_embed_dim)
+
+
+def reference_model(config: ModelConfig) -> torch.nn.Module:
+    """The plain implementation of ``config``'s architecture that ``--reference`` times: the
+    article's UNet; the DiT has no separate reference implementation."""
+    return ArticleUNetCond.from_config(config) if isinstance(config, UNetConfig) else build_model(config)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -78,9 +88,7 @@ def run_bench(
     if batch_size <= 0:
         raise UserError("--batch-size must be positive")
     torch.manual_seed(0)
-    model = build_model(config.model).to(dev)
-    if reference:
-        model = reference_model(model)
+    model = (reference_model if reference else build_model)(config.model).to(dev)
     diffusion = make_process(config.diffusion)
     c, s = config.model.in_channels, config.model.input_size
     x = torch.randn(batch_size, c, s, s, device=dev)
@@ -93,17 +101,18 @@ def run_bench(
         "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not reference and has_fused_adamw(dev))
+        # The step that training runs; the reference steps PyTorch's default (not fused) AdamW
+        # without gradient clipping, as the article did.
+        if reference:
+            optimizer, grad_clip = torch.optim.AdamW(model.parameters(), lr=config.train.lr), 0.0
+        else:
+            optimizer, grad_clip = make_optimizer(model, config, dev), config.train.grad_clip
         model.train()
 
-        def train_step():
-            with autocast(dev, precision):
-                loss = diffusion.training_loss(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def step():
+            train_step(model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
 
-        seconds = _median_seconds(train_step, dev, warmup, repeats)
+        seconds = median_seconds(step, dev, warmup, repeats)
         result["train_images_per_s"] = batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * batch_size / seconds  # backward ~ 2x forward
     if what in ("sample", "all"):
@@ -115,7 +124,7 @@ def run_bench(
             with autocast(dev, precision):
                 model(x, t, y)
 
-        seconds = _median_seconds(denoise, dev, warmup, repeats)
+        seconds = median_seconds(denoise, dev, warmup, repeats)
         result["sample_images_per_s"] = batch_size / seconds
     result["peak_rss_mb"] = peak_memory_mb(torch.device("cpu"))
     if dev.type == "cuda":

@@ -14,25 +14,9 @@ __all__ = ["DiT", "UNetCond", "build_model", "count_parameters", "forward_gflops
 
 def build_model(config: ModelConfig) -> nn.Module:
     if isinstance(config, DiTConfig):
-        return DiT(
-            input_size=config.input_size,
-            patch_size=config.patch_size,
-            in_channels=config.in_channels,
-            hidden_size=config.hidden_size,
-            depth=config.depth,
-            num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio,
-            num_classes=config.num_classes,
-            class_dropout_prob=config.class_dropout_prob,
-        )
+        return DiT.from_config(config)
     if isinstance(config, UNetConfig):
-        return UNetCond(
-            in_channels=config.in_channels,
-            channels=tuple(config.channels),
-            time_embed_dim=config.time_embed_dim,
-            num_classes=config.num_classes,
-            class_dropout_prob=config.class_dropout_prob,
-        )
+        return UNetCond.from_config(config)
     raise TypeError(f"not a model config: {config!r}")
 
 

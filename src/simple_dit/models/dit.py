@@ -6,7 +6,6 @@ c, a stack of adaLN-Zero blocks, an adaptive final layer, unpatchify.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,10 +39,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        N, T, D = x.shape  # N images of T tokens of width D; h heads of D/h channels each
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # each (N, h, T, D/h)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, D/h)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))  # heads side by side again: (N, T, D)
 
 
 class Mlp(nn.Module):
@@ -68,9 +67,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (N, T, D) tokens, c: (N, D) conditioning; every shift/scale/gate below is (N, D), one per image
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
         return x
 
 
@@ -82,8 +82,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (N, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C): one patch per token
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -125,10 +125,26 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # (1, T, D) fixed positions, T = grid_size**2; not in checkpoints (recomputed here)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, config) -> "DiT":
+        """The network a ``DiTConfig`` describes."""
+        return cls(
+            input_size=config.input_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            hidden_size=config.hidden_size,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            num_classes=config.num_classes,
+            class_dropout_prob=config.class_dropout_prob,
+        )
 
     def initialize_weights(self) -> None:
         for m in self.modules():
@@ -152,14 +168,17 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, p*p*C) tokens back to (B, C, H, W) images."""
+        """(N, T, p*p*C) tokens back to (N, C, H, W) images, T = g*g patches in raster order."""
         p, g, c = self.patch_size, self.grid_size, self.out_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        x = x.reshape(x.shape[0], g, g, p, p, c)  # (N, g, g, p, p, C): patch row, patch column, pixel in patch
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)  # (N, C, H, W)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        # x: (N, C, H, W) noisy images, t: (N,) timesteps, y: (N,) labels (num_classes = "no label")
+        x = self.x_embedder(x)  # (N, D, H/p, W/p): one D-vector per p x p patch
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D), T = (H/p)*(W/p) tokens in raster order
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D): one conditioning vector per image
         for block in self.blocks:
-            x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p*p*C)
+        return self.unpatchify(x)  # (N, C, H, W)

@@ -38,8 +38,6 @@ class ConvBlock(nn.Module):
 
 
 class UNetCond(nn.Module):
-    # Class attributes so that the benchmark can swap in the article's per-sample loop and layout.
-    time_encoding = staticmethod(book_time_encoding)
     # oneDNN's convolutions run faster on channels-last tensors (BENCHMARKS.md); the weights are
     # stored that way too, and checkpoints still hold ordinary contiguous tensors.
     memory_format = torch.channels_last
@@ -66,12 +64,28 @@ class UNetCond(nn.Module):
         self.label_emb = LabelEmbedder(num_classes, time_embed_dim, class_dropout_prob)
         self.to(memory_format=self.memory_format)
 
+    @classmethod
+    def from_config(cls, config) -> "UNetCond":
+        """The network a ``UNetConfig`` describes."""
+        return cls(
+            in_channels=config.in_channels,
+            channels=tuple(config.channels),
+            time_embed_dim=config.time_embed_dim,
+            num_classes=config.num_classes,
+            class_dropout_prob=config.class_dropout_prob,
+        )
+
+    def encode_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) timesteps -> (N, time_embed_dim). The book counts timesteps from 1 where the
+        schedule indexes them from 0."""
+        return book_time_encoding(t + 1, self.time_embed_dim)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # The book counts timesteps from 1 where the schedule indexes them from 0.
-        v = self.time_encoding(t + 1, self.time_embed_dim) + self.label_emb(y)
-        x1 = self.down1(x.contiguous(memory_format=self.memory_format), v)
-        x2 = self.down2(F.max_pool2d(x1, 2), v)
-        x = self.bot1(F.max_pool2d(x2, 2), v)
-        x = self.up2(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x2], dim=1), v)
-        x = self.up1(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x1], dim=1), v)
-        return self.out(x)
+        # x: (N, C, H, W); t, y: (N,); c1, c2, c3 are the constructor's channels.
+        v = self.encode_time(t) + self.label_emb(y)  # (N, E), E = time_embed_dim
+        x1 = self.down1(x.contiguous(memory_format=self.memory_format), v)  # (N, c1, H, W)
+        x2 = self.down2(F.max_pool2d(x1, 2), v)  # (N, c2, H/2, W/2)
+        x = self.bot1(F.max_pool2d(x2, 2), v)  # (N, c3, H/4, W/4)
+        x = self.up2(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x2], dim=1), v)  # (N, c2, H/2, W/2)
+        x = self.up1(torch.cat([F.interpolate(x, scale_factor=2, mode="bilinear"), x1], dim=1), v)  # (N, c1, H, W)
+        return self.out(x)  # (N, C, H, W)
