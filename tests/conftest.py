@@ -31,6 +31,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
+# The devices that device-sensitive tests run on: the CPU always, CUDA where there is one.
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = (
     "train-images-idx3-ubyte.gz",

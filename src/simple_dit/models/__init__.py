@@ -30,8 +30,10 @@ def forward_gflops(model: nn.Module, image_size: int = 28) -> float:
 
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, model.in_channels, image_size, image_size)
+    device = next(model.parameters()).device  # the dummy inputs go where the weights are
+    x = torch.zeros(1, model.in_channels, image_size, image_size, device=device)
+    t = y = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        model(x, t, y)
     model.train(was_training)
     return counter.get_total_flops() / 1e9
