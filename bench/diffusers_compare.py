@@ -12,15 +12,14 @@ object with the images/s and the ratios ours/reference and ours/diffusers.
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from simple_dit import build_model, get_preset
+from simple_dit.bench import interleaved_median_seconds
 from simple_dit.models import count_parameters
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device, resolve_precision, synchronize
+from simple_dit.runtime import parse_device, resolve_precision
 from simple_dit.train import make_optimizer, train_step
 
 
@@ -70,17 +69,7 @@ def main() -> None:
         "diffusers DiTTransformer2DModel": step_fn(theirs, "fp32"),
     }
     params = {name: count_parameters(m) for name, m in zip(paths, (ours, reference, theirs))}
-    times = {name: [] for name in paths}
-    for step in paths.values():
-        step()  # warm-up
-    for _ in range(args.repeats):
-        for name, step in paths.items():
-            synchronize(dev)
-            start = time.perf_counter()
-            step()
-            synchronize(dev)
-            times[name].append(time.perf_counter() - start)
-    rate = {name: b / statistics.median(ts) for name, ts in times.items()}
+    rate = {name: b / seconds for name, seconds in interleaved_median_seconds(paths, dev, warmup=1, repeats=args.repeats).items()}
     for name in paths:
         print(f"{name:>32}: {rate[name]:7.2f} images/s  ({params[name] / 1e6:.2f}M parameters)")
     ours_rate, ref_rate, diff_rate = rate.values()

@@ -8,15 +8,14 @@ Each variant times ``simple_dit.train.train_step`` in fp32 (the step training ru
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import simple_dit.models.dit as dit
 from simple_dit import build_model, get_preset
+from simple_dit.bench import interleaved_median_seconds
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device, synchronize
+from simple_dit.runtime import parse_device
 from simple_dit.train import train_step
 
 sdpa_attention = dit.Attention.forward
@@ -59,20 +58,10 @@ def main() -> None:
         for a_name, attention in (("SDPA", sdpa_attention), ("explicit", explicit_attention))
         for fused in (False, True)
     }
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        for _ in range(2):  # warm-up
-            step()
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            synchronize(dev)
-            start = time.perf_counter()
-            step()
-            synchronize(dev)
-            times[name].append(time.perf_counter() - start)
+    seconds = interleaved_median_seconds(steps, dev, warmup=2, repeats=args.repeats)
     dit.Attention.forward = sdpa_attention
-    for name, ts in times.items():
-        print(f"{args.preset} batch {args.batch_size}, {name:>32}: {args.batch_size / statistics.median(ts):7.1f} training images/s")
+    for name, s in seconds.items():
+        print(f"{args.preset} batch {args.batch_size}, {name:>32}: {args.batch_size / s:7.1f} training images/s")
 
 
 if __name__ == "__main__":

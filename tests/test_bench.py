@@ -57,3 +57,15 @@ def test_bench_prints_one_json_object_last(capsys):
 def test_bench_rejects_a_bad_batch_size(capsys):
     assert main(["bench", "--preset", "dit-tiny", "--batch-size", "0"]) != 0
     assert capsys.readouterr().err.strip().startswith("simple-dit: error: --batch-size must be positive")
+
+
+def test_interleaved_timing_calls_each_function_warmup_plus_repeats_times():
+    from simple_dit.bench import interleaved_median_seconds
+
+    calls = {"a": 0, "b": 0}
+
+    def counter(name):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    seconds = interleaved_median_seconds({name: counter(name) for name in calls}, torch.device("cpu"), warmup=2, repeats=3)
+    assert calls == {"a": 5, "b": 5} and set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

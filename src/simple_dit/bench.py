@@ -23,19 +23,27 @@ from .runtime import autocast, parse_device, resolve_precision, synchronize
 from .train import make_optimizer, train_step
 
 
+def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """``median_seconds`` of several functions timed in interleaved rounds (one call of each per
+    round), so that a machine whose speed drifts treats them alike; returns {name: seconds}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, with the
     device's queued work waited for around each call."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_median_seconds({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def article_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
