@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# One unattended check of the GPU path (issue 8): the test suite, `simple-dit bench` for the seed
+# presets and dit-mini, bench/diffusers_compare.py and the article's experiment, in under 8
+# minutes, with ONE JSON summary object as the very last line of the output.
+#
+#   bash scripts/gpu-check.sh [--out DIR]          # on a machine with a CUDA GPU
+#   bash scripts/gpu-check.sh --cpu-dry-run        # the same steps on the CPU with tiny presets (< 3 min)
+#   bash scripts/gpu-check.sh --plan [--cpu-dry-run]   # print the steps and exit
+#
+# Every step runs with its own timeout (per kind of step; GPU_CHECK_CAPS="tests=300 compare=400"
+# changes them) and the whole check within GPU_CHECK_BUDGET_S seconds (default 470), so that one
+# hang cannot eat the budget; a failing step does not stop the others.
+# The steps run one at a time (timings stay clean): environment, tests, the benches, diffusers, the
+# comparison; a step that would start with under 10 s of the budget left is recorded as not_run.
+# Exit status 0 when every step passed or was skipped for a recorded reason (no pytest, no
+# diffusers, no MNIST), 1 otherwise.
+#
+# Environment: PYTHON (default .venv/bin/python if present, else python3; the package is run from
+# src/ through PYTHONPATH, so it need not be installed); SIMPLE_DIT_DATA (the MNIST IDX directory;
+# default shared/data/mnist or ../shared/data/mnist, whichever exists).
+#
+# DIR (default runs/gpu-check) receives logs/<step>.log for every step, the comparison under
+# compare/, steps.tsv and summary.json (the same object as the last line).
+set -uo pipefail
+
+usage() {
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+mode=gpu
+out=runs/gpu-check
+plan_only=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-dry-run) mode=cpu-dry-run ;;
+    --plan) plan_only=1 ;;
+    --out)
+      if [ $# -lt 2 ] || [ -z "$2" ]; then echo "gpu-check.sh: error: --out needs a directory" >&2; exit 2; fi
+      out=$2
+      shift ;;
+    --out=*) out=${1#--out=}; [ -n "$out" ] || { echo "gpu-check.sh: error: --out needs a directory" >&2; exit 2; } ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "gpu-check.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+cd "$(dirname "$0")/.." || exit 2
+repo=$(pwd)
+
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+elif [ -x .venv/bin/python ]; then
+  py=.venv/bin/python
+else
+  py=python3
+fi
+export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
+
+data=${SIMPLE_DIT_DATA:-}
+if [ -z "$data" ]; then
+  for candidate in shared/data/mnist ../shared/data/mnist; do
+    if [ -d "$candidate" ]; then data=$candidate; break; fi
+  done
+fi
+if [ -n "$data" ] && [ -d "$data" ]; then
+  data=$(cd "$data" && pwd)
+  export SIMPLE_DIT_DATA=$data
+else
+  data_missing="no MNIST directory: SIMPLE_DIT_DATA is unset or missing and neither shared/data/mnist nor ../shared/data/mnist exists"
+fi
+
+# ---- the plan: the same steps in both modes, tiny presets and small batches on the CPU ----------
+cli=("$py" -m simple_dit.cli)
+if [ "$mode" = gpu ]; then
+  device=cuda
+  tests=(-m pytest -q)
+  # preset, batch ("" = the preset's own), extra flags
+  benches=("dit-seed||" "dit-seed|1024|" "unet-seed||" "unet-seed|1024|" "dit-mini||" "dit-mini|1024|"
+           "dit-seed||--reference" "unet-seed||--reference" "dit-mini||--reference")
+  bench_repeats=10
+  diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
+  compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3)
+  caps=(tests=240 env=60 bench=45 diffusers=60 compare=300)
+else
+  device=cpu
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # robust timings on a small, shared CPU
+  tests=(-m pytest -q tests/test_models.py)
+  benches=("dit-tiny|8|" "dit-tiny|32|" "unet-tiny|8|" "unet-tiny|32|" "dit-mini|8|" "dit-mini|32|"
+           "dit-tiny|8|--reference" "unet-tiny|8|--reference" "dit-mini|8|--reference")
+  bench_repeats=2
+  diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
+  compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
+  caps=(tests=120 env=60 bench=60 diffusers=60 compare=120)
+fi
+budget_s=${GPU_CHECK_BUDGET_S:-470}
+read -r -a extra_caps <<<"${GPU_CHECK_CAPS:-}"  # e.g. GPU_CHECK_CAPS="tests=300 compare=400"
+caps+=("${extra_caps[@]}")
+
+cap() {  # cap KIND -> seconds (the last setting wins)
+  local kv found=60
+  for kv in "${caps[@]}"; do
+    if [ "${kv%%=*}" = "$1" ]; then found=${kv#*=}; fi
+  done
+  echo "$found"
+}
+
+# Steps as "name<TAB>kind<TAB>command words joined by \x1f"
+steps=()
+add_step() {  # add_step NAME KIND WORD...
+  local name=$1 kind=$2 IFS=$'\x1f'
+  shift 2
+  steps+=("$name"$'\t'"$kind"$'\t'"$*")
+}
+env_py='import json, os, platform, sys, torch; cuda = torch.cuda.is_available(); print(json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "cuda_available": cuda, "gpu": torch.cuda.get_device_name() if cuda else None, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}))'
+add_step environment env "$py" -c "$env_py"
+add_step tests tests "$py" "${tests[@]}"
+for spec in "${benches[@]}"; do
+  IFS='|' read -r preset batch extra <<<"$spec"
+  name="bench-$preset-b${batch:-preset}${extra:+-reference}"
+  add_step "$name" bench "${cli[@]}" bench --preset "$preset" ${batch:+--batch-size "$batch"} --repeats "$bench_repeats" --device "$device" $extra
+done
+add_step diffusers-compare diffusers "$py" "${diffusers[@]}"
+add_step compare-article compare "${cli[@]}" compare "${compare[@]}" --device "$device" --out "$out/compare"
+
+if [ "$plan_only" = 1 ]; then
+  for step in "${steps[@]}"; do
+    IFS=$'\t' read -r name kind words <<<"$step"
+    printf '%s\t%s\t%s\n' "$name" "$(cap "$kind")" "${words//$'\x1f'/ }"
+  done
+  exit 0
+fi
+
+# ---- run ------------------------------------------------------------------------------------------
+mkdir -p "$out" || exit 2
+rm -rf "$out/logs" "$out/compare" "$out/steps.tsv" "$out/summary.json"
+mkdir -p "$out/logs"
+start=$(date +%s.%N)
+: >"$out/steps.tsv"
+
+elapsed() { awk -v s="$start" -v n="$(date +%s.%N)" 'BEGIN { printf "%d", n - s }'; }
+
+record() {  # record NAME KIND STATUS RC SECONDS REASON
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "${6//$'\t'/ }" >>"$out/steps.tsv"
+  echo "gpu-check: $1: $3 (${5} s)${6:+: $6}" >&2
+}
+
+skip_reason() {  # why a step cannot run here, or nothing
+  case "$1" in
+    tests)
+      "$py" -c 'import pytest' >/dev/null 2>&1 || { echo "pytest is not importable by $py"; return; }
+      [ -z "${data_missing:-}" ] || echo "$data_missing" ;;
+    diffusers) "$py" -c 'import diffusers' >/dev/null 2>&1 || echo "diffusers is not importable by $py (pip install -e .[bench])" ;;
+    compare) [ -z "${data_missing:-}" ] || echo "$data_missing" ;;
+  esac
+}
+
+for step in "${steps[@]}"; do
+  IFS=$'\t' read -r name kind words <<<"$step"
+  IFS=$'\x1f' read -r -a cmd <<<"$words"
+  log="$out/logs/$name.log"
+  reason=$(skip_reason "$kind")
+  if [ -n "$reason" ]; then
+    echo "skipped: $reason" >"$log"
+    record "$name" "$kind" skipped "" 0 "$reason"
+    continue
+  fi
+  left=$((budget_s - $(elapsed)))
+  if [ "$left" -lt 10 ]; then
+    echo "not run: the check's ${budget_s} s budget is spent" >"$log"
+    record "$name" "$kind" not_run "" 0 "the check's ${budget_s} s budget is spent"
+    continue
+  fi
+  limit=$(cap "$kind")
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "gpu-check: $name (at most ${limit} s): ${cmd[*]}" >&2
+  t0=$(date +%s.%N)
+  timeout --kill-after=10 "$limit" "${cmd[@]}" >"$log" 2>&1 </dev/null
+  rc=$?
+  seconds=$(awk -v s="$t0" -v n="$(date +%s.%N)" 'BEGIN { printf "%.1f", n - s }')
+  case $rc in
+    0) record "$name" "$kind" ok "$rc" "$seconds" "" ;;
+    124 | 137) record "$name" "$kind" timeout "$rc" "$seconds" "stopped after its ${limit} s limit" ;;
+    *) record "$name" "$kind" failed "$rc" "$seconds" "exit status $rc; see $log" ;;
+  esac
+done
+
+# ---- summary: one JSON object, the last line ----------------------------------------------------
+summary_py=python3
+command -v python3 >/dev/null 2>&1 || summary_py=$py
+"$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" <<'EOF'
+import glob, json, os, re, sys
+
+out, mode, python, data, seconds, budget = sys.argv[1:7]
+BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "device", "params_m", "gflops_per_image",
+              "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "peak_gpu_mb", "peak_rss_mb")
+DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
+                  "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
+
+
+def last_json(path):
+    try:
+        lines = open(path, errors="replace").read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def numbers(kind, log):
+    if kind in ("env", "bench", "diffusers"):
+        found = last_json(log)
+        keys = {"bench": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS}.get(kind)
+        return found if found is None or keys is None else {k: found[k] for k in keys if k in found}
+    if kind == "tests":
+        try:
+            text = open(log, errors="replace").read()
+        except OSError:
+            return None
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", last)}
+        return counts or None
+    if kind == "compare":
+        compare_dir = os.path.join(out, "compare")
+        evals = {os.path.basename(os.path.dirname(p)): sum(1 for line in open(p) if line.strip())
+                 for p in sorted(glob.glob(os.path.join(compare_dir, "runs", "*", "evals.jsonl")))}
+        result = {"evals_done": evals}
+        try:
+            results = json.load(open(os.path.join(compare_dir, "results.json")))
+        except (OSError, ValueError):
+            return result
+        result["floor_fid"] = results.get("floor", {}).get("fid")
+        result["presets"] = [
+            {"preset": p["preset"], "best_lr": p.get("best_lr"), "fid": (p.get("best") or {}).get("fid"),
+             "label_accuracy": (p.get("best") or {}).get("label_accuracy"), "images_per_s": p.get("images_per_s"),
+             "train_seconds": {f"{r['lr']:g}": (r.get("final") or {}).get("train_seconds") for r in p.get("runs", [])}}
+            for p in results.get("presets", [])
+        ]
+        return result
+    return None
+
+
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    name, kind, status, rc, secs, reason = line.rstrip("\n").split("\t")
+    log = os.path.join(out, "logs", name + ".log")
+    step = {"name": name, "status": status, "seconds": float(secs), "log": log}
+    if rc:
+        step["rc"] = int(rc)
+    if reason:
+        step["reason"] = reason
+    result = numbers(kind, log)
+    if result is not None:
+        step["result"] = result
+    steps.append(step)
+failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
+summary = {"check": "gpu-check", "mode": mode, "ok": not failed, "failed": failed, "seconds": int(seconds),
+           "budget_s": int(budget), "python": python, "data_dir": data or None, "out": out, "steps": steps}
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+print(json.dumps(summary))
+sys.exit(1 if failed else 0)
+EOF

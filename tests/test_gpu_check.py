@@ -1,0 +1,122 @@
+"""scripts/gpu-check.sh: its arguments, its plan in both modes, and its summary, driven by a stub
+Python so that these tests take a second. The real dry run (`bash scripts/gpu-check.sh
+--cpu-dry-run`, about a minute and a half on 2 cores) runs in .ci/run after the test suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "gpu-check.sh"
+
+
+def gpu_check(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def plan(*args) -> list[tuple[str, int, str]]:
+    result = gpu_check("--plan", *args)
+    assert result.returncode == 0, result.stderr
+    return [(name, int(cap), command) for name, cap, command in (line.split("\t") for line in result.stdout.splitlines())]
+
+
+def test_help_and_bad_arguments():
+    shown = gpu_check("--help")
+    assert shown.returncode == 0 and "--cpu-dry-run" in shown.stdout
+    for bad in (["--bogus"], ["--out"], ["--out="]):
+        result = gpu_check(*bad)
+        assert result.returncode == 2 and result.stderr.startswith("gpu-check.sh: error:"), (bad, result.stderr)
+
+
+def test_the_gpu_plan_runs_what_issue_8_asks():
+    steps = plan("--out", "somewhere")
+    commands = {name: command for name, _, command in steps}
+    assert list(commands)[:2] == ["environment", "tests"] and commands["tests"].endswith("-m pytest -q")
+    benches = [c for n, c in commands.items() if n.startswith("bench-")]
+    for preset in ("dit-seed", "unet-seed", "dit-mini"):
+        mine = [c.split(" bench ", 1)[1] for c in benches if f"--preset {preset} " in c]
+        assert all("--device cuda" in c for c in mine)
+        assert sorted("--batch-size 1024" in c for c in mine) == [False, False, True]  # preset batch, 1024, reference
+        assert sum("--reference" in c and "--batch-size" not in c for c in mine) == 1
+    assert "bench/diffusers_compare.py --preset dit-seed --batch-size 128" in commands["diffusers-compare"]
+    assert commands["compare-article"].endswith(
+        "compare --presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --device cuda --out somewhere/compare"
+    )
+    assert all(cap < 470 for _, cap, _ in steps)
+
+
+def test_the_dry_run_plan_is_the_same_steps_on_the_cpu_with_tiny_presets():
+    gpu, dry = plan(), plan("--cpu-dry-run")
+    assert [n.split("-")[0] for n, _, _ in gpu] == [n.split("-")[0] for n, _, _ in dry]
+    commands = {name: command for name, _, command in dry}
+    assert commands["tests"].endswith("-m pytest -q tests/test_models.py")
+    assert all("--device cpu" in c and "seed" not in c for n, c in commands.items() if n.startswith(("bench-", "diffusers", "compare")))
+    assert "--budget 2k-images" in commands["compare-article"] and "--eval-n 12" in commands["compare-article"]
+
+
+STUB = r"""#!/usr/bin/env bash
+# Stands in for python: answers each command gpu-check.sh runs, from the arguments alone.
+case "$*" in
+  "-c import pytest") exit 0 ;;
+  "-c import diffusers") exit 1 ;;
+  -c*) echo '{"python": "stub", "cuda_available": false}' ;;
+  "-m pytest"*) echo "....."; echo "5 passed, 1 skipped in 0.10s" ;;
+  *"bench --preset dit-mini"*"--reference"*) echo "boom" >&2; exit 1 ;;
+  *" bench "*) echo "     train_images_per_s: 12.0"; echo '{"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0, "unrelated": 1}' ;;
+  *" compare "*)
+    out=${@: -1}; mkdir -p "$out/runs/a_lr0.001"; echo '{}' >"$out/runs/a_lr0.001/evals.jsonl"
+    echo '{"floor": {"fid": 0.5}, "presets": [{"preset": "a", "best_lr": 0.001, "best": {"fid": 3.0, "label_accuracy": 0.9}, "images_per_s": 100.0, "runs": [{"lr": 0.001, "final": {"train_seconds": 9.5}}]}]}' >"$out/results.json" ;;
+  *) echo "stub: unexpected $*" >&2; exit 3 ;;
+esac
+"""
+
+
+@pytest.fixture
+def stub_python(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(STUB)
+    path.chmod(0o755)
+    return path
+
+
+def test_the_summary_is_one_json_object_last_with_every_step(stub_python, tmp_path, mnist_dir):
+    out = tmp_path / "check"
+    result = gpu_check("--cpu-dry-run", "--out", out, env={"PYTHON": str(stub_python), "SIMPLE_DIT_DATA": str(mnist_dir)})
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "summary.json").read_text()) == summary
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert [n for n, s in steps.items() if s["status"] != "ok"] == ["bench-dit-mini-b8-reference", "diffusers-compare"]
+    assert summary["failed"] == ["bench-dit-mini-b8-reference"] and summary["ok"] is False and result.returncode == 1
+    assert steps["diffusers-compare"]["status"] == "skipped" and "diffusers" in steps["diffusers-compare"]["reason"]
+    assert steps["tests"]["result"] == {"passed": 5, "skipped": 1}
+    assert steps["bench-dit-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0}
+    assert "boom" in (out / "logs" / "bench-dit-mini-b8-reference.log").read_text()
+    compare = steps["compare-article"]["result"]
+    assert compare["evals_done"] == {"a_lr0.001": 1} and compare["floor_fid"] == 0.5
+    assert compare["presets"] == [{"preset": "a", "best_lr": 0.001, "fid": 3.0, "label_accuracy": 0.9, "images_per_s": 100.0, "train_seconds": {"0.001": 9.5}}]
+    assert all(isinstance(s["seconds"], float) for s in summary["steps"]) and summary["mode"] == "cpu-dry-run"
+
+
+def test_a_step_past_its_limit_is_stopped_and_the_others_still_run(stub_python, tmp_path, mnist_dir):
+    slow = tmp_path / "slow-python"
+    slow.write_text(STUB.replace('"-m pytest"*) echo', '"-m pytest"*) sleep 30; echo'))
+    slow.chmod(0o755)
+    out = tmp_path / "check"
+    env = {"PYTHON": str(slow), "SIMPLE_DIT_DATA": str(mnist_dir), "GPU_CHECK_CAPS": "tests=1"}
+    result = gpu_check("--cpu-dry-run", "--out", out, env=env)
+    steps = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["steps"]}
+    assert steps["tests"]["status"] == "timeout" and steps["tests"]["seconds"] < 15
+    assert steps["compare-article"]["status"] == "ok" and result.returncode == 1
+
+
+def test_no_mnist_skips_the_steps_that_need_it(stub_python, tmp_path):
+    result = gpu_check("--cpu-dry-run", "--out", tmp_path / "check", env={"PYTHON": str(stub_python), "SIMPLE_DIT_DATA": str(tmp_path / "nowhere")})
+    steps = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["steps"]}
+    for name in ("tests", "compare-article"):
+        assert steps[name]["status"] == "skipped" and "MNIST" in steps[name]["reason"]
