@@ -9,7 +9,7 @@ import torch
 
 from conftest import perturb_
 from simple_dit.config import get_preset
-from simple_dit.diffusion import DiffusionConfig, GaussianDiffusion, guided_eps, make_betas
+from simple_dit.diffusion import DiffusionConfig, GaussianDiffusion, guided_prediction, make_betas
 from simple_dit.errors import UserError
 from simple_dit.models import build_model
 
@@ -268,7 +268,7 @@ def test_guidance_one_is_the_conditional_prediction(random_dit):
     t, y = torch.tensor([10, 500, 990]), torch.tensor([1, 5, 8])
     counting = CountingModel(random_dit)
     with torch.no_grad():
-        out = guided_eps(counting, x, t, y, 1.0, null_class=10)
+        out = guided_prediction(counting, x, t, y, 1.0, null_class=10)
         cond = random_dit(x, t, y)
     assert torch.equal(out, cond)
     assert counting.batch_sizes == [3]
@@ -280,7 +280,7 @@ def test_guidance_combines_both_predictions_in_one_batched_call(random_dit, guid
     t, y = torch.tensor([10, 500, 990]), torch.tensor([1, 5, 8])
     counting = CountingModel(random_dit)
     with torch.no_grad():
-        out = guided_eps(counting, x, t, y, guidance, null_class=10)
+        out = guided_prediction(counting, x, t, y, guidance, null_class=10)
         eps_c = random_dit(x, t, y)
         eps_u = random_dit(x, t, torch.full_like(y, 10))
     assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the check below is not vacuous

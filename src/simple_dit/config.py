@@ -106,9 +106,9 @@ def _unet(name: str, description: str, train: TrainConfig, **model) -> RunConfig
 # 12 heads, both 12 deep; /2, /4, /7 is the patch size.
 _SMOKE = dict(ema_decay=0.99, sample_every=50, checkpoint_every=50, log_every=5)
 PRESETS: dict[str, RunConfig] = {
-    # Chosen by 10-minute runs on a 2-core CPU (BENCHMARKS.md): rectified flow gave digits where
-    # epsilon prediction gave none; lr 3e-3 with a short EMA (0.995, ~200 steps) took label
-    # accuracy from 77% (lr 1e-3, EMA 0.999, which averages half of a 10-minute run) to 98%.
+    # Chosen by 10-minute runs on a 2-core CPU (BENCHMARKS.md): rectified flow because epsilon
+    # prediction drew no digits in that time; a short EMA (0.995, ~200 steps) because a longer one
+    # averages in the first half of such a short run.
     "dit-mini": RunConfig(
         model=DiTConfig(patch_size=4, hidden_size=128, depth=6, num_heads=4),
         diffusion=DiffusionConfig(objective="flow"),

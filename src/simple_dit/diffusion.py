@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-# Classifier-free guidance scale of every sampling entry point. 3 beat 2 on both FID and label
-# accuracy for the 10-minute dit-mini (BENCHMARKS.md).
+# Classifier-free guidance scale of every sampling entry point, chosen on the 10-minute dit-mini
+# (BENCHMARKS.md).
 DEFAULT_GUIDANCE = 3.0
 
 
@@ -52,13 +52,14 @@ def make_betas(config: DiffusionConfig) -> torch.Tensor:
     raise UserError(f"unknown beta schedule {config.beta_schedule!r}; choose linear or cosine")
 
 
-def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float, null_class: int) -> torch.Tensor:
-    """eps_uncond + g * (eps_cond - eps_uncond), both halves from one batched forward pass."""
+def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float, null_class: int) -> torch.Tensor:
+    """The model's prediction (eps, or the velocity of a flow model) under classifier-free
+    guidance, uncond + g * (cond - uncond), both halves from one batched forward pass."""
     if guidance == 1.0:
         return model(x, t, y)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
-    eps_cond, eps_uncond = eps.float().chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    cond, uncond = out.float().chunk(2)
+    return uncond + guidance * (cond - uncond)
 
 
 def check_sampler(process, sampler: str | None) -> str:
@@ -98,7 +99,7 @@ class _Process:
         x = torch.randn((labels.shape[0], *image_shape), generator=generator, device=labels.device)
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_eps(model, x, t, labels, guidance, null_class).float()
+            return guided_prediction(model, x, t, labels, guidance, null_class).float()
 
         for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), generator)):
             if on_step is not None:
@@ -217,8 +218,7 @@ class RectifiedFlow(_Process):
         return F.mse_loss(v.float(), noise - x0)
 
     def default_steps(self, sampler: str) -> int:
-        # 5 to 50 Euler steps gave the same FID and label accuracy on the 10-minute dit-mini
-        # (BENCHMARKS.md); 20 keeps a margin for better-trained models.
+        # Few steps suffice for a straight-path flow model (the sweep is in BENCHMARKS.md).
         return 20 if sampler == "euler" else 10
 
     def timesteps(self, steps: int) -> list[float]:

@@ -30,7 +30,7 @@ def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
 
     Elsewhere PyTorch emulates bf16 matmuls and they run tens of times slower than fp32
-    (measured on an AVX2-only EPYC: 1.5 vs 64 GFLOP/s), so ``auto`` must not pick it there.
+    (BENCHMARKS.md), so ``auto`` must not pick it there.
     """
     try:
         with open("/proc/cpuinfo") as f:

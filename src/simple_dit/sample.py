@@ -34,8 +34,10 @@ class Pipeline:
         device: torch.device | str | None = None,
         precision: str = "auto",
         class_names: Sequence[str] | None = None,
+        guidance: float = DEFAULT_GUIDANCE,
     ):
         self.config = config
+        self.guidance = guidance  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -54,7 +56,10 @@ class Pipeline:
             model.load_state_dict(weights)
         except RuntimeError as e:
             raise UserError(f"checkpoint in {run_dir} does not match its config: {str(e).splitlines()[0]}") from None
-        return cls(config, model, device=device, precision=precision)
+        from .evaluate import read_guidance
+
+        guidance = read_guidance(run_dir)  # picked by `simple-dit eval --guidance LIST` or compare
+        return cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance)
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
@@ -76,7 +81,7 @@ class Pipeline:
         *,
         sampler: str | None = None,
         steps: int | None = None,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         seed: int = 0,
         batch_size: int = 250,
         trajectory: list | None = None,
@@ -88,6 +93,7 @@ class Pipeline:
         uint8 frames of the first batch's denoising (at most GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
+        guidance = self.guidance if guidance is None else guidance
         generator = torch.Generator(device=self.device).manual_seed(seed)
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
@@ -110,6 +116,8 @@ class Pipeline:
                     self.model, batch_labels.to(self.device), sampler=sampler, steps=steps, guidance=guidance,
                     null_class=self.num_classes, generator=generator, image_shape=(c, s, s), on_step=on_step,
                 )  # fmt: skip
+            if not bool(torch.isfinite(x).all()):
+                raise UserError("the model produced non-finite values (NaN or inf): its weights are damaged or diverged")
             out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
