@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, snapshot
+from conftest import assert_user_error, devices, run_cli, snapshot
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.io import DirectoryLock
@@ -28,7 +28,6 @@ from simple_dit.train import train
 pytestmark = pytest.mark.faults
 
 STEPS = 40
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TRAIN = ["train", "--preset", "dit-tiny", "--checkpoint-every", "10", "--sample-every", "0", "--precision", "fp32", "--no-progress"]
 
 
@@ -54,12 +53,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ from the straight run"
 
 
-def wait_for(predicate, timeout: float = 60.0) -> None:
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def checkpoint_step(run: Path) -> int:
@@ -80,7 +79,7 @@ def straight(tmp_path_factory) -> Path:
 # ---- exact resume, every family and precision --------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
 def test_resume_equals_straight_for_every_family_and_precision(preset, precision, device, tmp_path, mnist_dir):
@@ -104,23 +103,45 @@ def test_resume_equals_straight_for_every_family_and_precision(preset, precision
 # ---- kill -9 at random moments -----------------------------------------------------------------
 
 
+def _kill_when(proc: subprocess.Popen, run: Path, rng: random.Random) -> bool:
+    """SIGKILL ``proc`` at a random moment of its training: half of the kills wait for a checkpoint
+    write to be in flight (its temporary file exists), the others land a random delay after the
+    first logged step. False if the process ended first."""
+    during_write = rng.random() < 0.5
+    delay = rng.uniform(0.0, 0.3)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            return True
+        if during_write:
+            return any(p.name.endswith(".tmp") for p in run.iterdir()) if run.is_dir() else False
+        return (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0
+
+    wait_for(ready, timeout=120, interval=0.0005 if during_write else 0.01)  # a small checkpoint is written in milliseconds
+    if not during_write:
+        time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    proc.kill()
+    return True
+
+
 def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
-    """SIGKILL at random moments (checkpoint writes included: one is due every 10 steps), then
-    --resume, until the run is done: the weights are the straight run's, the metrics are monotonic
-    and nothing but the run's own files is left."""
+    """SIGKILL at random moments, checkpoint writes included, then --resume, until the run is
+    done: the weights are the straight run's, the metrics are monotonic and strict JSON, and no
+    temporary file is left."""
     out, rng, kills = tmp_path / "run", random.Random(0), 0
-    while checkpoint_step(out) < STEPS:
+    for attempt in range(30):
+        if checkpoint_step(out) >= STEPS:
+            break
         if checkpoint_step(out) >= 0:
             proc = start("train", "--resume", "--out", out, "--max-steps", STEPS, "--no-progress")
         else:  # killed before its first checkpoint: the run starts again
-            proc = start(*TRAIN, "--out", out, "--max-steps", STEPS)
+            proc = start(*TRAIN, "--out", out, "--max-steps", STEPS, "--checkpoint-every", 5)
         if kills < 7:
-            time.sleep(rng.uniform(1.5, 4.0))  # the interpreter and torch take ~1.5 s to start
-            if proc.poll() is None:
-                proc.kill()
-                kills += 1
+            kills += _kill_when(proc, out, rng)
         proc.communicate(timeout=120)
-    assert kills >= 5
+    assert kills == 7
     assert_same_weights(out, straight)
     steps = [r["step"] for r in strict_json_lines(out / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
@@ -268,7 +289,7 @@ def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, t
 
 # ---- compare: kill -9 and run again ------------------------------------------------------------
 
-COMPARE = ["compare", "--presets", "dit-tiny", "--budget", "640-images", "--lrs", "1e-3,3e-3", "--eval-every-frac", "0.5",
+COMPARE = ["compare", "--presets", "dit-tiny", "--budget", "640-images", "--lrs", "3e-3", "--eval-every-frac", "0.5",
            "--eval-n", "10", "--steps", "2", "--precision", "fp32"]  # fmt: skip
 
 
@@ -279,7 +300,7 @@ def test_compare_killed_at_random_moments_resumes_to_the_straight_result(tmp_pat
     while not (out / "results.json").is_file():
         proc = start(*COMPARE, "--out", out)
         if kills < 3:
-            time.sleep(rng.uniform(2.0, 6.0))
+            time.sleep(rng.uniform(1.5, 5.0))
             if proc.poll() is None:
                 proc.kill()
                 kills += 1

@@ -56,6 +56,14 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files of ``atomic_write`` calls that a killed process never finished.
+    Call it only while holding the directory's lock, when no write of another process can be in
+    flight."""
+    for tmp in Path(directory).rglob(".*.tmp"):
+        _remove(str(tmp))
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -147,6 +155,7 @@ class DirectoryLock:
             raise UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_temporaries(directory)
 
     def release(self) -> None:
         if self.fd is not None:
