@@ -1,6 +1,7 @@
 """Quality metrics: closed-form cases, and the evaluator on real, noisy and mislabelled images."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -129,3 +130,141 @@ def test_training_logs_quality_scores_with_the_loss(tmp_path):
     assert [r["step"] for r in evals] == [10]
     assert evals[0]["eval_n"] == 20 and 0 <= evals[0]["eval_label_accuracy"] <= 1 and evals[0]["eval_fid"] > 0
     assert any("loss" in r and r["step"] == 10 for r in records)
+
+
+# ---- bootstrap confidence intervals ------------------------------------------------------------
+
+
+def test_bootstrap_replicates_with_unit_weights_are_the_point_estimates():
+    """With every sample drawn once, the vectorised replicates equal the plain metrics."""
+    from simple_dit.evaluate import _kth_neighbour_radius, fid_replicates, recall_replicates
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    fake = torch.randn(150, 6, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    ones = torch.ones(1, 150, dtype=torch.float64)
+    assert float(fid_replicates(fake, real, ones)[0]) == pytest.approx(frechet_distance(fake, real), rel=1e-9)
+    _, recall = precision_recall(real, fake, real_radii=_kth_neighbour_radius(real, 3))
+    assert float(recall_replicates(real, fake, ones)[0]) == pytest.approx(recall)
+
+
+def test_recall_replicates_count_duplicates_like_a_resampled_set():
+    """A weighted resample scores as the same multiset of points, materialised, does."""
+    from simple_dit.evaluate import bootstrap_weights, recall_replicates
+
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    fake = torch.randn(80, 5, generator=g, dtype=torch.float64)
+    weights = bootstrap_weights(80, 5, seed=3)
+    for w, replicate in zip(weights, recall_replicates(real, fake, weights)):
+        resampled = fake.repeat_interleave(w.long(), dim=0)
+        assert float(replicate) == pytest.approx(precision_recall(real, resampled)[1])
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_n(meter):
+    train = meter.train_set
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))
+    # Real images, a quarter of them under a wrong label: label accuracy about 0.75, not 1.
+    labels = train.labels.clone()
+    labels[idx[::4]] = (labels[idx[::4]] + 1) % 10
+    widths = {}
+    for n in (150, 1500):
+        s = meter.score(train.images[idx[:n]], labels[idx[:n]], bootstrap=100)
+        for key in ("fid", "label_accuracy", "precision", "recall"):
+            lo, hi = getattr(s, f"{key}_ci")
+            assert lo <= getattr(s, key) <= hi, (n, key, lo, getattr(s, key), hi)
+            widths[n, key] = hi - lo
+        if n == 150:
+            assert meter.score(train.images[idx[:n]], labels[idx[:n]], bootstrap=100) == s  # seeded: the same intervals
+    for key in ("fid", "label_accuracy", "precision", "recall"):
+        assert widths[1500, key] < widths[150, key], key
+    assert 0 < widths[1500, "label_accuracy"] < 0.1
+    assert meter.score(train.images[idx[:50]], labels[idx[:50]], bootstrap=0).fid_ci is None
+
+
+# ---- guidance ----------------------------------------------------------------------------------
+
+
+def test_pick_guidance_rule():
+    from simple_dit.evaluate import GUIDANCE_RULE, pick_guidance
+
+    rows = [  # the 10-minute dit-mini of issue 9, and one more
+        {"guidance": 1.0, "fid": 1.69, "label_accuracy": 0.859},
+        {"guidance": 1.5, "fid": 0.41, "label_accuracy": 0.970},
+        {"guidance": 3.0, "fid": 1.28, "label_accuracy": 0.9975},
+        {"guidance": 4.0, "fid": 1.20, "label_accuracy": 0.9900},
+    ]
+    assert pick_guidance(rows)["guidance"] == 4.0  # within 0.01 of 0.9975, and a lower FID than 3
+    assert pick_guidance(rows[:3])["guidance"] == 3.0
+    assert pick_guidance([dict(r, label_accuracy=None) for r in rows])["guidance"] == 1.5  # no labels: FID alone
+    assert pick_guidance([dict(rows[1], fid=float("nan")), rows[0]])["guidance"] == 1.0
+    assert "lowest FID" in GUIDANCE_RULE and "0.01" in GUIDANCE_RULE
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist_dir):
+    from conftest import tiny_config
+
+    from simple_dit.train import train
+
+    run = tmp_path_factory.mktemp("guidance") / "run"
+    train(tiny_config("dit-tiny", max_steps=20), run, data_dir=mnist_dir, progress=False, final_samples=False)
+    return run
+
+
+def _in_process(argv, capsys) -> subprocess.CompletedProcess:
+    from simple_dit.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+def test_eval_guidance_list_records_the_pick_and_sampling_uses_it(tiny_run, meter, monkeypatch, capsys, tmp_path):
+    from simple_dit import evaluate
+    from simple_dit.diffusion import DEFAULT_GUIDANCE
+    from simple_dit.sample import Pipeline
+
+    monkeypatch.setattr(evaluate, "QualityMeter", lambda *a, **k: meter)  # the module's meter: no second set-up
+    plot = tmp_path / "frontier.png"
+    done = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--guidance", "1,2", "--bootstrap", 20, "--plot", plot, "--json"], capsys)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    recorded = json.loads((tiny_run / "guidance.json").read_text())
+    assert [row["guidance"] for row in result["guidances"]] == [1.0, 2.0] == [row["guidance"] for row in recorded["scores"]]
+    assert recorded["guidance"] == result["guidance"] == evaluate.pick_guidance(result["guidances"])["guidance"]
+    assert recorded["rule"] == result["guidance_rule"] == evaluate.GUIDANCE_RULE and evaluate.GUIDANCE_RULE in done.stdout
+    assert recorded["n"] == 30 and recorded["steps"] == 2 and recorded["sampler"] == "ddim"
+    picked = next(row for row in result["guidances"] if row["guidance"] == result["guidance"])
+    for key in ("fid", "label_accuracy", "precision", "recall", "fid_ci", "label_accuracy_ci", "n", "floor_fid"):
+        assert key in result
+    assert all(result[k] == picked[k] for k in ("fid", "fid_ci", "label_accuracy", "n"))  # the old keys hold the pick
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The pipeline, sample and eval now default to the recorded guidance; an explicit one still wins.
+    pipe = Pipeline.from_pretrained(tiny_run)
+    assert pipe.guidance == recorded["guidance"] != DEFAULT_GUIDANCE
+    labels = pipe.cycled_labels(4)
+    for i, (extra, guidance) in enumerate((([], recorded["guidance"]), (["--guidance", 3], 3.0))):
+        out = tmp_path / f"s{i}"
+        assert _in_process(["sample", tiny_run, "--out", out, "--n", 4, "--steps", 2, "--no-gif", *extra], capsys).returncode == 0
+        with np.load(tmp_path / f"s{i}.npz") as npz:
+            expected = pipe(labels, steps=2, guidance=guidance, seed=0).permute(0, 2, 3, 1).numpy()
+            assert np.array_equal(npz["arr_0"], expected)
+    single = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--bootstrap", 0, "--json"], capsys)
+    assert json.loads(single.stdout.strip().splitlines()[-1])["guidance"] == recorded["guidance"]
+
+
+def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):
+    from conftest import assert_user_error
+
+    for value, fragment in (("1,x", "malformed --guidance '1,x'"), ("2,2", "repeats"), ("-1", "at least 0")):
+        assert_user_error(_in_process(["eval", tiny_run, "--guidance", value], capsys), fragment)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, arr_0=np.zeros((8, 28, 28, 1), np.uint8), labels=np.zeros(8, np.int64))
+    assert_user_error(_in_process(["eval", npz, "--guidance", "1,2"], capsys), "needs a run directory")
+    assert_user_error(_in_process(["eval", tiny_run, "--plot", tmp_path / "f.jpg"], capsys), "--plot", ".png")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    (damaged / "guidance.json").write_text('{"guidance": "high"}')
+    assert_user_error(_in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2], capsys), "guidance.json is damaged")

@@ -54,7 +54,7 @@ def _add_sample(sub) -> None:
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim for eps models, euler for flow models")
     p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m and euler, 10 heun)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (1 = none; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
@@ -69,12 +69,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE:g}")
+    p.add_argument("--guidance", help="guidance scale, or a comma-separated list to score each (e.g. 1,1.5,2,3,4) and record the pick "
+                   f"in RUN/guidance.json; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
     p.add_argument("--data-dir")
     p.add_argument("--device")
+    p.add_argument("--plot", type=Path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -209,26 +212,71 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import QualityMeter, dumps, format_report, load_npz, report
+    from .compare.budget import parse_guidances
+    from .diffusion import check_sampler
+    from .evaluate import GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
+    from .evaluate import load_npz, pick_guidance, report, write_guidance
 
+    guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
+    bootstrap = args.bootstrap  # None: the meter's default
+    if bootstrap is not None and bootstrap < 0:
+        raise UserError("--bootstrap must be 0 (no intervals) or a positive number of resamples")
+    if args.plot is not None:
+        from .compare.report import check_plot_path
+
+        check_plot_path(args.plot)
     if args.source.is_dir():
         from .sample import Pipeline
 
         if args.n < 6:
             raise UserError("--n must be at least 6")
         pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
+        guidances = guidances or [pipe.guidance]
         dataset = pipe.config.train.dataset
         labels = pipe.cycled_labels(args.n)
-        images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
+        sampler = check_sampler(pipe.diffusion, args.sampler)
+        steps = args.steps or pipe.diffusion.default_steps(sampler)
+
+        def draw(g):
+            return pipe(labels, sampler=sampler, steps=steps, guidance=g, seed=args.seed, progress=True)
+
     elif args.source.is_file():
+        if (guidances is not None and len(guidances) > 1) or args.plot is not None:
+            raise UserError(f"{'--plot' if args.plot is not None else 'a --guidance list'} needs a run directory to sample from, not an .npz")
         images, labels = load_npz(args.source)
         dataset = args.dataset or "mnist"
+
+        def draw(g):
+            return images
+
     else:
         raise UserError(f"{args.source} is neither a run directory nor an .npz file")
     meter = QualityMeter(dataset, args.data_dir)
-    result = report(meter.score(images, labels), meter.floor(images.shape[0]))
-    result["dataset"] = dataset
-    print(format_report(result))
+    rows, scored, floor = [], [], None
+    for g in guidances or [None]:
+        if guidances and len(guidances) > 1:
+            print(f"guidance {g:g}", file=sys.stderr, flush=True)
+        images = draw(g)
+        floor = floor or meter.floor(images.shape[0], bootstrap=bootstrap)
+        scored.append(meter.score(images, labels, bootstrap=bootstrap))
+        rows.append(({} if g is None else {"guidance": g}) | {k: v for k, v in dataclasses.asdict(scored[-1]).items() if v is not None})
+    picked = pick_guidance(rows) if len(rows) > 1 else rows[0]
+    # The picked scale's scores under the keys a single evaluation has always had.
+    result = ({"guidance": picked["guidance"]} if "guidance" in picked else {}) | report(scored[rows.index(picked)], floor) | {"dataset": dataset}
+    floor_row = {k: v for k, v in dataclasses.asdict(floor).items() if v is not None}
+    if len(rows) > 1:
+        result |= {"guidance_rule": GUIDANCE_RULE, "guidances": rows}
+        print(f"n = {result['n']}")
+        print(format_guidance_table(rows, floor_row, picked["guidance"]))
+        write_guidance(args.source, rows, n=args.n, sampler=sampler, steps=steps, seed=args.seed, ema=not args.no_ema)
+        print(f"recorded guidance {picked['guidance']:g} in {args.source / 'guidance.json'}")
+    else:
+        print(format_report(result))
+    if args.plot is not None:
+        from .compare.report import write_frontier_figure
+
+        write_frontier_figure([(args.source.name, rows, picked.get("guidance"))], floor_row, args.plot)
+        print(f"plot: {args.plot}")
     if args.json:
         print(dumps(result))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -185,10 +186,14 @@ def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """For each of ``points``, whether it lies inside at least one ball (centre, radius)."""
+    return torch.cat([(torch.cdist(chunk, centres) <= radii[None]).any(1) for chunk in points.split(1000)])
+
+
 def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
     """Fraction of ``points`` inside at least one ball (centre, radius)."""
-    inside = [(torch.cdist(chunk, centres) <= radii[None]).any(1) for chunk in points.split(1000)]
-    return float(torch.cat(inside).double().mean())
+    return float(_inside(points, centres, radii).double().mean())
 
 
 def precision_recall(
@@ -202,6 +207,123 @@ def precision_recall(
     return precision, recall
 
 
+# ---- bootstrap confidence intervals -------------------------------------------------------------
+#
+# The generated samples are resampled with replacement (the reference set stays fixed), every
+# metric is recomputed on each resample, all resamples at once, and the interval is the
+# percentile interval of the replicates moved by the bootstrap's estimate of its own bias
+# (mean of the replicates - estimate). The move matters for FID, which is biased upwards at small
+# n: a resample, holding about 63% distinct images, scores worse than the sample it came from,
+# and an unmoved interval can miss the estimate altogether.
+
+CI_METRICS = ("fid", "label_accuracy", "precision", "recall")
+BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_SEED = 0
+_RECALL_NEIGHBOURS = 16  # nearest other fakes kept per fake: a resample's k-NN radius lies among them
+_RECALL_CANDIDATES = 32  # fakes per real that may cover it in some resample (the likeliest first)
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> torch.Tensor:
+    """(resamples, n) float64: how often each of n items is drawn into each resample of size n."""
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
+
+
+def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def fid_replicates(features: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """FID of each weighted resample of ``features`` against ``reference``; row b of ``weights``
+    gives each feature's count in resample b (``bootstrap_weights``). With all weights 1 this is
+    ``frechet_distance(features, reference)``. Tr((S_a S_b)^1/2) is taken as the trace of the root
+    of S_b^1/2 S_a S_b^1/2, so the reference's root is computed once."""
+    features, reference = features.double(), reference.double()
+    n = features.shape[0]
+    mean, centred = features.mean(0), features - features.mean(0)
+    ref_mu, ref_cov = reference.mean(0), torch.cov(reference.T)
+    ref_sqrt = _sqrtm_psd(ref_cov)
+    out = []
+    for w in weights.split(chunk):
+        offset = w @ centred / n  # (b, d): resample mean - sample mean
+        second = (centred.T[None] * w[:, None, :]) @ centred  # (b, d, d)
+        cov = (second - n * offset[:, :, None] * offset[:, None, :]) / (n - 1)
+        middle = ref_sqrt @ cov @ ref_sqrt
+        tr_sqrt = torch.linalg.eigvalsh((middle + middle.mT) / 2).clamp(min=0).sqrt().sum(-1)
+        trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+        out.append((mean + offset - ref_mu).square().sum(-1) + trace + ref_cov.trace() - 2 * tr_sqrt)
+    return torch.cat(out)
+
+
+def recall_replicates(real: torch.Tensor, fake: torch.Tensor, weights: torch.Tensor, k: int = PR_NEIGHBOURS, chunk: int = 16) -> torch.Tensor:
+    """k-NN recall of each weighted resample of ``fake``: the fraction of ``real`` inside the ball
+    of a drawn fake whose radius is its k-th nearest neighbour in the resample, copies counted
+    (a fake drawn k+1 times has radius 0). Each fake's radius is looked up among its nearest
+    other fakes and each real's covering balls among its likeliest candidates, so that no
+    resample needs a distance matrix; with all weights 1 this is ``precision_recall``'s recall."""
+    n = fake.shape[0]
+    m = min(_RECALL_NEIGHBOURS, n - 1)
+    dist, nbr = [], []
+    for start, rows in zip(range(0, n, 1000), fake.split(1000)):
+        d = torch.cdist(rows, fake)
+        d[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = math.inf  # not its own neighbour
+        v, i = d.topk(m, dim=1, largest=False)
+        dist.append(v)
+        nbr.append(i)
+    dist, nbr = torch.cat(dist).float(), torch.cat(nbr)  # (n, m), nearest first
+    reach = dist[:, -1]  # no resample's radius exceeds this (up to the rare resample that runs out of neighbours)
+    cand_d, cand_j = [], []
+    for rows in real.split(1000):
+        d = torch.cdist(rows, fake)
+        ratio = torch.where(d <= reach[None], d / reach.clamp(min=1e-12)[None], math.inf)
+        r, j = ratio.topk(min(_RECALL_CANDIDATES, n), dim=1, largest=False)
+        cand_j.append(j)
+        cand_d.append(torch.where(torch.isfinite(r), d.gather(1, j), math.inf))
+    cand_d, cand_j = torch.cat(cand_d).float(), torch.cat(cand_j)  # (n_real, c); inf: no candidate
+    out = []
+    for w in weights.float().split(chunk):
+        need = k - (w - 1)  # (b, n): copies of other fakes a drawn fake needs within its radius
+        cum = w[:, nbr].cumsum(-1)  # (b, n, m)
+        first = (cum < need[..., None]).sum(-1).clamp(max=m - 1)
+        radius = torch.where(need <= 0, 0.0, dist.expand(len(w), n, m).gather(-1, first[..., None]).squeeze(-1))
+        radius = torch.where(w > 0, radius, -1.0)  # a fake not drawn covers nothing
+        covered = (cand_d[None] <= radius[:, cand_j]).any(-1)  # (b, n_real)
+        out.append(covered.double().mean(-1))
+    return torch.cat(out)
+
+
+def percentile_interval(estimate: float, replicates: torch.Tensor, level: float = BOOTSTRAP_LEVEL, bounds=(-math.inf, math.inf)) -> list[float]:
+    """The ``level`` percentile interval of ``replicates``, moved by their bias (mean - estimate)
+    and clipped to ``bounds``."""
+    shifted = replicates.double() - (replicates.double().mean() - estimate)
+    q = torch.quantile(shifted, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [float(min(max(v, bounds[0]), bounds[1])) for v in q]
+
+
+def bootstrap_intervals(
+    features: torch.Tensor, correct: torch.Tensor | None, reference: torch.Tensor, reference_radii: torch.Tensor,
+    estimates: dict, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL, seed: int = BOOTSTRAP_SEED,
+) -> dict[str, list[float]]:  # fmt: skip
+    """``{"fid_ci": [lo, hi], ...}`` for the metrics of ``estimates`` (``CI_METRICS``): every metric
+    recomputed on the same ``resamples`` resamples of the generated samples. ``correct`` says, per
+    sample, whether the classifier saw the requested class (None without labels)."""
+    n = features.shape[0]
+    w = bootstrap_weights(n, resamples, seed)
+    replicates = {
+        "fid": fid_replicates(features, reference, w),
+        "precision": w @ _inside(features, reference, reference_radii).double() / n,
+        "recall": recall_replicates(reference, features, w),
+    }
+    if correct is not None:
+        replicates["label_accuracy"] = w @ correct.double() / n
+    return {
+        f"{key}_ci": percentile_interval(estimates[key], reps, level, (0.0, math.inf) if key == "fid" else (0.0, 1.0))
+        for key, reps in replicates.items()
+    }
+
+
 @dataclass
 class Scores:
     n: int
@@ -210,6 +332,11 @@ class Scores:
     recall: float
     label_accuracy: float | None = None
     class_balance_tv: float | None = None
+    # Bootstrap confidence intervals [lo, hi] (None when not computed).
+    fid_ci: list[float] | None = None
+    label_accuracy_ci: list[float] | None = None
+    precision_ci: list[float] | None = None
+    recall_ci: list[float] | None = None
 
 
 def score_features(
@@ -219,14 +346,29 @@ def score_features(
     reference: torch.Tensor,
     num_classes: int,
     reference_radii: torch.Tensor | None = None,
+    *,
+    bootstrap: int = 0,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
 ) -> Scores:
+    """The scores of generated ``features``; with ``bootstrap`` > 0 resamples, also their
+    ``level`` confidence intervals."""
+    if reference_radii is None:
+        reference_radii = _kth_neighbour_radius(reference, PR_NEIGHBOURS)
     precision, recall = precision_recall(reference, features, real_radii=reference_radii)
     scores = Scores(n=features.shape[0], fid=frechet_distance(features, reference), precision=precision, recall=recall)
+    correct = None
     if labels is not None:
-        scores.label_accuracy = float((predicted == labels).double().mean())
+        correct = predicted == labels
+        scores.label_accuracy = float(correct.double().mean())
         hist_pred = torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
         hist_req = torch.bincount(labels, minlength=num_classes).double() / len(labels)
         scores.class_balance_tv = float(0.5 * (hist_pred - hist_req).abs().sum())
+    if bootstrap > 0:
+        intervals = bootstrap_intervals(features, correct, reference, reference_radii, asdict(scores),
+                                        resamples=bootstrap, level=level, seed=seed)  # fmt: skip
+        for key, interval in intervals.items():
+            setattr(scores, key, interval)
     return scores
 
 
@@ -242,8 +384,12 @@ class QualityMeter:
         # The k-NN radii of the 10,000 test features: a 10k x 10k distance matrix, the same for
         # every score, so computed once.
         self.test_radii = _kth_neighbour_radius(self.test_features, PR_NEIGHBOURS)
+        self.bootstrap = BOOTSTRAP_RESAMPLES  # resamples of every score's confidence intervals (0: none)
 
-    def score(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None) -> Scores:
+    def score(self, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, *, bootstrap: int | None = None,
+              level: float = BOOTSTRAP_LEVEL, seed: int = BOOTSTRAP_SEED) -> Scores:  # fmt: skip
+        """Scores of ``images_uint8`` (generated for ``labels``), with ``level`` bootstrap
+        confidence intervals over ``bootstrap`` resamples (default ``self.bootstrap``; 0: none)."""
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1:] != (1, 28, 28):
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
         if images_uint8.shape[0] < 2 * PR_NEIGHBOURS:
@@ -251,12 +397,13 @@ class QualityMeter:
         if labels is not None and ((labels < 0) | (labels >= self.num_classes)).any():
             raise UserError(f"labels fall outside the dataset's classes 0..{self.num_classes - 1}")
         features, logits = _run(self.model, images_uint8)
-        return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes, self.test_radii)
+        return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes, self.test_radii,
+                              bootstrap=self.bootstrap if bootstrap is None else bootstrap, level=level, seed=seed)  # fmt: skip
 
-    def floor(self, n: int, seed: int = 0) -> Scores:
-        """The same scores for ``n`` real training images with their true labels."""
+    def floor(self, n: int, seed: int = 0, **kwargs) -> Scores:
+        """The same scores for ``n`` real training images with their true labels (``kwargs`` as for ``score``)."""
         idx = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.score(self.train_set.images[idx], self.train_set.labels[idx])
+        return self.score(self.train_set.images[idx], self.train_set.labels[idx], **kwargs)
 
 
 def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -279,12 +426,89 @@ def report(scores: Scores, floor: Scores) -> dict:
     return out
 
 
+def _ci_text(interval) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+
+
 def format_report(result: dict) -> str:
-    lines = [f"n = {result['n']}", f"{'metric':<18}{'samples':>10}{'real floor':>12}"]
+    level = f"{BOOTSTRAP_LEVEL:.0%} CI"
+    head = f"n = {result['n']}" + (f", guidance {result['guidance']:g}" if result.get("guidance") is not None else "")
+    lines = [head, f"{'metric':<18}{'samples':>12}  {level:<24}{'real floor':>12}"]
     for key in ("fid", "label_accuracy", "precision", "recall", "class_balance_tv"):
         if key in result:
-            lines.append(f"{key:<18}{result[key]:>10.4f}{result.get('floor_' + key, float('nan')):>12.4f}")
+            lines.append(f"{key:<18}{result[key]:>12.4f}  {_ci_text(result.get(key + '_ci')):<24}{result.get('floor_' + key, float('nan')):>12.4f}")
     return "\n".join(lines)
+
+
+# ---- choosing the guidance scale ----------------------------------------------------------------
+
+GUIDANCE_NAME = "guidance.json"
+GUIDANCE_TOLERANCE = 0.01
+GUIDANCE_RULE = (
+    f"the lowest FID among the guidance scales whose label accuracy is within {GUIDANCE_TOLERANCE:g} "
+    "of the best label accuracy"
+)
+
+
+def pick_guidance(rows: list[dict]) -> dict:
+    """The row (``guidance``, ``fid``, ``label_accuracy``) that ``GUIDANCE_RULE`` picks among the
+    rows with a finite FID (all rows if none has one); without label accuracies, the lowest FID.
+    Ties: the higher label accuracy, then the lower guidance."""
+
+    def finite(v, default):
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else default
+
+    rows = [r for r in rows if finite(r.get("fid"), None) is not None] or rows
+    accuracies = [finite(r.get("label_accuracy"), None) for r in rows]
+    candidates = rows
+    if any(a is not None for a in accuracies):
+        best = max(a for a in accuracies if a is not None)
+        candidates = [r for r, a in zip(rows, accuracies) if a is not None and a >= best - GUIDANCE_TOLERANCE - 1e-12]
+    return min(candidates, key=lambda r: (finite(r.get("fid"), math.inf), -finite(r.get("label_accuracy"), 0.0), r["guidance"]))
+
+
+def format_guidance_table(rows: list[dict], floor: dict, picked: float) -> str:
+    """One line per guidance scale (``*`` marks ``picked``), then the real-data floor."""
+
+    def cell(row, key, spec):
+        if row.get(key) is None:
+            return ""
+        ci = row.get(key + "_ci")
+        return format(row[key], spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+    keys = (("fid", "FID", ".3f"), ("label_accuracy", "label acc.", ".4f"), ("precision", "precision", ".4f"), ("recall", "recall", ".4f"))
+    head = f"  {'guidance':<10}" + "".join(f"{title + f' [{BOOTSTRAP_LEVEL:.0%} CI]':>28}" for _, title, _ in keys)
+    lines = [head]
+    for row in rows:
+        mark = "*" if row["guidance"] == picked else " "
+        lines.append(f"{mark} {row['guidance']:<10g}" + "".join(f"{cell(row, key, spec):>28}" for key, _, spec in keys))
+    lines.append(f"  {'real floor':<10}" + "".join(f"{cell(floor, key, spec):>28}" for key, _, spec in keys))
+    lines.append(f"* picked: guidance {picked:g}, {GUIDANCE_RULE}")
+    return "\n".join(lines)
+
+
+def write_guidance(run_dir: str | os.PathLike, rows: list[dict], **context) -> dict:
+    """Record in ``run_dir/guidance.json`` the guidance ``pick_guidance`` picks among ``rows``,
+    the rule and every row; ``context`` says how the rows were measured. Returns the record."""
+    from .io import write_json
+
+    record = {"guidance": pick_guidance(rows)["guidance"], "rule": GUIDANCE_RULE, **context, "scores": rows}
+    write_json(Path(run_dir) / GUIDANCE_NAME, record)
+    return record
+
+
+def read_guidance(run_dir: str | os.PathLike) -> float | None:
+    """The guidance recorded in ``run_dir/guidance.json`` (None when there is none)."""
+    path = Path(run_dir) / GUIDANCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())["guidance"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"guidance {value!r} is not a finite scale >= 0")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({e}); delete it or rerun simple-dit eval with a --guidance list") from None
+    return float(value)
 
 
 def dumps(result: dict) -> str:

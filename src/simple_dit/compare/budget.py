@@ -1,6 +1,7 @@
 """The budget of a comparison and the evaluation schedule of one run: parsing ``--budget``,
-``--lrs``, ``--presets`` and ``--eval-every-frac``, run directory names, and the evaluation points
-(``Target``) a budget turns into for a preset of a given batch size and cost per image."""
+``--lrs``, ``--presets``, ``--seeds``, ``--objective``, ``--guidances`` and ``--eval-every-frac``,
+run directory names, and the evaluation points (``Target``) a budget turns into for a preset of a
+given batch size and cost per image."""
 
 from __future__ import annotations
 
@@ -74,26 +75,68 @@ def parse_budget(text: str) -> Budget:
     return Budget(kind, value)
 
 
-def parse_lrs(text: str | Sequence[float]) -> list[float]:
+def _parse_list(text, flag: str, convert, expected: str) -> list:
+    """A comma-separated ``text`` (or a sequence, or one value) converted item by item; a
+    ``UserError`` naming ``flag`` for an empty or malformed list or a repeated value."""
     if isinstance(text, str):
         parts = [p.strip() for p in text.split(",")]
-        if not parts or any(not p for p in parts):
-            raise UserError(f"malformed --lrs {text!r}: expected comma-separated learning rates, e.g. 1e-4,3e-4,1e-3")
         try:
-            lrs = [float(p) for p in parts]
+            if any(not p for p in parts):
+                raise ValueError
+            values = [convert(p) for p in parts]
         except ValueError:
-            raise UserError(f"malformed --lrs {text!r}: expected comma-separated learning rates, e.g. 1e-4,3e-4,1e-3") from None
+            raise UserError(f"malformed {flag} {text!r}: expected {expected}") from None
     else:
-        lrs = [float(x) for x in text]
-    if not lrs:
-        raise UserError("--lrs is empty: give at least one learning rate")
+        values = [convert(x) for x in (text if isinstance(text, (list, tuple)) else [text])]
+    if not values:
+        raise UserError(f"{flag} is empty: expected {expected}")
+    shown = [format(v, "g") if isinstance(v, float) else str(v) for v in values]
+    if len(set(shown)) != len(shown):
+        raise UserError(f"{flag} repeats a value: {','.join(shown)}")
+    return values
+
+
+def parse_lrs(text: str | Sequence[float]) -> list[float]:
+    lrs = _parse_list(text, "--lrs", float, "comma-separated learning rates, e.g. 1e-4,3e-4,1e-3")
     for lr in lrs:
         if not math.isfinite(lr) or lr <= 0:
             raise UserError(f"learning rate {lr:g} in --lrs must be positive and finite")
-    names = [_lr_name(lr) for lr in lrs]
-    if len(set(names)) != len(names):
-        raise UserError(f"--lrs repeats a learning rate: {','.join(names)}")
     return lrs
+
+
+def parse_seeds(text: str | int | Sequence[int], flag: str = "--seeds") -> list[int]:
+    """``0,1,2`` (or one seed): training and sampling seeds, each its own run."""
+
+    def seed(v) -> int:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError
+        if int(v) < 0:
+            raise UserError(f"seed {int(v)} in {flag} must be a non-negative integer")
+        return int(v)
+
+    return _parse_list(text, flag, seed, "comma-separated non-negative integers, e.g. 0,1,2")
+
+
+def parse_guidances(text: str | float | Sequence[float], flag: str = "--guidances") -> list[float]:
+    """``1,1.5,2,3,4`` (or one value): classifier-free guidance scales, each finite and >= 0."""
+    values = _parse_list(text, flag, float, "comma-separated guidance scales, e.g. 1,1.5,2,3,4")
+    for g in values:
+        if not math.isfinite(g) or g < 0:
+            raise UserError(f"guidance {g:g} in {flag} must be finite and at least 0 (1 = no guidance)")
+    return values
+
+
+def parse_objectives(text: str | Sequence[str] | None) -> list[str] | None:
+    """``eps,flow``: the training objectives that override each preset's own (None: its own)."""
+    from ..diffusion import OBJECTIVES
+
+    if text is None:
+        return None
+    values = _parse_list(text, "--objective", str.strip, f"comma-separated objectives from {', '.join(OBJECTIVES)}")
+    for name in values:
+        if name not in OBJECTIVES:
+            raise UserError(f"unknown objective {name!r} in --objective; choose from: {', '.join(OBJECTIVES)}")
+    return values
 
 
 def parse_presets(text: str | Sequence[str]) -> list[str]:
@@ -122,8 +165,11 @@ def _lr_name(lr: float) -> str:
     return f"{lr:g}"
 
 
-def run_name(preset: str, lr: float) -> str:
-    return f"{preset}_lr{_lr_name(lr)}"
+def run_name(preset: str, lr: float, seed: int = 0, objective: str | None = None) -> str:
+    """``<preset>[_<objective>]_lr<lr>[_seed<seed>]``: the objective only where it overrides the
+    preset's own, the seed only where it is not 0 (so a single-seed comparison keeps the names
+    of earlier versions)."""
+    return f"{preset}{'_' + objective if objective else ''}_lr{_lr_name(lr)}{f'_seed{seed}' if seed else ''}"
 
 
 # ---- the schedule of one run -------------------------------------------------------------------
