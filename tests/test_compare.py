@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import re
+import subprocess
 
 import pytest
 
@@ -121,7 +124,9 @@ def meter(mnist_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate, "load_dataset", small_test_split)
-        return evaluate.QualityMeter("mnist", str(mnist_dir), progress=False)
+        meter = evaluate.QualityMeter("mnist", str(mnist_dir), progress=False)
+    meter.bootstrap = 50  # intervals from fewer resamples: as real, and cheaper
+    return meter
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +169,7 @@ def resumed(tmp_path_factory, mnist_dir, meter):
 def test_compare_writes_a_consistent_report(resumed):
     out, results = resumed["out"], resumed["results"]
     for name in ("report.md", "report.html", "results.json", "loss.png", "samples_dit-tiny.png", "samples_unet-tiny.png",
-                 "quality_vs_images.png", "quality_vs_seconds.png", "quality_vs_flops.png"):  # fmt: skip
+                 "quality_vs_images.png", "quality_vs_seconds.png", "quality_vs_flops.png", "guidance_frontier.png"):  # fmt: skip
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -172,16 +177,21 @@ def test_compare_writes_a_consistent_report(resumed):
 
     lrs = C.parse_lrs(LRS)
     assert [e["preset"] for e in results["presets"]] == ["dit-tiny", "unet-tiny"]
+    assert [e["label"] for e in results["presets"]] == ["dit-tiny (eps)", "unet-tiny (eps)"]
     for entry in results["presets"]:
         assert entry["params"] > 0 and entry["gflops_per_image"] > 0 and entry["images_per_s"] > 0
-        assert entry["best_lr"] in lrs
-        assert [r["lr"] for r in entry["runs"]] == lrs
+        assert entry["best_lr"] in lrs and entry["best_guidance"] == 3.0
+        assert [r["lr"] for r in entry["runs"]] == lrs and [r["seed"] for r in entry["runs"]] == [0, 0]
         for run in entry["runs"]:
             evals = run["evals"]
             assert [e["step"] for e in evals] == E2E_STEPS and [e["point"] for e in evals] == [1, 2]
             assert [e["images_seen"] for e in evals] == [32 * s for s in E2E_STEPS]
             assert all(e["n"] == 60 and e["sampler"] == "ddim" and math.isfinite(e["fid"]) for e in evals)
             assert all(0 <= e[k] <= 1 for e in evals for k in ("label_accuracy", "precision", "recall"))
+            # Every score has its bootstrap interval, around it.
+            assert all(e[f"{k}_ci"][0] <= e[k] <= e[f"{k}_ci"][1] for e in evals for k in ("fid", "label_accuracy", "precision", "recall"))
+            assert all(e["guidance"] == 3.0 and [g["guidance"] for g in e["by_guidance"]] == [3.0] for e in evals)
+            assert not (out / run["run_dir"] / "guidance.json").exists()  # one guidance scale: nothing picked
             assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
             assert run["final"] == evals[-1] and run["complete"]
             # One loss record per logged step, even where a killed segment had logged some already.
@@ -189,20 +199,26 @@ def test_compare_writes_a_consistent_report(resumed):
             assert steps == sorted(set(steps)) and steps[-1] == 20
             assert (out / run["run_dir"] / "checkpoint.safetensors").is_file()
         best = min(entry["runs"], key=lambda r: (r["final"]["fid"], -r["final"]["label_accuracy"]))
-        assert entry["best_lr"] == best["lr"] and entry["best"] == best["final"]
+        assert entry["best_lr"] == best["lr"]
+        # One seed: the means are that seed's numbers, the spread its bootstrap interval.
+        for k in ("fid", "label_accuracy", "precision", "recall"):
+            assert entry["best"][k] == best["final"][k] and entry["best_stats"][k]["kind"] == "ci"
+            assert [entry["best_stats"][k]["lo"], entry["best_stats"][k]["hi"]] == best["final"][f"{k}_ci"]
     assert 0 < results["floor"]["fid"] and results["floor"]["n"] == 60
+    assert [v["metric"] for v in results["verdict"]] == ["fid", "label_accuracy"]
 
     html = (out / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]*)"', html)
-    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)  # 2 grids + 4 figures
+    assert len(sources) == 7 and all(s.startswith("data:image/png;base64,") for s in sources)  # 2 grids + 5 figures
     assert "<link" not in html and "<script" not in html  # nothing to fetch
     md = (out / "report.md").read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / image).is_file(), image
     for entry in results["presets"]:
-        row = next(line for line in md.splitlines() if line.startswith(f"| {entry['preset']} |"))
+        row = next(line for line in md.splitlines() if line.startswith(f"| {entry['label']} |"))
         assert f"| {entry['best_lr']:g} |" in row and f"{entry['best']['fid']:.2f}" in row
         assert entry["preset"] in html and f"{entry['best']['fid']:.2f}" in html
+    assert "lowest FID among the guidance scales" in md and ("ahead of" in md or "tie with" in md)
 
 
 def test_resume_redoes_nothing_that_was_finished(resumed):
@@ -246,7 +262,7 @@ def test_rerun_with_other_settings_is_refused(resumed):
 
 def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mnist_dir, meter):
     budget = C.parse_budget("1s")
-    settings = C.Settings(["dit-tiny"], [1e-3], budget, [0.5, 1.0], 60, 3, None, 2.0, "mnist", 0, "fp32")
+    settings = C.Settings(["dit-tiny"], [1e-3], budget, [0.5, 1.0], 60, 3, None, [2.0], "mnist", [0], "fp32")
     targets = C.schedule(budget, settings.fractions, batch_size=32, gflops_per_image=1.0)
     run_dir = tmp_path / "run"
     C.runner._run_one("dit-tiny", 1e-3, settings, run_dir, targets, data_dir=str(mnist_dir), device="cpu", log=lambda m: None, meter=meter)
@@ -255,6 +271,140 @@ def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mn
     # Each segment stops at the first step that reaches its target.
     assert 0.5 <= evals[0]["train_seconds"] < 1.0 <= evals[1]["train_seconds"]
     assert evals[0]["step"] < evals[1]["step"]
+
+
+# ---- seeds, objectives and guidance scales -----------------------------------------------------
+
+SWEEP = dict(lrs="1e-3", eval_every_frac=1.0, eval_n=30, steps=2, precision="fp32", guidances="1,2", objectives="eps,flow")
+SWEEP_RUNS = ["dit-tiny_lr0.001", "dit-tiny_flow_lr0.001", "dit-tiny_lr0.001_seed1", "dit-tiny_flow_lr0.001_seed1"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, mnist_dir, meter):
+    """dit-tiny with its own objective (eps) and flow, at two guidance scales: seed 0 through the
+    API, then extended to seeds 0,1 through the command line; records what the extension trained."""
+    from simple_dit.cli import main
+
+    out = tmp_path_factory.mktemp("sweep") / "report"
+    C.compare("dit-tiny", "320-images", out, seeds="0", data_dir=str(mnist_dir), log=lambda m: None, meter=meter, **SWEEP)
+    trained, train = [], C.runner._train
+    argv = ["compare", "--presets", "dit-tiny", "--budget", "320-images", "--lrs", "1e-3", "--eval-every-frac", "1", "--eval-n", "30",
+            "--steps", "2", "--precision", "fp32", "--guidances", "1,2", "--objective", "eps,flow", "--seeds", "0,1",
+            "--data-dir", str(mnist_dir), "--out", str(out)]  # fmt: skip
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        mp.setattr(C.runner, "_train", lambda config, run_dir, **kw: (trained.append(run_dir.name), train(config, run_dir, **kw))[1])
+        mp.setattr(C.runner._Meters, "get", lambda *a: meter)
+        assert main(argv) == 0
+    return {"out": out, "trained": trained, "stdout": stdout.getvalue(), "results": json.loads((out / "results.json").read_text()),
+            "kwargs": dict(SWEEP, seeds="0,1", data_dir=str(mnist_dir), log=lambda m: None, meter=meter)}  # fmt: skip
+
+
+def test_each_seed_and_objective_is_its_own_run(sweep):
+    from simple_dit.checkpoint import load_config
+
+    out = sweep["out"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(SWEEP_RUNS)
+    assert sweep["trained"] == SWEEP_RUNS[2:]  # the extension trained the new seeds only
+    for name in SWEEP_RUNS:
+        config = load_config(out / "runs" / name)
+        assert config.diffusion.objective == ("flow" if "flow" in name else "eps")
+        assert config.train.seed == (1 if name.endswith("seed1") else 0)
+        (record,) = read_jsonl(out / "runs" / name / C.EVALS_NAME)
+        assert record["sampler"] == ("euler" if "flow" in name else "ddim")
+        assert [g["guidance"] for g in record["by_guidance"]] == [1.0, 2.0]
+
+
+def test_mean_spread_and_verdict_over_seeds(sweep):
+    from simple_dit.evaluate import GUIDANCE_RULE, pick_guidance
+
+    results, out = sweep["results"], sweep["out"]
+    assert results["settings"]["seeds"] == [0, 1] and results["settings"]["objectives"] == ["eps", "flow"]
+    assert results["settings"]["guidances"] == [1.0, 2.0] and results["settings"]["guidance_rule"] == GUIDANCE_RULE
+    assert [e["label"] for e in results["presets"]] == ["dit-tiny (eps)", "dit-tiny (flow)"]
+    for entry in results["presets"]:
+        (agg,) = entry["lrs"]
+        finals = {r["seed"]: r["final"] for r in entry["runs"]}
+        assert sorted(finals) == [0, 1] == agg["seeds"]
+        # The guidance: the rule applied to the seed means of the final scores.
+        means = [{"guidance": g, **{m: sum(next(x for x in finals[s]["by_guidance"] if x["guidance"] == g)[m] for s in (0, 1)) / 2
+                                    for m in ("fid", "label_accuracy")}} for g in (1.0, 2.0)]  # fmt: skip
+        assert entry["best_guidance"] == agg["guidance"] == pick_guidance(means)["guidance"]
+        for m in ("fid", "label_accuracy", "precision", "recall"):
+            values = [next(x for x in finals[s]["by_guidance"] if x["guidance"] == entry["best_guidance"])[m] for s in (0, 1)]
+            stat = entry["best_stats"][m]
+            assert stat["values"] == values and stat["kind"] == "min-max"
+            assert stat["mean"] == pytest.approx(sum(values) / 2) == entry["best"][m]
+            assert (stat["lo"], stat["hi"], stat["spread"]) == pytest.approx((min(values), max(values), max(values) - min(values)))
+        assert [row["guidance"] for row in agg["guidances"]] == [1.0, 2.0]
+    assert [v["metric"] for v in results["verdict"]] == ["fid", "label_accuracy"]
+    for v in results["verdict"]:
+        (other,) = v["others"]
+        a, b = (next(e["best_stats"][v["metric"]] for e in results["presets"] if e["label"] == label) for label in (v["leader"], other["label"]))
+        assert other["difference"] == pytest.approx(abs(a["mean"] - b["mean"]))
+        assert other["spread"] == max(a["spread"], b["spread"]) and other["tie"] == (other["difference"] <= other["spread"])
+    lines = results["verdict_text"]
+    assert len(lines) == 2 and all(("tie with" in line) != ("ahead of" in line) for line in lines)
+    assert all(line in sweep["stdout"] for line in lines)
+    md = (out / "report.md").read_text()
+    assert all(line in md for line in lines) and "mean (min–max) over 2 seeds" in md and GUIDANCE_RULE in md
+    assert "![" in md and "guidance_frontier.png" in md and (out / "guidance_frontier.png").stat().st_size > 0
+    for entry in results["presets"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {entry['label']} |"))
+        fid = entry["best_stats"]["fid"]
+        assert f"{fid['mean']:.2f} ({fid['lo']:.2f}–{fid['hi']:.2f})" in row
+
+
+def test_each_run_records_the_guidance_its_final_evaluation_picked(sweep):
+    from simple_dit.evaluate import pick_guidance
+    from simple_dit.sample import Pipeline
+
+    for name in SWEEP_RUNS:
+        run_dir = sweep["out"] / "runs" / name
+        (record,) = read_jsonl(run_dir / C.EVALS_NAME)
+        recorded = json.loads((run_dir / "guidance.json").read_text())
+        assert recorded["guidance"] == record["guidance"] == pick_guidance(record["by_guidance"])["guidance"]
+        assert recorded["scores"] == record["by_guidance"] and recorded["n"] == 30
+        assert record["fid"] == next(g["fid"] for g in record["by_guidance"] if g["guidance"] == record["guidance"])
+        assert Pipeline.from_pretrained(run_dir).guidance == recorded["guidance"]
+
+
+def test_finished_sweep_is_not_redone_and_keeps_its_guidances(sweep):
+    snapshots = {name: (sweep["out"] / "runs" / name / C.EVALS_NAME).read_bytes() for name in SWEEP_RUNS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        C.compare("dit-tiny", "320-images", sweep["out"], **sweep["kwargs"])
+    assert snapshots == {name: (sweep["out"] / "runs" / name / C.EVALS_NAME).read_bytes() for name in SWEEP_RUNS}
+    with pytest.raises(UserError, match="guidances 1,2, not 1,3"):
+        C.compare("dit-tiny", "320-images", sweep["out"], **dict(sweep["kwargs"], guidances="1,3"))
+
+
+def test_settings_of_an_older_version_resume_or_are_refused(tmp_path):
+    settings = C.Settings(["dit-tiny"], [1e-3], C.parse_budget("640-images"), [1.0], 60, 3, None, [3.0], "mnist", [0], "fp32")
+    legacy = {"presets": ["dit-tiny"], "lrs": [1e-3], "fractions": [1.0], "eval_n": 60, "steps": 3, "sampler": None, "guidance": 3.0,
+              "dataset": "mnist", "seed": 0, "precision": "fp32", "budget": {"kind": "images", "amount": 640.0, "text": "640-images"}}  # fmt: skip
+    (tmp_path / C.SETTINGS_NAME).write_text(json.dumps(legacy))
+    C.runner._check_settings(tmp_path, settings)  # its run directories are seed 0's: resumed
+    assert json.loads((tmp_path / C.SETTINGS_NAME).read_text())["seeds"] == [0]
+    (tmp_path / C.SETTINGS_NAME).write_text(json.dumps(dict(legacy, seed=5)))
+    with pytest.raises(UserError, match="older simple-dit with --seed 5"):
+        C.runner._check_settings(tmp_path, dataclasses.replace(settings, seeds=[5]))
+
+
+def test_seed_stats_and_ties():
+    assert C.seed_stats([1.0, 2.0, 3.0]) | {"values": None} == {"mean": 2.0, "spread": 1.0, "kind": "std", "lo": 1.0, "hi": 3.0, "values": None}
+    assert C.seed_stats([1.0, 3.0])["kind"] == "min-max" and C.seed_stats([1.0, 3.0])["spread"] == 2.0
+    assert C.seed_stats([2.0], ci=[1.5, 3.5]) | {"values": None} == {"mean": 2.0, "spread": 1.0, "kind": "ci", "lo": 1.5, "hi": 3.5, "values": None}
+    assert C.seed_stats([2.0])["spread"] is None and math.isnan(C.seed_stats([1.0, None])["mean"])
+
+    def entry(label, fid, acc):
+        return {"label": label, "best_stats": {"fid": C.seed_stats(fid), "label_accuracy": C.seed_stats(acc)}}
+
+    fid, acc = C.verdict([entry("a", [5.0, 6.0], [0.5, 0.6]), entry("b", [1.0, 1.5], [0.52, 0.58]), entry("c", [9.0, 9.0], [0.1, 0.1])])
+    assert fid["leader"] == "b" and [(o["label"], o["tie"]) for o in fid["others"]] == [("a", False), ("c", False)]
+    assert acc["leader"] == "a" and [(o["label"], o["tie"]) for o in acc["others"]] == [("b", True), ("c", False)]
+    assert acc["others"][0]["spread"] == pytest.approx(0.1) and acc["others"][0]["difference"] == pytest.approx(0.0)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -269,15 +419,25 @@ def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mn
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-every-frac", "2"], "--eval-every-frac"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "3"], "--eval-n"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--sampler", "euler"], "sampler 'euler'"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", ""], "malformed --seeds ''"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", "0,x"], "malformed --seeds '0,x'"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", "1,1"], "--seeds repeats"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", "0,1", "--seed", "2"], "--seeds or --seed"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--objective", "foo"], "unknown objective 'foo'"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--objective", "eps,"], "malformed --objective"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--guidances", "1,x"], "malformed --guidances '1,x'"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--guidances", "1,nan"], "must be finite"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--objective", "flow", "--sampler", "ddim"], "sampler 'ddim'"),
     ],
 )
 def test_cli_rejects_bad_input(args, fragment, tmp_path, capsys):
+    from conftest import assert_user_error
+
     from simple_dit.cli import main
 
-    assert main(["compare", *args, "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
-    assert not (tmp_path / "out").exists()
+    rc = main(["compare", *args, "--out", str(tmp_path / "out")])
+    assert_user_error(subprocess.CompletedProcess(args, rc, *capsys.readouterr()), fragment)
+    assert rc == 2 and not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_unwritable_out(tmp_path, capsys):

@@ -104,10 +104,13 @@ def _add_compare(sub) -> None:
     p.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation (default 1000)")
     p.add_argument("--steps", "--sample-steps", dest="steps", type=int, default=20, help="sampler steps of the evaluation samples (default 20)")
     p.add_argument("--sampler", choices=sorted(set(SAMPLERS)), help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance of the evaluation samples (default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--guidances", "--guidance", dest="guidances", default=f"{DEFAULT_GUIDANCE:g}",
+                   help=f"comma-separated classifier-free guidance scales, each scored at every evaluation point (default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--objective", help="comma-separated objectives (eps,flow) overriding each preset's own (default: each preset's own)")
     p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
+    p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -296,17 +299,22 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare
-    from .compare.report import _fmt
+    from .compare import compare, fmt_stat, verdict_lines
 
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("give --seeds or --seed, not both")
     results = compare(
         args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
-        steps=args.steps, sampler=args.sampler, guidance=args.guidance, dataset=args.dataset, data_dir=args.data_dir,
-        seed=args.seed, device=args.device, precision=args.precision,
+        steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
+        seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
+        precision=args.precision,
     )  # fmt: skip
     for e in results["presets"]:
-        b = e["best"] or {}
-        print(f"{e['preset']}: best lr {_fmt(e['best_lr'], 'g')}, FID {_fmt(b.get('fid'), '.2f')}, label accuracy {_fmt(b.get('label_accuracy'))}")
+        st = e["best_stats"]
+        lr, g = (f"{e[k]:g}" if e[k] is not None else "–" for k in ("best_lr", "best_guidance"))
+        print(f"{e['label']}: best lr {lr}, guidance {g}, FID {fmt_stat(st['fid'], '.2f')}, label accuracy {fmt_stat(st['label_accuracy'])}")
+    for line in verdict_lines(results):
+        print(line)
     print(f"report: {args.out / 'report.html'}")
 
 

@@ -1,6 +1,6 @@
-"""The report of a comparison: the quality and loss figures, each preset's sample grid, and
-``report.md``, the self-contained ``report.html`` and ``results.json`` written from the collected
-results, with the number formatting they share."""
+"""The report of a comparison: the quality, loss and guidance-frontier figures, each preset's
+sample grid, the verdict, and ``report.md``, the self-contained ``report.html`` and
+``results.json`` written from the collected results, with the number formatting they share."""
 
 from __future__ import annotations
 
@@ -10,24 +10,33 @@ import math
 import shutil
 from pathlib import Path
 
-from ..io import atomic_write, write_json
+from ..errors import UserError
+from ..evaluate import BOOTSTRAP_LEVEL, GUIDANCE_RULE
+from ..extras import require
+from ..io import atomic_write, ensure_writable_dir, write_json
 
 GRID_PER_CLASS = 8
 
 
-def _style(presets: list[dict]):
+def _colours():
     import matplotlib
 
-    colours = matplotlib.colormaps["tab10"].colors
+    return matplotlib.colormaps["tab10"].colors
+
+
+def _style(presets: list[dict]):
+    """A line style per (preset label, lr): a colour per preset, a dash per lr, the best bold."""
+    colours = _colours()
     dashes = ["-", "--", ":", "-."]
     styles = {}
     for i, entry in enumerate(presets):
-        for j, run in enumerate(entry["runs"]):
-            best = run["lr"] == entry["best_lr"]
-            styles[(entry["preset"], run["lr"])] = dict(
+        for j, agg in enumerate(entry["lrs"]):
+            best = agg["lr"] == entry["best_lr"]
+            styles[(entry["label"], agg["lr"])] = dict(
                 color=colours[i % len(colours)], linestyle=dashes[j % len(dashes)], linewidth=2.2 if best else 1.2,
                 alpha=1.0 if best else 0.75, marker="o", markersize=4 if best else 3,
-                label=f"{entry['preset']} lr={run['lr']:g}" + (" (best)" if best else ""),
+                label=f"{entry['label']} lr={agg['lr']:g}" + (f" g={agg['guidance']:g}" if agg["guidance"] is not None else "")
+                + (" (best)" if best else ""),
             )  # fmt: skip
     return styles
 
@@ -51,7 +60,8 @@ def _log_y(ax) -> None:
 
 
 def _quality_figure(results: dict, axis: str, path: Path) -> Path:
-    """FID and label accuracy against one measure of compute, a line per (preset, lr)."""
+    """FID and label accuracy against one measure of compute, a line per (preset, lr): the seed
+    mean at the lr's guidance, shaded over the seeds' spread."""
     import matplotlib.pyplot as plt
 
     x_label, x_of = _X_AXES[axis]
@@ -60,10 +70,15 @@ def _quality_figure(results: dict, axis: str, path: Path) -> Path:
     floor = results["floor"]
     for ax, metric, title in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "label_accuracy", "label accuracy (higher is better)")):
         for entry in results["presets"]:
-            for run in entry["runs"]:
-                pts = [(x_of(entry, e), e[metric]) for e in run["evals"] if e.get(metric) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), **styles[(entry["preset"], run["lr"])])
+            for agg in entry["lrs"]:
+                pts = [(x_of(entry, c), c[metric]) for c in agg["curve"] if math.isfinite(c[metric]["mean"])]
+                if not pts:
+                    continue
+                style = styles[(entry["label"], agg["lr"])]
+                ax.plot([x for x, _ in pts], [m["mean"] for _, m in pts], **style)
+                if len(agg["seeds"]) > 1:
+                    ax.fill_between([x for x, _ in pts], [m["lo"] for _, m in pts], [m["hi"] for _, m in pts],
+                                    color=style["color"], alpha=0.12, linewidth=0)  # fmt: skip
         if metric == "fid":
             _log_y(ax)
             if "fid" in floor:  # a line would squash the curves into the top of the axis
@@ -87,10 +102,14 @@ def _loss_figure(results: dict, path: Path) -> Path:
     styles = _style(results["presets"])
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for entry in results["presets"]:
-        for run in entry["runs"]:
+        labelled = set()
+        for run in entry["runs"]:  # every seed, one legend entry per lr
             pts = [(p["images_seen"], p["loss"]) for p in run["loss"]]
             if pts:
-                st = dict(styles[(entry["preset"], run["lr"])], marker=None)
+                st = dict(styles[(entry["label"], run["lr"])], marker=None)
+                if run["lr"] in labelled:
+                    st["label"] = None
+                labelled.add(run["lr"])
                 ax.plot(*zip(*pts), **st)
     ax.set_xlabel("training images seen")
     ax.set_ylabel("training loss (mean per log window)")
@@ -103,14 +122,84 @@ def _loss_figure(results: dict, path: Path) -> Path:
     return path
 
 
+def _frontier(ax, series, floor: dict) -> None:
+    """FID (log) against label accuracy, a line through the guidance scales of each series
+    ``(label, rows, picked guidance)``; rows hold ``guidance``, ``fid``, ``label_accuracy`` and
+    optional intervals ``fid_ci``/``label_accuracy_ci`` drawn as error bars; the pick circled."""
+    colours = _colours()
+    for i, (label, rows, picked) in enumerate(series):
+        rows = sorted((r for r in rows if _finite(r.get("fid")) and _finite(r.get("label_accuracy"))), key=lambda r: r["guidance"])
+        if not rows:
+            continue
+        colour = colours[i % len(colours)]
+        x, y = [r["label_accuracy"] for r in rows], [r["fid"] for r in rows]
+
+        def err(key, centre):
+            spans = [r.get(key) or [c, c] for r, c in zip(rows, centre)]
+            return [[max(c - lo, 0) for c, (lo, _) in zip(centre, spans)], [max(hi - c, 0) for c, (_, hi) in zip(centre, spans)]]
+
+        ax.errorbar(x, y, xerr=err("label_accuracy_ci", x), yerr=err("fid_ci", y), color=colour, marker="o", markersize=4,
+                    capsize=2, linewidth=1.2, label=label)  # fmt: skip
+        for r in rows:
+            ax.annotate(f"{r['guidance']:g}", (r["label_accuracy"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+            if r["guidance"] == picked:
+                ax.plot(r["label_accuracy"], r["fid"], marker="o", markersize=12, markerfacecolor="none", markeredgecolor=colour, markeredgewidth=1.8)
+    if _finite(floor.get("fid")) and _finite(floor.get("label_accuracy")):
+        ax.plot(floor["label_accuracy"], floor["fid"], marker="*", markersize=11, color="grey", linestyle="none", label="real data")
+    ax.set_xlabel("label accuracy (higher is better)")
+    ax.set_ylabel("FID (lower is better)")
+    _log_y(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def check_plot_path(path: Path) -> None:
+    """Fail now, not after sampling, on a plot path that cannot be written."""
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: expected a file name ending in .png")
+    ensure_writable_dir(Path(path).parent)
+    require("matplotlib", "report", "--plot")
+
+
+def write_frontier_figure(series, floor: dict, path: Path, title: str | None = None) -> Path:
+    """The FID against label-accuracy frontier over guidance scales (see ``_frontier``) as a PNG."""
+    matplotlib = require("matplotlib", "report", "the guidance frontier plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    _frontier(ax, series, floor)
+    ax.set_title(title or "FID against label accuracy over guidance scales", fontsize=10)
+    fig.text(0.01, 0.01, f"numbers: guidance scales; circled: the pick, {GUIDANCE_RULE}", fontsize=6.5, color="#444")
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.93)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def _frontier_series(results: dict) -> list:
+    """Each preset at its best learning rate: the seed means at each guidance scale, with the
+    seeds' spread (or, with one seed, the bootstrap interval) as error bars."""
+    series = []
+    for entry in results["presets"]:
+        agg = next((a for a in entry["lrs"] if a["lr"] == entry["best_lr"]), None)
+        if agg is None:
+            continue
+        rows = [{"guidance": row["guidance"], **{m: row[m]["mean"] for m in ("fid", "label_accuracy")},
+                 **{f"{m}_ci": [row[m]["lo"], row[m]["hi"]] for m in ("fid", "label_accuracy") if row[m]["lo"] is not None}}
+                for row in agg["guidances"]]  # fmt: skip
+        series.append((f"{entry['label']} lr={agg['lr']:g}", rows, agg["guidance"]))
+    return series
+
+
 def _sample_grid(out_dir: Path, entry: dict, results: dict) -> Path | None:
-    """The best run's last evaluation grid, copied to OUT/samples_<preset>.png (drawn again from
-    the checkpoint if it is missing)."""
+    """The last evaluation grid of the best learning rate's first seed, copied to
+    OUT/samples_<preset>[_<objective>].png (drawn again from the checkpoint if it is missing)."""
     best = next((r for r in entry["runs"] if r["lr"] == entry["best_lr"]), None)
     if best is None or best["final"] is None:
         return None
     run_dir = out_dir / best["run_dir"]
-    dest = out_dir / f"samples_{entry['preset']}.png"
+    dest = out_dir / f"samples_{_slug(entry)}.png"
     src = run_dir / best["final"].get("grid", "")
     if best["final"].get("grid") and src.is_file():
         shutil.copyfile(src, dest)
@@ -120,8 +209,13 @@ def _sample_grid(out_dir: Path, entry: dict, results: dict) -> Path | None:
     s = results["settings"]
     pipe = Pipeline.from_pretrained(run_dir, precision=s["precision"])
     labels = pipe.cycled_labels(min(s["eval_n"], GRID_PER_CLASS * pipe.num_classes))
-    images = pipe(labels, sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"])
+    images = pipe(labels, sampler=s["sampler"], steps=s["steps"], guidance=entry["best_guidance"], seed=best["seed"])
     return pipe.save_grid(images, labels, dest)
+
+
+def _slug(entry: dict) -> str:
+    """The preset's name, with its objective where the comparison overrides objectives."""
+    return entry["preset"] + (f"_{entry['objective']}" if entry.get("objective_override") else "")
 
 
 def _fmt(value, spec: str = ".3f", missing: str = "–") -> str:
@@ -130,33 +224,114 @@ def _fmt(value, spec: str = ".3f", missing: str = "–") -> str:
     return format(value, spec)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def fmt_stat(stat: dict | None, spec: str = ".3f") -> str:
+    """A seed mean and its spread: ``m ± std`` (3+ seeds), ``m (min–max)`` (2 seeds),
+    ``m [lo, hi]`` (1 seed: the bootstrap interval), ``m`` (no spread)."""
+    if not stat or not _finite(stat.get("mean")):
+        return "–"
+    mean = format(stat["mean"], spec)
+    if stat["kind"] == "std":
+        return f"{mean} ± {stat['spread']:{spec}}"
+    if stat["kind"] == "min-max":
+        return f"{mean} ({stat['lo']:{spec}}–{stat['hi']:{spec}})"
+    if stat["kind"] == "ci":
+        return f"{mean} [{stat['lo']:{spec}}, {stat['hi']:{spec}}]"
+    return mean
+
+
+_SPECS = {"fid": ".2f", "label_accuracy": ".3f", "precision": ".3f", "recall": ".3f"}
+
+
+def _fmt_ci(scores: dict, metric: str) -> str:
+    """One evaluation's ``metric`` with its bootstrap interval, if it has one."""
+    ci = scores.get(f"{metric}_ci")
+    return fmt_stat({"mean": scores.get(metric), "kind": "ci" if ci else None, "lo": ci and ci[0], "hi": ci and ci[1]}, _SPECS[metric])
+_METRIC_NAMES = {"fid": "FID", "label_accuracy": "label accuracy"}
+
+
+def _spread_note(results: dict) -> str:
+    n = len(results["settings"]["seeds"])
+    if n >= 3:
+        return f"Cells: mean ± standard deviation over {n} seeds."
+    if n == 2:
+        return "Cells: mean (min–max) over 2 seeds."
+    return f"Cells: one seed [its {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples]."
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """The verdict in words: per metric, the leading preset and, against each other one, ahead
+    or a tie (a difference smaller than the larger spread of the two)."""
+    stats = {e["label"]: e["best_stats"] for e in results["presets"]}
+    lines = []
+    for v in results.get("verdict", []):
+        m, spec = v["metric"], _SPECS[v["metric"]]
+        better = "lower" if v["lower_is_better"] else "higher"
+        parts = [
+            f"{'tie with' if o['tie'] else 'ahead of'} {o['label']} {fmt_stat(stats[o['label']][m], spec)} "
+            f"(difference {o['difference']:{spec}} {'<=' if o['tie'] else '>'} spread {o['spread']:{spec}})"
+            for o in v["others"]
+        ]
+        lines.append(f"{_METRIC_NAMES[m]} ({better} is better): {v['leader']} {fmt_stat(stats[v['leader']][m], spec)}, " + "; ".join(parts) + ".")
+    return lines
+
+
 def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["preset", "params (M)", "GFLOPs / image (fwd)", "train images/s", "best lr", "FID", "label acc.", "precision", "recall", "images seen", "train s"]
+    head = ["preset", "params (M)", "GFLOPs / image (fwd)", "train images/s", "best lr", "guidance", "FID", "label acc.",
+            "precision", "recall", "images seen", "train s", "seeds"]  # fmt: skip
     rows = []
     for e in results["presets"]:
-        b = e["best"] or {}
+        b, st = e["best"] or {}, e["best_stats"]
+        agg = next((a for a in e["lrs"] if a["lr"] == e["best_lr"]), {"seeds": []})
         rows.append([
-            e["preset"], f"{e['params'] / 1e6:.2f}", f"{e['gflops_per_image']:.3f}", _fmt(e["images_per_s"], ".0f"),
-            _fmt(e["best_lr"], "g"), _fmt(b.get("fid"), ".2f"), _fmt(b.get("label_accuracy")), _fmt(b.get("precision")),
-            _fmt(b.get("recall")), _fmt(b.get("images_seen"), ",d"), _fmt(b.get("train_seconds"), ".1f"),
+            e["label"], f"{e['params'] / 1e6:.2f}", f"{e['gflops_per_image']:.3f}", _fmt(e["images_per_s"], ".0f"),
+            _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
+            _fmt(b.get("images_seen"), ",.0f"), _fmt(b.get("train_seconds"), ".1f"), str(len(agg["seeds"])),
         ])  # fmt: skip
     f = results["floor"]
-    rows.append(["real data (floor)", "", "", "", "", _fmt(f.get("fid"), ".2f"), _fmt(f.get("label_accuracy")),
-                 _fmt(f.get("precision")), _fmt(f.get("recall")), "", ""])  # fmt: skip
+    rows.append(["real data (floor)", "", "", "", "", "", *(_fmt_ci(f, m) for m in _SPECS), "", "", ""])
+    return head, rows
+
+
+def _lr_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["preset", "lr", "guidance", "FID", "label acc.", "precision", "recall", "seeds"]
+    rows = []
+    for e in results["presets"]:
+        for a in e["lrs"]:
+            mark = " *" if a["lr"] == e["best_lr"] else ""
+            seeds = f"{len(a['seeds'])}" + (" (diverged)" if a["diverged"] else "" if a["complete"] else " (incomplete)")
+            rows.append([e["label"], f"{a['lr']:g}{mark}", _fmt(a["guidance"], "g"), *(fmt_stat(a["stats"][m], _SPECS[m]) for m in _SPECS), seeds])
+    return head, rows
+
+
+def _guidance_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["preset", "lr", "guidance", "FID", "label acc.", "precision", "recall"]
+    rows = []
+    for e in results["presets"]:
+        agg = next((a for a in e["lrs"] if a["lr"] == e["best_lr"]), None)
+        for row in agg["guidances"] if agg else []:
+            mark = " *" if row["guidance"] == agg["guidance"] else ""
+            rows.append([e["label"], f"{agg['lr']:g}", f"{row['guidance']:g}{mark}", *(fmt_stat(row[m], _SPECS[m]) for m in _SPECS)])
     return head, rows
 
 
 def _run_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["preset", "lr", "eval points", "FID", "label acc.", "precision", "recall", "images seen", "train s", "train images/s"]
+    head = ["preset", "lr", "seed", "eval points", "guidance", "FID", "label acc.", "precision", "recall", "images seen", "train s",
+            "train images/s"]  # fmt: skip
     rows = []
     for e in results["presets"]:
         for r in e["runs"]:
             f = r["final"] or {}
             mark = " *" if r["lr"] == e["best_lr"] else ""
+
             rows.append([
-                e["preset"], f"{r['lr']:g}{mark}", f"{len(r['evals'])}/{r['eval_points']}" + (" (diverged)" if r.get("diverged") else ""), _fmt(f.get("fid"), ".2f"),
-                _fmt(f.get("label_accuracy")), _fmt(f.get("precision")), _fmt(f.get("recall")),
-                _fmt(f.get("images_seen"), ",d"), _fmt(f.get("train_seconds"), ".1f"), _fmt(r["images_per_s"], ".0f"),
+                e["label"], f"{r['lr']:g}{mark}", str(r["seed"]),
+                f"{len(r['evals'])}/{r['eval_points']}" + (" (diverged)" if r.get("diverged") else ""), _fmt(f.get("guidance"), "g"),
+                *(_fmt_ci(f, m) for m in _SPECS), _fmt(f.get("images_seen"), ",d"), _fmt(f.get("train_seconds"), ".1f"),
+                _fmt(r["images_per_s"], ".0f"),
             ])  # fmt: skip
     return head, rows
 
@@ -183,10 +358,12 @@ def _settings_line(results: dict) -> str:
     used = sorted({e["sampler"] for p in results["presets"] for r in p["runs"] for e in r["evals"] if "sampler" in e})
     sampler = "/".join(used) or s["sampler"] or "default sampler"
     threads = f"{m['torch_threads']} torch thread" + ("s" if m["torch_threads"] != 1 else "")
+    objectives = f"objectives {', '.join(s['objectives'])} (overriding the presets' own)" if s.get("objectives") else "each preset's own objective"
     return (
         f"Budget {s['budget']['text']} per run; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])}; "
+        f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run); "
         f"scored at {', '.join(f'{f:.0%}' for f in s['fractions'])} of the budget on {s['eval_n']} samples "
-        f"({sampler}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}, EMA weights) against the "
+        f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])}, EMA weights) against the "
         f"{s['dataset']} test split; trained on {m['device']} with {threads}, precision {s['precision']}."
     )
 
@@ -196,52 +373,65 @@ NOTES = (
     "Training FLOPs are 3 x the forward FLOPs per image x images seen. "
     "FID is measured in the feature space of the package's small evaluator CNN (not Inception) and is biased upwards "
     "for small sample counts: compare only numbers with the same n, and against the real-data floor (training images scored the same way). "
-    "The best learning rate of a preset has the lowest final FID (ties: the highest label accuracy)."
+    f"Guidance is chosen the way the learning rate is: of each learning rate's guidance scales, the one with {GUIDANCE_RULE}, "
+    "on the seed means of the final scores. The best learning rate of a preset has the lowest seed-mean final FID at its "
+    "guidance (ties: the highest label accuracy); a learning rate with a diverged seed is not picked. "
+    "Spread: the standard deviation over seeds (3 or more), the min-max range (2), half the "
+    f"{BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples (1). "
+    "In the verdict, a difference of seed means smaller than the larger spread of the two is a tie."
 )
 
+_CAPTIONS = {
+    "quality_vs_images": "Quality against training images seen",
+    "quality_vs_seconds": "Quality against training time",
+    "quality_vs_flops": "Quality against training compute",
+    "frontier": "FID against label accuracy over guidance scales (each preset at its best learning rate)",
+    "loss": "Training loss",
+}
 
-def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
-    """Write the figures, report.md, report.html and results.json into ``out_dir``."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-
-    out_dir = Path(out_dir)
-    figures = {f"quality_vs_{axis}": _quality_figure(results, axis, out_dir / f"quality_vs_{axis}.png") for axis in _X_AXES}
-    figures["loss"] = _loss_figure(results, out_dir / "loss.png")
-    grids = {}
-    for entry in results["presets"]:
-        g = _sample_grid(out_dir, entry, results)
-        entry["samples"] = g.name if g else None
-        if g:
-            grids[entry["preset"]] = g
-    results["figures"] = {k: p.name for k, p in figures.items()}
-    write_json(out_dir / "results.json", results)
-
-    title = "simple-dit comparison: " + " vs ".join(e["preset"] for e in results["presets"])
-    captions = {
-        "quality_vs_images": "Quality against training images seen",
-        "quality_vs_seconds": "Quality against training time",
-        "quality_vs_flops": "Quality against training compute",
-        "loss": "Training loss",
-    }
-
-    def grid_caption(entry) -> str:
-        b = entry["best"] or {}
-        return f"{entry['preset']} at lr {entry['best_lr']:g}: FID {_fmt(b.get('fid'), '.2f')}, label accuracy {_fmt(b.get('label_accuracy'))}"
-
-    with_grid = [e for e in results["presets"] if e["preset"] in grids]
-    md = [f"# {title}", "", _settings_line(results), "", "## Summary", "", _md_table(*_summary_rows(results)), ""]
-    md += ["## Samples (each preset at its best learning rate)", ""]
-    if with_grid:
-        md += ["| " + " | ".join(grid_caption(e) for e in with_grid) + " |", "|" + "---|" * len(with_grid)]
-        md += ["| " + " | ".join(f"![{e['preset']}]({grids[e['preset']].name})" for e in with_grid) + " |", ""]
+def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Path, str]]) -> list[tuple[str, str, list]]:
+    """The report as (id, title, blocks); a block is ("p", text), ("note", text), ("list", lines),
+    ("table", (head, rows)), ("img", path) or ("grids", [(path, caption)])."""
+    verdict = verdict_lines(results)
+    summary = [("list", verdict)] if verdict else []
+    summary += [("table", _summary_rows(results)), ("note", _spread_note(results) + " Verdict: a difference smaller than the larger spread is a tie.")]
+    sections = [("summary", "Summary", summary)]
+    sections.append(("samples", "Samples (each preset at its best learning rate and guidance)", [("grids", list(grids.values()))]))
     for key, path in figures.items():
-        md += [f"## {captions[key]}", "", f"![{captions[key]}]({path.name})", ""]
-    md += ["## All runs", "", _md_table(*_run_rows(results)), "", "`*` marks the best learning rate of each preset.", ""]
-    md += ["## Notes", "", NOTES, ""]
-    atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+        blocks = [("img", path)]
+        if key == "frontier":
+            blocks = [("p", f"Guidance is picked by the rule: {GUIDANCE_RULE} (on the seed means of the final scores; the pick is marked *).")]
+            blocks += [("img", path), ("table", _guidance_table_rows(results))]
+        sections.append((key, _CAPTIONS[key], blocks))
+    sections.append(("lrs", "All learning rates (seed means at each learning rate's guidance)",
+                     [("table", _lr_rows(results)), ("note", "The best learning rate of each preset is marked *.")]))  # fmt: skip
+    sections.append(("runs", "All runs (each seed's final scores at the guidance its own evaluation picked)",
+                     [("table", _run_rows(results)), ("note", "The best learning rate of each preset is marked *.")]))  # fmt: skip
+    sections.append(("notes", "Notes", [("note", NOTES)]))
+    return sections
 
+
+def _markdown(title: str, intro: str, sections) -> str:
+    md = [f"# {title}", "", intro, ""]
+    for _, heading, blocks in sections:
+        md += [f"## {heading}", ""]
+        for kind, content in blocks:
+            if kind in ("p", "note"):
+                md += [content, ""]
+            elif kind == "list":
+                md += [f"- {line}" for line in content] + [""]
+            elif kind == "table":
+                md += [_md_table(*content), ""]
+            elif kind == "img":
+                md += [f"![{heading}]({content.name})", ""]
+            elif kind == "grids" and content:
+                md += ["| " + " | ".join(caption for _, caption in content) + " |", "|" + "---|" * len(content)]
+                md += ["| " + " | ".join(f"![{caption}]({path.name})" for path, caption in content) + " |", ""]
+    return "\n".join(md)
+
+
+def _html(title: str, intro: str, sections) -> str:
     css = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
@@ -251,19 +441,53 @@ def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
     )
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-        f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(_settings_line(results))}</p>",
-        '<h2 id="summary">Summary</h2>', _html_table(*_summary_rows(results)),
-        '<h2 id="samples">Samples (each preset at its best learning rate)</h2>', '<div class="grids">',
+        f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>",
     ]  # fmt: skip
-    for e in with_grid:
-        parts.append(
-            f'<figure><img src="{_data_uri(grids[e["preset"]])}" alt="samples of {html.escape(e["preset"])}">'
-            f"<figcaption>{html.escape(grid_caption(e))}</figcaption></figure>"
-        )
-    parts.append("</div>")
-    for key, path in figures.items():
-        parts += [f'<h2 id="{key}">{html.escape(captions[key])}</h2>', f'<img src="{_data_uri(path)}" alt="{html.escape(captions[key])}">']
-    parts += ['<h2 id="runs">All runs</h2>', _html_table(*_run_rows(results)), '<p class="note">* marks the best learning rate of each preset.</p>']
-    parts += ['<h2 id="notes">Notes</h2>', f'<p class="note">{html.escape(NOTES)}</p>', "</body></html>", ""]
-    atomic_write(out_dir / "report.html", lambda tmp: Path(tmp).write_text("\n".join(parts)))
-    return {"report.md": out_dir / "report.md", "report.html": out_dir / "report.html", "results.json": out_dir / "results.json", **figures, **grids}
+    for key, heading, blocks in sections:
+        parts.append(f'<h2 id="{key}">{html.escape(heading)}</h2>')
+        for kind, content in blocks:
+            if kind in ("p", "note"):
+                parts.append(('<p class="note">' if kind == "note" else "<p>") + f"{html.escape(content)}</p>")
+            elif kind == "list":
+                parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in content) + "</ul>")
+            elif kind == "table":
+                parts.append(_html_table(*content))
+            elif kind == "img":
+                parts.append(f'<img src="{_data_uri(content)}" alt="{html.escape(heading)}">')
+            elif kind == "grids":
+                parts.append('<div class="grids">' + "".join(
+                    f'<figure><img src="{_data_uri(path)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+                    for path, caption in content) + "</div>")  # fmt: skip
+    parts += ["</body></html>", ""]
+    return "\n".join(parts)
+
+
+def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
+    """Write the figures, report.md, report.html and results.json into ``out_dir``."""
+    matplotlib = require("matplotlib", "report", "the comparison report")
+    matplotlib.use("Agg")
+
+    out_dir = Path(out_dir)
+    figures = {f"quality_vs_{axis}": _quality_figure(results, axis, out_dir / f"quality_vs_{axis}.png") for axis in _X_AXES}
+    figures["frontier"] = write_frontier_figure(_frontier_series(results), results["floor"], out_dir / "guidance_frontier.png",
+                                                title=_CAPTIONS["frontier"])  # fmt: skip
+    figures["loss"] = _loss_figure(results, out_dir / "loss.png")
+    grids = {}
+    for entry in results["presets"]:
+        g = _sample_grid(out_dir, entry, results)
+        entry["samples"] = g.name if g else None
+        if g:
+            b = entry["best_stats"]
+            caption = (f"{entry['label']} at lr {entry['best_lr']:g}, guidance {entry['best_guidance']:g}: "
+                       f"FID {fmt_stat(b['fid'], '.2f')}, label accuracy {fmt_stat(b['label_accuracy'])}")  # fmt: skip
+            grids[entry["label"]] = (g, caption)
+    results["figures"] = {k: p.name for k, p in figures.items()}
+    results["verdict_text"] = verdict_lines(results)
+    write_json(out_dir / "results.json", results)
+
+    title = "simple-dit comparison: " + " vs ".join(e["label"] for e in results["presets"])
+    sections = _sections(results, figures, grids)
+    atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text(_markdown(title, _settings_line(results), sections)))
+    atomic_write(out_dir / "report.html", lambda tmp: Path(tmp).write_text(_html(title, _settings_line(results), sections)))
+    return {"report.md": out_dir / "report.md", "report.html": out_dir / "report.html", "results.json": out_dir / "results.json",
+            **figures, **{label: path for label, (path, _) in grids.items()}}  # fmt: skip

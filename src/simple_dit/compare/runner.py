@@ -1,7 +1,8 @@
 """Running a comparison: its settings (and the ``compare.json`` that keeps one report directory to
-one set of them), each (preset, lr) run trained in segments up to its evaluation points and scored
-there into ``evals.jsonl``, the ``compare()`` orchestration, and the collection of the runs'
-results with the pick of each preset's best learning rate."""
+one set of them), each (preset, objective, lr, seed) run trained in segments up to its evaluation
+points and scored there, at every guidance scale, into ``evals.jsonl``, the ``compare()``
+orchestration, and the collection of the runs' results: seed means and spreads, each learning
+rate's guidance and each preset's best learning rate, and the verdict."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from typing import Callable, Sequence
 
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
+from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
+from ..extras import require
 from ..io import DirectoryLock, append_jsonl, ensure_writable_dir, read_jsonl, write_json
-from .budget import DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_lrs, parse_presets, run_name, schedule
+from .budget import (
+    DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_guidances, parse_lrs, parse_objectives, parse_presets,
+    parse_seeds, run_name, schedule,
+)  # fmt: skip
 from .report import GRID_PER_CLASS, write_report
 
 EVALS_NAME = "evals.jsonl"
@@ -38,17 +44,21 @@ class Settings:
     eval_n: int
     steps: int
     sampler: str | None
-    guidance: float
+    guidances: list[float]
     dataset: str
-    seed: int
+    seeds: list[int]
     precision: str
+    objectives: list[str] | None = None  # None: each preset's own
 
-    # The settings that decide what a run directory and its evals.jsonl hold.
-    RESULT_KEYS = ("budget", "fractions", "eval_n", "steps", "sampler", "guidance", "dataset", "seed", "precision")
+    # The settings that decide what a run directory and its evals.jsonl hold. (Presets, learning
+    # rates, seeds and objectives may change between invocations: each run has its own directory.)
+    RESULT_KEYS = ("budget", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision")
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("presets", "lrs", "fractions", "eval_n", "steps", "sampler", "guidance", "dataset", "seed", "precision")}
+        keys = ("presets", "objectives", "lrs", "seeds", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision")
+        d = {k: getattr(self, k) for k in keys}
         d["budget"] = {"kind": self.budget.kind, "amount": self.budget.amount, "text": str(self.budget)}
+        d["guidance_rule"] = GUIDANCE_RULE
         return d
 
 
@@ -61,18 +71,27 @@ def _check_settings(out_dir: Path, settings: Settings) -> None:
     except (OSError, ValueError):
         old = None
     if isinstance(old, dict):
+        if "seeds" not in old:  # written before --seeds and --guidances
+            if old.get("seed", 0) != 0:
+                raise UserError(
+                    f"{out_dir} holds a comparison of an older simple-dit with --seed {old['seed']}, whose run directories "
+                    "are not named by seed; choose another --out"
+                )
+            old["guidances"] = [old["guidance"]] if "guidance" in old else None
         for key in Settings.RESULT_KEYS:
             a, b = old.get(key), new[key]
             if key == "budget":
                 a = (a.get("kind"), a.get("amount"), a.get("text")) if isinstance(a, dict) else a
                 b = (b["kind"], b["amount"], b["text"])
             if a != b:
-                shown_a, shown_b = (v[2] if key == "budget" and isinstance(v, tuple) else v for v in (a, b))
+                shown_a, shown_b = (
+                    v[2] if key == "budget" and isinstance(v, tuple) else ",".join(f"{x:g}" for x in v) if isinstance(v, list) else v
+                    for v in (a, b)
+                )
                 raise UserError(
                     f"{out_dir} holds a comparison with {key.replace('_', '-')} {shown_a}, not {shown_b}; "
                     "rerun it with the same settings to resume it, or choose another --out"
                 )
-        # Presets and learning rates may differ: each (preset, lr) run has its own directory.
     write_json(path, new)
 
 
@@ -109,33 +128,40 @@ class _Meters:
         return cls._cache[key]
 
 
-def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path) -> dict:
-    """Score the run's checkpoint (EMA weights) on ``eval_n`` fresh samples; save a grid of the
-    first few per class."""
+def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path, seed: int | None = None) -> dict:
+    """Score the run's checkpoint (EMA weights) on ``eval_n`` fresh samples at each guidance scale
+    (the same labels and noise for each): the scale ``pick_guidance`` picks gives the top-level
+    scores, ``by_guidance`` holds them all. Save a grid of the picked scale's first few per class."""
     from dataclasses import asdict
 
     from ..diffusion import check_sampler
     from ..sample import Pipeline
 
     start = time.perf_counter()
+    seed = settings.seeds[0] if seed is None else seed
     pipe = Pipeline.from_pretrained(run_dir, device=device, precision=settings.precision)
     labels = pipe.cycled_labels(settings.eval_n)
     sampler = check_sampler(pipe.diffusion, settings.sampler)
-    images = pipe(labels, sampler=sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed)
-    scores = {k: v for k, v in asdict(meter.score(images, labels)).items() if v is not None}
+    rows, images = [], {}
+    for g in settings.guidances:
+        images[g] = pipe(labels, sampler=sampler, steps=settings.steps, guidance=g, seed=seed)
+        rows.append({"guidance": g, **{k: v for k, v in asdict(meter.score(images[g], labels)).items() if v is not None}})
+    picked = pick_guidance(rows)
     first = slice(0, GRID_PER_CLASS * pipe.num_classes)
-    pipe.save_grid(images[first], labels[first], grid_path)
-    scores["sampler"] = sampler
-    scores["eval_seconds"] = time.perf_counter() - start
-    return scores
+    pipe.save_grid(images[picked["guidance"]][first], labels[first], grid_path)
+    return {**picked, "by_guidance": rows, "sampler": sampler, "eval_seconds": time.perf_counter() - start}
 
 
-def run_config(preset: str, lr: float, settings: Settings):
+def run_config(preset: str, lr: float, settings: Settings, seed: int | None = None, objective: str | None = None):
+    """The recipe of one run: ``preset`` at ``lr`` and ``seed`` (default: the first of the
+    settings), trained with ``objective`` (default: the preset's own)."""
     from ..config import get_preset
 
     config = get_preset(preset)
+    if objective is not None:
+        config.diffusion.objective = objective
     config.train.lr = lr
-    config.train.seed = settings.seed
+    config.train.seed = settings.seeds[0] if seed is None else seed
     config.train.dataset = settings.dataset
     config.train.precision = settings.precision
     config.train.sample_every = 0  # each evaluation point draws its own grid
@@ -152,16 +178,30 @@ def _set_stop(config, target: Target):
     return config
 
 
+def _record_guidance(run_dir: Path, settings: Settings, targets: list[Target], seed: int) -> None:
+    """With several guidance scales, a finished run records in guidance.json the scale its final
+    evaluation picked, so that sample, eval and the Python API use it by default."""
+    records = read_jsonl(run_dir / EVALS_NAME)
+    last = next((r for r in records if (r.get("target_kind"), round(float(r.get("target", -1)), 6)) == targets[-1].key()), None)
+    if len(settings.guidances) < 2 or last is None or "by_guidance" not in last:
+        return
+    write_guidance(run_dir, last["by_guidance"], n=settings.eval_n, sampler=last.get("sampler"), steps=settings.steps,
+                   seed=seed, ema=True, step=last.get("step"), source="simple-dit compare, final evaluation point")  # fmt: skip
+
+
 def _run_one(
-    preset: str, lr: float, settings: Settings, run_dir: Path, targets: list[Target], *, data_dir, device, log, meter=None
-) -> None:
+    preset: str, lr: float, settings: Settings, run_dir: Path, targets: list[Target], *, seed: int | None = None,
+    objective: str | None = None, data_dir, device, log, meter=None,
+) -> None:  # fmt: skip
+    """Train and score one run up to each of its ``targets`` not yet in its evals.jsonl."""
     from ..checkpoint import CHECKPOINT_NAME
 
+    seed = settings.seeds[0] if seed is None else seed
     evals_path = run_dir / EVALS_NAME
     name = run_dir.name
     if not (run_dir / CHECKPOINT_NAME).is_file():
         # Nothing to resume from: anything left here is from an attempt that never checkpointed.
-        for stale in (EVALS_NAME, "metrics.jsonl"):
+        for stale in (EVALS_NAME, "metrics.jsonl", GUIDANCE_NAME):
             (run_dir / stale).unlink(missing_ok=True)
     records = read_jsonl(evals_path, repair=True)
     if any(rec.get("diverged") for rec in records):
@@ -171,13 +211,14 @@ def _run_one(
     todo = [t for t in targets if t.key() not in done]
     if not todo:
         log(f"{name}: done ({len(targets)} evaluation points)")
+        _record_guidance(run_dir, settings, targets, seed)
         return
     for target in todo:
         state = _train_state(run_dir)
         if state is None or not target.reached(state):
             what = f"{int(target.value)} steps" if target.kind == "steps" else f"{target.value:.1f} s"
             log(f"{name}: training to {what} ({target.fraction:.0%} of the budget)")
-            config = _set_stop(run_config(preset, lr, settings), target)
+            config = _set_stop(run_config(preset, lr, settings, seed, objective), target)
             try:
                 _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device)
             except TrainingDiverged as e:
@@ -194,7 +235,7 @@ def _run_one(
             state = _train_state(run_dir)
         meter = meter or _Meters.get(settings.dataset, data_dir)
         grid = run_dir / "eval_samples" / f"point_{target.point}.png"
-        scores = _evaluate(run_dir, settings, meter, device, grid)
+        scores = _evaluate(run_dir, settings, meter, device, grid, seed)
         record = {
             "point": target.point, "fraction": target.fraction, "target_kind": target.kind, "target": target.value,
             "step": state["step"], "images_seen": state["images_seen"], "train_seconds": state["train_seconds"],
@@ -206,7 +247,9 @@ def _run_one(
         log(
             f"{name}: point {target.point}/{len(targets)} at {state['images_seen']:,} images, {state['train_seconds']:.1f} s: "
             f"FID {record['fid']:.2f}" + (f", label accuracy {acc:.3f}" if acc is not None else "")
+            + (f" at guidance {record['guidance']:g}" if len(settings.guidances) > 1 else "")
         )
+    _record_guidance(run_dir, settings, targets, seed)
 
 
 def _model_stats(preset: str) -> dict:
@@ -242,35 +285,44 @@ def compare(
     precision: str = "auto",
     log: Callable[[str], None] | None = None,
     meter=None,
+    seeds: str | Sequence[int] | None = None,
+    objectives: str | Sequence[str] | None = None,
+    guidances: str | Sequence[float] | None = None,
 ) -> dict:
-    """Train and score every (preset, lr) at the same budget; write the report; return results.json's content.
+    """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
+    return results.json's content.
 
-    ``meter`` is the ``evaluate.QualityMeter`` to score with (default: one for ``dataset``, made
-    once per process)."""
+    ``seeds`` (default: ``[seed]``) are the training and sampling seeds, ``objectives`` override
+    each preset's own (default: none), ``guidances`` (default: ``[guidance]``) are the guidance
+    scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
+    with (default: one for ``dataset``, made once per process)."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
     from ..runtime import PRECISIONS, parse_device
 
+    require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
     log = log or (lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True))
     preset_names = parse_presets(presets)
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     lr_list = parse_lrs(lrs)
+    seed_list = parse_seeds(seed if seeds is None else seeds)
+    objective_list = parse_objectives(objectives)
+    guidance_list = parse_guidances([guidance] if guidances is None else guidances)
     fractions = eval_fractions(eval_every_frac)
     if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 6:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {steps}")
-    if not math.isfinite(guidance) or guidance <= 0:
-        raise UserError(f"--guidance must be positive, got {guidance}")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for preset in preset_names:  # e.g. --sampler euler for an eps model: fail now, not after training
-        check_sampler(make_process(get_preset(preset).diffusion), sampler)
+        for objective in objective_list or [get_preset(preset).diffusion.objective]:
+            check_sampler(make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective)), sampler)
     device = parse_device(device)
-    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, float(guidance), dataset, seed, precision)
+    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
@@ -279,22 +331,51 @@ def compare(
         return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter)
 
 
-def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter) -> dict:
-    preset_names, budget, eval_n = settings.presets, settings.budget, settings.eval_n
+@dataclass(frozen=True)
+class PlannedRun:
+    preset: str
+    objective: str  # the objective it trains with
+    override: str | None  # the objective when it overrides the preset's own, else None
+    lr: float
+    seed: int
+    run_dir: Path
+    targets: list
 
-    stats = {p: _model_stats(p) for p in preset_names}
+
+def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun]:
+    """Every run of the comparison, seed by seed (so that an interrupted comparison has whole
+    sweeps of the first seeds), then preset, objective and learning rate."""
+    from ..config import get_preset
+
     plan = []
-    for preset in preset_names:
-        for lr in settings.lrs:
-            targets = schedule(budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
-            plan.append((preset, lr, out_dir / "runs" / run_name(preset, lr), targets))
-    log(f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation points, {eval_n} samples per point")
-    for preset, lr, run_dir, targets in plan:
-        ensure_writable_dir(run_dir)
-        _run_one(preset, lr, settings, run_dir, targets, data_dir=data_dir, device=device, log=log, meter=meter)
+    for seed in settings.seeds:
+        for preset in settings.presets:
+            own = get_preset(preset).diffusion.objective
+            targets = schedule(settings.budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
+            for objective in settings.objectives or [own]:
+                override = objective if objective != own else None
+                for lr in settings.lrs:
+                    run_dir = out_dir / "runs" / run_name(preset, lr, seed, override)
+                    plan.append(PlannedRun(preset, objective, override, lr, seed, run_dir, targets))
+    return plan
+
+
+def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter) -> dict:
+    budget, eval_n = settings.budget, settings.eval_n
+
+    stats = {p: _model_stats(p) for p in settings.presets}
+    plan = plan_runs(out_dir, settings, stats)
+    log(
+        f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation points, "
+        f"{eval_n} samples per point and guidance scale ({', '.join(f'{g:g}' for g in settings.guidances)})"
+    )
+    for run in plan:
+        ensure_writable_dir(run.run_dir)
+        _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
+                 data_dir=data_dir, device=device, log=log, meter=meter)  # fmt: skip
 
     meter = meter or _Meters.get(settings.dataset, data_dir)
-    floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seed)).items() if v is not None}
+    floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seeds[0])).items() if v is not None}
     results = collect_results(out_dir, settings, stats, plan, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
@@ -314,8 +395,8 @@ def _sort_key(final: dict | None) -> tuple:
 
 
 def pick_best(runs: Sequence[dict]) -> dict:
-    """The run whose ``final`` scores are best: lowest FID, ties broken by label accuracy (the
-    first of equal runs wins)."""
+    """The run (or learning rate) whose ``final`` scores are best: lowest FID, ties broken by
+    label accuracy (the first of equal runs wins)."""
     return min(runs, key=lambda r: _sort_key(r.get("final")))
 
 
@@ -325,24 +406,130 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [rec for rec in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in rec]
 
 
-def collect_results(out_dir: Path, settings: Settings, stats: dict, plan, floor: dict, device) -> dict:
+def guidance_rows(record: dict, default_guidance: float | None = None) -> list[dict]:
+    """The scores of an evaluation record at each guidance scale (a record of an older version
+    holds one, at its top level; a diverged one none)."""
+    if "by_guidance" in record:
+        return record["by_guidance"]
+    if record.get("fid") is None:
+        return []
+    return [{"guidance": record.get("guidance", default_guidance), **{k: v for k, v in record.items() if k in _SCORE_KEYS}}]
+
+
+_SCORE_KEYS = {"n", "fid", "label_accuracy", "precision", "recall", "class_balance_tv"} | {f"{m}_ci" for m in CI_METRICS}
+
+
+def seed_stats(values: Sequence[float | None], ci: Sequence[float] | None = None) -> dict:
+    """The mean of one metric over seeds and its spread: the standard deviation with 3 or more
+    seeds, the min-max range with 2, half the bootstrap interval ``ci`` with 1. ``lo``/``hi`` is
+    the interval shown (mean -/+ std, min-max, or ``ci``). A missing or non-finite value (a
+    diverged seed) makes the mean NaN."""
+    values = list(values)
+    out = {"mean": math.nan, "spread": None, "kind": None, "lo": None, "hi": None, "values": values}
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return out
+    mean = statistics.fmean(values)
+    out["mean"] = mean
+    if len(values) >= 3:
+        sd = statistics.stdev(values)
+        out.update(spread=sd, kind="std", lo=mean - sd, hi=mean + sd)
+    elif len(values) == 2:
+        out.update(spread=max(values) - min(values), kind="min-max", lo=min(values), hi=max(values))
+    elif ci:
+        out.update(spread=(ci[1] - ci[0]) / 2, kind="ci", lo=ci[0], hi=ci[1])
+    return out
+
+
+def _stats_at(records: list[dict | None], guidance: float, default_guidance: float) -> dict:
+    """``seed_stats`` of each metric at ``guidance`` over the seeds' ``records``."""
+    rows = []
+    for rec in records:
+        rows.append(next((r for r in guidance_rows(rec or {}, default_guidance) if r["guidance"] == guidance), {}))
+    return {m: seed_stats([r.get(m) for r in rows], rows[0].get(f"{m}_ci") if len(rows) == 1 else None) for m in CI_METRICS}
+
+
+def _means(stats: dict) -> dict:
+    return {m: s["mean"] for m, s in stats.items()}
+
+
+def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
+    """One learning rate of one preset over its seeds: its guidance (``pick_guidance`` on the
+    seed means of the final scores), the seed statistics there, and the mean curve of each metric
+    over the evaluation points (at that guidance)."""
+    default_g = settings.guidances[0]
+    finals = [r["final"] if r["complete"] and not r["diverged"] else None for r in runs]
+    guidances = [g for g in settings.guidances if any(row["guidance"] == g for f in finals if f for row in guidance_rows(f, default_g))]
+    by_guidance = [{"guidance": g, **_stats_at(finals, g, default_g)} for g in guidances]
+    picked = pick_guidance([{"guidance": row["guidance"], **_means({m: row[m] for m in CI_METRICS})} for row in by_guidance]) if by_guidance else None
+    g = picked["guidance"] if picked else None
+    stats = _stats_at(finals, g, default_g) if picked else {m: seed_stats([]) for m in CI_METRICS}
+    curve = []
+    for point in range(1, min((len(r["evals"]) for r in runs), default=0) + 1):
+        at = [next((e for e in r["evals"] if e.get("point") == point), None) for r in runs]
+        if any(e is None or "step" not in e for e in at):
+            break
+        curve.append({
+            "point": point,
+            **{k: statistics.fmean(e[k] for e in at) for k in ("step", "images_seen", "train_seconds")},
+            **_stats_at(at, g, default_g),
+        })  # fmt: skip
+    final = None
+    if picked and math.isfinite(stats["fid"]["mean"]):
+        final = {"guidance": g, **_means(stats),
+                 **{k: statistics.fmean(f[k] for f in finals) for k in ("step", "images_seen", "train_seconds")}}  # fmt: skip
+    speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
+    return {
+        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs], "complete": all(r["complete"] for r in runs),
+        "diverged": any(r["diverged"] for r in runs), "guidance": g, "final": final, "stats": stats,
+        "guidances": by_guidance, "curve": curve, "images_per_s": statistics.median(speeds) if speeds else None,
+    }  # fmt: skip
+
+
+def verdict(entries: list[dict]) -> list[dict]:
+    """For FID and label accuracy: the leading preset (at its best learning rate and guidance)
+    and, for each other, the difference of the seed means and whether it is a tie: no larger
+    than the larger of the two spreads."""
+    out = []
+    for metric, lower_is_better in (("fid", True), ("label_accuracy", False)):
+        ranked = [e for e in entries if math.isfinite(e["best_stats"][metric]["mean"])]
+        ranked.sort(key=lambda e: e["best_stats"][metric]["mean"] * (1 if lower_is_better else -1))
+        if len(ranked) < 2:
+            continue
+        lead = ranked[0]["best_stats"][metric]
+        others = []
+        for e in ranked[1:]:
+            s = e["best_stats"][metric]
+            spread = max(x for x in (lead["spread"], s["spread"], 0.0) if x is not None)
+            difference = abs(lead["mean"] - s["mean"])
+            others.append({"label": e["label"], "difference": difference, "spread": spread, "tie": difference <= spread})
+        out.append({"metric": metric, "lower_is_better": lower_is_better, "leader": ranked[0]["label"], "others": others})
+    return out
+
+
+def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device) -> dict:
     import platform
 
     import torch
 
-    presets: dict[str, dict] = {}
-    for preset, lr, run_dir, targets in plan:
-        entry = presets.setdefault(preset, {"preset": preset, **stats[preset], "runs": []})
+    presets: dict[tuple, dict] = {}
+    for run in plan:
+        preset = run.preset
+        entry = presets.setdefault((preset, run.objective), {
+            "preset": preset, "objective": run.objective, "label": f"{preset} ({run.objective})",
+            "objective_override": settings.objectives is not None, **stats[preset], "runs": [],
+        })  # fmt: skip
         entry["train_flops_per_image"] = 3 * stats[preset]["gflops_per_image"] * 1e9
-        evals = sorted(read_jsonl(run_dir / EVALS_NAME), key=lambda r: (r["step"], r.get("point", 0)))
-        metrics = read_metrics(run_dir)
+        evals = sorted(read_jsonl(run.run_dir / EVALS_NAME), key=lambda r: (r["step"], r.get("point", 0)))
+        metrics = read_metrics(run.run_dir)
         speeds = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
         batch = stats[preset]["batch_size"]
         entry["runs"].append({
-            "lr": lr,
-            "run_dir": str(run_dir.relative_to(out_dir)),
-            "eval_points": len(targets),
-            "complete": len(evals) >= len(targets),
+            "lr": run.lr,
+            "seed": run.seed,
+            "objective": run.objective,
+            "run_dir": str(run.run_dir.relative_to(out_dir)),
+            "eval_points": len(run.targets),
+            "complete": len(evals) >= len(run.targets),
             "diverged": any(e.get("diverged") for e in evals),
             "images_per_s": statistics.median(speeds) if speeds else None,
             "final": evals[-1] if evals else None,
@@ -350,11 +537,15 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan, floor:
             "loss": [{"step": m["step"], "images_seen": m["step"] * batch, "loss": m["loss"]} for m in metrics if "loss" in m],
         })  # fmt: skip
     for entry in presets.values():
-        best = pick_best(entry["runs"])
+        entry["lrs"] = [_aggregate_lr([r for r in entry["runs"] if r["lr"] == lr], settings) for lr in settings.lrs]
+        best = pick_best(entry["lrs"])
         entry["best_lr"] = best["lr"] if best["final"] else None
+        entry["best_guidance"] = best["guidance"] if best["final"] else None
         entry["best"] = best["final"]
+        entry["best_stats"] = best["stats"]
         entry["images_per_s"] = best["images_per_s"]
     device = torch.device(device)
+    entries = list(presets.values())
     return {
         "settings": settings.to_dict(),
         "floor": floor,
@@ -364,5 +555,6 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan, floor:
             "torch": torch.__version__,
         },
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "presets": list(presets.values()),
+        "presets": entries,
+        "verdict": verdict(entries),
     }
