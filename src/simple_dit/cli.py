@@ -13,6 +13,7 @@ from .config import DEFAULT_PRESET, PRESETS, get_preset, validate_config
 from .data import DATASETS
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
+from .extras import require
 from .runtime import PRECISIONS
 
 
@@ -41,7 +42,16 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-n", type=int, help="samples per evaluation (default 500)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    _add_wandb(p, "one W&B run per training run; --resume continues it")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_wandb(p, what: str) -> None:
+    from .logger import DEFAULT_WANDB_PROJECT
+
+    p.add_argument("--wandb", nargs="?", const=DEFAULT_WANDB_PROJECT, metavar="PROJECT",
+                   help=f"also log the config, losses, evaluations and sample grids to Weights & Biases project PROJECT "
+                        f"(default {DEFAULT_WANDB_PROJECT}; {what}; WANDB_MODE=offline logs locally); needs the wandb extra")  # fmt: skip
 
 
 def _add_sample(sub) -> None:
@@ -174,7 +184,10 @@ def cmd_train(args) -> None:
         config.train.epochs = args.epochs or config.train.epochs
         config.train.max_steps = args.max_steps or 0
         config.train.minutes = args.minutes or 0.0
-    path = train(validate_config(config), args.out, resume=args.resume, data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+    if args.wandb is not None:
+        require("wandb", "wandb", "--wandb")  # before any data is read
+    path = train(validate_config(config), args.out, resume=args.resume, data_dir=args.data_dir, device=args.device,
+                 progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
     print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
 
 

@@ -28,7 +28,7 @@ from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
 from .io import DirectoryLock, ensure_writable_dir, write_json
-from .logger import RunLogger, truncate_metrics
+from .logger import RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
 
@@ -177,6 +177,7 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     final_samples: bool = True,
+    wandb: WandbOptions | str | None = None,
 ) -> Path:
     """Train ``config`` into ``out_dir`` and return the checkpoint path.
 
@@ -184,6 +185,7 @@ def train(
     batch), so the data order and the meaning of a step do not depend on N: a checkpoint written
     with N processes resumes with M. Only rank 0 writes anything. ``final_samples=False`` skips
     the end-of-run grid (for callers that train in short segments and sample on their own).
+    ``wandb`` (a W&B project name, or ``WandbOptions``) mirrors the logs and grids to Weights & Biases.
     Raises ``TrainingDiverged`` on a non-finite loss and ``Interrupted`` after SIGINT/SIGTERM,
     both with the last good checkpoint on disk.
     """
@@ -235,7 +237,7 @@ def train(
 
             forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        logger = RunLogger(out_dir, enabled=is_main)
+        logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
         cleanup.callback(logger.close)
         signals = cleanup.enter_context(StopSignals())
         bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
