@@ -55,8 +55,8 @@ def _add_wandb(p, what: str) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="sample images from a trained run")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("sample", help="sample images from a trained run, an export, or the shipped default model")
+    p.add_argument("run_dir", type=Path, nargs="?", help="a run directory or an exported one (default: the dit-mini shipped with the package)")
     p.add_argument("--out", required=True, type=Path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
     count = p.add_mutually_exclusive_group()
     count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
@@ -89,6 +89,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--plot", type=Path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a run's EMA weights and config in the Hugging Face layout")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="directory for model.safetensors and config.json (created)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: how the weights are stored; loading casts them to fp32")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hugging Face model repository (needs the hub extra)")
 
 
 def _add_bench(sub) -> None:
@@ -134,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_bench(sub)
     _add_compare(sub)
+    _add_export(sub)
     return parser
 
 
@@ -297,6 +306,17 @@ def cmd_eval(args) -> None:
         print(dumps(result))
 
 
+def cmd_export(args) -> None:
+    from .export import export, push_to_hub, require_hub
+
+    if args.push_to_hub is not None:
+        require_hub()  # before anything is written
+    path = export(args.run_dir, args.out, dtype=args.dtype)
+    print(f"exported: {path}")
+    if args.push_to_hub is not None:
+        print(f"uploaded: {push_to_hub(args.out, args.push_to_hub)}")
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -347,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_bench(args)
         elif args.command == "compare":
             cmd_compare(args)
+        elif args.command == "export":
+            cmd_export(args)
         else:
             parser.print_help()
             return 2

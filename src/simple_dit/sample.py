@@ -12,7 +12,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_weights
 from .io import atomic_write
 from .config import RunConfig
 from .data import DATASETS, to_uint8
@@ -48,17 +47,21 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, run_dir: str | Path, *, use_ema: bool = True, device=None, precision: str = "auto"
+        cls, run_dir: str | Path | None = None, *, use_ema: bool = True, device=None, precision: str = "auto"
     ) -> "Pipeline":
-        config, weights, _ = load_weights(run_dir, use_ema=use_ema)
+        """A run directory (its checkpoint), a directory written by ``simple-dit export``, or, with
+        no argument or the name "default", the dit-mini shipped in the package."""
+        from .export import load_pretrained
+
+        config, weights, directory = load_pretrained(run_dir, use_ema=use_ema)
         model = build_model(config.model)
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
-            raise UserError(f"checkpoint in {run_dir} does not match its config: {str(e).splitlines()[0]}") from None
+            raise UserError(f"the weights in {run_dir or 'the default model'} do not match their config: {str(e).splitlines()[0]}") from None
         from .evaluate import read_guidance
 
-        guidance = read_guidance(run_dir)  # picked by `simple-dit eval --guidance LIST` or compare
+        guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare
         return cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance)
 
     def cycled_labels(self, n: int) -> torch.Tensor:

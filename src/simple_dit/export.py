@@ -1,0 +1,147 @@
+"""Export: a run's EMA weights alone, in the Hugging Face layout, and loading them back.
+
+    simple-dit export runs/mini --out exported/mini --dtype bf16
+
+writes ``exported/mini/model.safetensors`` (the EMA weights under the model's own parameter
+names, stored in the chosen dtype, with the run config and where the weights came from in the
+file's metadata) and ``config.json`` (the run config): the two files of a Hugging Face model
+repository. ``Pipeline.from_pretrained(DIR)``, ``simple-dit sample DIR`` and ``simple-dit eval
+DIR`` load it, casting the weights back to fp32. ``--push-to-hub REPO`` uploads the directory with
+huggingface_hub (the ``hub`` extra).
+
+The package ships one such file, ``assets/default-dit-mini.safetensors``: what
+``Pipeline.from_pretrained()`` and ``simple-dit sample --out FILE`` load when given no run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
+from .config import RunConfig
+from .errors import UserError
+from .io import atomic_write, ensure_writable_dir, write_json
+
+EXPORT_FORMAT = "simple-dit-export/1"
+MODEL_NAME = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_MODEL = "default"  # Pipeline.from_pretrained("default"): the model shipped in the package
+DEFAULT_ASSET = "default-dit-mini.safetensors"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("simple_dit") / "assets" / DEFAULT_ASSET))
+
+
+def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "fp32", metadata: dict[str, str] | None = None) -> Path:
+    """Write ``run_dir``'s EMA weights as ``out_dir/model.safetensors`` in ``dtype`` and its
+    config as ``out_dir/config.json``; ``metadata`` adds entries to the weights file's metadata.
+    Returns the weights file."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config, weights, state = load_weights(run_dir, use_ema=True)
+    source = run_dir if run_dir.is_dir() else run_dir.parent
+    if out_dir.resolve() == source.resolve():
+        raise UserError(f"--out {out_dir} is the run directory itself; choose another directory")
+    ensure_writable_dir(out_dir)
+    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    meta = {
+        "format": EXPORT_FORMAT, "config": json.dumps(config.to_dict()), "dtype": dtype, "weights": "ema",
+        "source_run": source.resolve().name, "train_state": json.dumps(state),
+        "exported": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    } | (metadata or {})  # fmt: skip
+    path = out_dir / MODEL_NAME
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, meta))
+    write_json(out_dir / CONFIG_NAME, config.to_dict())
+    from .evaluate import GUIDANCE_NAME
+
+    guidance = source / GUIDANCE_NAME  # the guidance picked for the run: an export samples as its run does
+    if guidance.is_file():
+        atomic_write(out_dir / GUIDANCE_NAME, lambda tmp: shutil.copyfile(guidance, tmp))
+    return path
+
+
+def resolve_pretrained(source: str | os.PathLike | None) -> Path:
+    """What ``Pipeline.from_pretrained(source)`` reads: a path as given, and for None or the name
+    "default" (when no such path exists) the model shipped in the package."""
+    if source is None or (str(source) == DEFAULT_MODEL and not Path(source).exists()):
+        path = default_model_path()
+        if not path.is_file():
+            raise UserError(f"the default model {path} is missing from this installation; reinstall simple-dit or give a run directory")
+        return path
+    return Path(source)
+
+
+def is_export(path: Path) -> bool:
+    """An exported directory (model.safetensors, no training checkpoint) or an exported file."""
+    if path.is_dir():
+        return (path / MODEL_NAME).is_file() and not (path / CHECKPOINT_NAME).exists()
+    return path.is_file() and path.name != CHECKPOINT_NAME and path.suffix == ".safetensors"
+
+
+def load_export(path: str | os.PathLike) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """The config, fp32 weights and metadata of an export (a directory or its weights file). A
+    directory's config.json is its config; a lone file carries its own in the metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / MODEL_NAME if path.is_dir() else path
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != EXPORT_FORMAT:
+                raise UserError(f"{file} is not a simple-dit export (simple-dit export RUN_DIR --out DIR writes one)")
+            weights = {k: handle.get_tensor(k) for k in handle.keys()}
+    except UserError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise UserError(f"{file} is corrupt or truncated ({str(e).splitlines()[0]}); export it again") from None
+    config_file = path / CONFIG_NAME if path.is_dir() else None
+    try:
+        config_dict = json.loads(config_file.read_text()) if config_file is not None else json.loads(meta["config"])
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{config_file or file} has no readable run config ({e}); export it again") from None
+    if not isinstance(config_dict, dict):
+        raise UserError(f"{config_file or file} has no readable run config; export it again")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return RunConfig.from_dict(config_dict), weights, meta
+
+
+def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> tuple[RunConfig, dict[str, torch.Tensor], Path | None]:
+    """The config and weights behind ``Pipeline.from_pretrained(source)``, and the directory whose
+    guidance.json applies (None for a lone file)."""
+    path = resolve_pretrained(source)
+    if is_export(path):
+        if not use_ema:
+            raise UserError(f"{path} is an export, which holds only the EMA weights; drop --no-ema (use_ema=False)")
+        config, weights, _ = load_export(path)
+    else:
+        config, weights, _ = load_weights(path, use_ema=use_ema)
+    return config, weights, (path if path.is_dir() else None)
+
+
+def require_hub():
+    from .extras import require
+
+    return require("huggingface_hub", "hub", "--push-to-hub")
+
+
+def push_to_hub(out_dir: str | os.PathLike, repo: str) -> str:
+    """Upload an export directory to the Hugging Face repository ``repo`` (created if needed, with
+    the token of ``huggingface-cli login`` or $HF_TOKEN); returns the repository's URL."""
+    hub = require_hub()
+    try:
+        api = hub.HfApi()
+        url = api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(out_dir), repo_id=repo, repo_type="model", commit_message="simple-dit export")
+    except Exception as e:  # no token, no network, a bad repository name, ...
+        raise UserError(f"--push-to-hub {repo}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    return str(url)

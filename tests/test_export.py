@@ -1,0 +1,117 @@
+"""simple-dit export (the EMA weights alone, in the Hugging Face layout) and loading exports back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli, tiny_config
+
+from simple_dit.cli import main
+from simple_dit.export import MODEL_NAME, export, load_export
+from simple_dit.sample import Pipeline
+from simple_dit.train import train
+
+LABELS = torch.arange(10).repeat(2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mnist_dir):
+    """dit-tiny after 30 steps: enough for its EMA to differ from the raw weights."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(max_steps=30), run, progress=False, device="cpu", final_samples=False)
+    return run
+
+
+def draw(pipe: Pipeline) -> torch.Tensor:
+    return pipe(LABELS, steps=4, seed=0)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``simple-dit ARGS`` in this process (no interpreter start-up), as a CompletedProcess."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out, err)
+
+    return run
+
+
+def test_layout_and_fp32_round_trip_gives_identical_images(run, tmp_path):
+    from safetensors import safe_open
+
+    out = export(run, tmp_path / "exported")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", MODEL_NAME]
+    assert json.loads((out.parent / "config.json").read_text()) == json.loads((run / "config.json").read_text())
+    with safe_open(str(out), framework="pt") as f:  # the model's own parameter names, nothing else
+        keys, dtypes, meta = set(f.keys()), {f.get_tensor(k).dtype for k in f.keys()}, f.metadata()
+    reference = Pipeline.from_pretrained(run)
+    assert keys == set(reference.model.state_dict()) and dtypes == {torch.float32}
+    assert meta["dtype"] == "fp32" and meta["weights"] == "ema" and json.loads(meta["train_state"])["step"] == 30
+    loaded = Pipeline.from_pretrained(out.parent)
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert torch.equal(draw(loaded), draw(reference))
+    assert not torch.equal(draw(Pipeline.from_pretrained(run, use_ema=False)), draw(reference))  # it is the EMA
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_exports_are_half_the_size_and_load_as_fp32_with_close_images(run, tmp_path, dtype):
+    full, half = export(run, tmp_path / "fp32"), export(run, tmp_path / dtype, dtype=dtype)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    config, weights, meta = load_export(half.parent)
+    assert meta["dtype"] == dtype and {v.dtype for v in weights.values()} == {torch.float32}
+    a, b = draw(Pipeline.from_pretrained(full.parent)).float(), draw(Pipeline.from_pretrained(half.parent)).float()
+    assert (a - b).abs().mean() < 2.0  # of 255
+
+
+def test_cli_export_then_sample_and_eval_load_it(run, tmp_path, cli):
+    out = tmp_path / "exported"
+    result = run_cli("export", run, "--out", out, "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"exported: {out / MODEL_NAME}"
+    sampled = cli("sample", out, "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif")
+    assert sampled.returncode == 0, sampled.stderr
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "grid.npz").is_file()
+    # eval goes through the same loader (scoring takes a while, so only the loading is checked here).
+    assert_user_error(cli("eval", out, "--no-ema"), str(out), "only the EMA weights")
+
+
+def test_export_copies_the_guidance_picked_for_the_run(run, tmp_path):
+    source = shutil.copytree(run, tmp_path / "run")
+    (source / "guidance.json").write_text(json.dumps({"guidance": 1.5}))
+    export(source, tmp_path / "exported")
+    assert Pipeline.from_pretrained(tmp_path / "exported").guidance == 1.5
+
+
+def test_bad_input_is_one_line(run, tmp_path, cli):
+    assert_user_error(cli("export", tmp_path / "missing", "--out", tmp_path / "x"), "no checkpoint", str(tmp_path / "missing"))
+    assert_user_error(cli("export", run, "--out", tmp_path / "x", "--dtype", "int8"), "--dtype 'int8'", "fp32, fp16, bf16")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory\n")
+    assert_user_error(cli("export", run, "--out", blocker / "sub"), str(blocker / "sub"))
+    assert_user_error(cli("export", run, "--out", run), "run directory itself")
+    assert not (tmp_path / "x").exists() and not (run / MODEL_NAME).exists()
+    # A damaged export.
+    out = export(run, tmp_path / "damaged")
+    out.write_bytes(out.read_bytes()[:-100])
+    assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), str(out), "corrupt or truncated")
+    (out.parent / MODEL_NAME).write_bytes(b"not a safetensors file")
+    assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), "corrupt or truncated")
+    assert not list(tmp_path.glob("s.*"))
+
+
+def test_push_to_hub_without_huggingface_hub_is_one_line_before_writing(run, tmp_path, monkeypatch, cli):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` now raises ImportError
+    out = tmp_path / "exported"
+    line = assert_user_error(cli("export", run, "--out", out, "--push-to-hub", "someone/simple-dit-mnist"))
+    assert line == "simple-dit: error: --push-to-hub needs huggingface_hub, which is not installed: pip install 'simple-dit[hub]'"
+    assert not out.exists()
+
