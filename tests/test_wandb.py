@@ -90,6 +90,9 @@ class FakeMeter:
     def score(self, images, labels=None, **kwargs):
         return FakeScores(n=len(images))
 
+    def floor(self, n, **kwargs):
+        return FakeScores(n=n, fid=0.5, precision=1.0, recall=1.0, label_accuracy=1.0)
+
 
 def test_train_logs_config_metrics_evaluations_and_grids_and_resume_continues_the_run(tmp_path, mnist_dir, monkeypatch):
     import simple_dit.evaluate
@@ -165,3 +168,24 @@ def test_wandb_flag_without_wandb_installed_is_one_line_before_any_work(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["simple-dit: error: --wandb needs wandb, which is not installed: pip install 'simple-dit[wandb]'"]
     assert not out.exists()
+
+
+def test_compare_groups_its_runs_under_its_directory_and_logs_each_evaluation(tmp_path, mnist_dir):
+    from simple_dit.compare import compare
+
+    out = tmp_path / "my-comparison"
+    compare("dit-tiny", "64-images", out, lrs="1e-3,3e-3", eval_every_frac=0.5, eval_n=6, steps=2, data_dir=str(mnist_dir),
+            log=lambda msg: None, meter=FakeMeter(), wandb="simple-dit-test")  # fmt: skip
+    run_dirs = sorted((out / "runs").iterdir())
+    assert len(run_dirs) == 2
+    ids = set()
+    for run_dir in run_dirs:
+        run_id = json.loads((run_dir / WANDB_RUN_NAME).read_text())["id"]
+        ids.add(run_id)
+        runs = offline_runs(run_dir, run_id)  # two training segments, each followed by an evaluation
+        assert {(r["project"], r["group"]) for r in runs} == {("simple-dit-test", "my-comparison")}
+        history = [row for r in runs for row in r["history"]]
+        assert steps_with(history, "eval/fid") == steps_with(history, "eval_samples/path") == [1, 2]
+        assert set(steps_with(history, "train/loss")) == {1, 2}
+        assert runs[0]["config"]["train"]["lr"] in (1e-3, 3e-3)
+    assert len(ids) == 2

@@ -131,6 +131,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +341,7 @@ def cmd_compare(args) -> None:
         args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
         steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
         seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
-        precision=args.precision,
+        precision=args.precision, wandb=args.wandb,
     )  # fmt: skip
     for e in results["presets"]:
         st = e["best_stats"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class RunLogger:
         """``config`` (the run's recipe) goes to W&B; ``wandb`` is a project name or options, None for no W&B."""
         self.enabled = enabled
         # W&B first: a W&B that cannot start is a user error, raised before any file is opened.
-        self.wandb = _wandb_run(Path(run_dir), config or {}, wandb) if enabled and wandb else None
+        self.wandb = WandbSink(Path(run_dir), config or {}, wandb) if enabled and wandb else None
         self.metrics_file = open(Path(run_dir) / METRICS_NAME, "a") if enabled else None
         self.tensorboard = _tensorboard_writer(Path(run_dir) / "tb") if enabled else None
 
@@ -52,9 +53,7 @@ class RunLogger:
                 if record.get(key) is not None:
                     self.tensorboard.add_scalar(tag, record[key], record["step"])
         if self.wandb is not None:
-            values = {tag: record[key] for key, tag in (scalars or {}).items() if record.get(key) is not None}
-            if values:
-                self.wandb.log(values | {"step": record["step"]})
+            self.wandb.log({tag: record[key] for key, tag in (scalars or {}).items() if record.get(key) is not None}, record["step"])
 
     def image(self, tag: str, image, step: int) -> None:
         """A PIL image (a sample grid) at ``step``."""
@@ -64,9 +63,7 @@ class RunLogger:
             arr = np.asarray(image.convert("RGB"))
             self.tensorboard.add_image(tag, arr, step, dataformats="HWC")
         if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({tag: wandb.Image(image.convert("RGB")), "step": step})
+            self.wandb.image(tag, image, step)
 
     def close(self) -> None:
         if self.metrics_file is not None:
@@ -74,8 +71,7 @@ class RunLogger:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+            self.wandb.close()
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -101,20 +97,56 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _wandb_run(run_dir: Path, config: dict, options: WandbOptions | str):
-    """Start (or, for a run that has a W&B id in ``run_dir``, continue) the run's W&B run.
+class WandbSink:
+    """The W&B run of a run directory, started (or, when ``run_dir`` holds a W&B id, continued)
+    on creation and finished by ``close``. RunLogger uses one; compare uses one of its own for the
+    evaluations it runs between training segments.
 
     Every value is logged with its training step as "step", W&B's x-axis for all of them; steps
-    that a resumed run redoes (those after the last checkpoint of a killed run) are logged again
+    that a resumed run redoes (those after the last checkpoint of a killed run) are logged again,
     with the same values, since resuming is exact.
     """
+
+    def __init__(self, run_dir: Path, config: dict, options: WandbOptions | str):
+        self.run = _wandb_run(Path(run_dir), config, options)
+
+    def log(self, values: dict, step: int) -> None:
+        if values:
+            self.run.log(values | {"step": step})
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image (a sample grid) at ``step``."""
+        import wandb
+
+        self.run.log({tag: wandb.Image(image.convert("RGB")), "step": step})
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    def __enter__(self) -> "WandbSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _wandb_run(run_dir: Path, config: dict, options: WandbOptions | str):
     from .extras import require
 
     wandb = require("wandb", "wandb", "--wandb")
     options = WandbOptions(project=options) if isinstance(options, str) else options
     id_file = run_dir / WANDB_RUN_NAME
-    run_id = _read_wandb_id(id_file) or secrets.token_hex(4)
-    write_json(id_file, {"id": run_id, "project": options.project})
+    previous = _read_wandb_record(id_file)
+    run_id = previous.get("id") or secrets.token_hex(4)
+    record = {"id": run_id, "project": options.project}
+    write_json(id_file, record)  # before starting: a run that dies while W&B starts keeps its id
+    started = previous.get("started")
+    if isinstance(started, (int, float)) and int(time.time()) == int(started):
+        # W&B names a run's local directory after the second it starts in: a second start within
+        # the same second (compare's training segments and evaluations) would overwrite the first.
+        time.sleep(1.01 - time.time() % 1)
     try:
         run = wandb.init(
             project=options.project, group=options.group, name=run_dir.name, id=run_id, resume="allow", config=config,
@@ -126,14 +158,18 @@ def _wandb_run(run_dir: Path, config: dict, options: WandbOptions | str):
     except Exception as e:  # no API key, no network in online mode, a bad project name, ...
         message = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"--wandb: cannot start a W&B run ({message}); run `wandb login`, or set WANDB_MODE=offline and `wandb sync` later") from None
+    write_json(id_file, record | {"started": time.time()})
     return run
 
 
-def _read_wandb_id(path: Path) -> str | None:
-    """The W&B run id recorded in ``path``; None when there is none (or it is damaged: a new W&B
-    run is better than no run)."""
+def _read_wandb_record(path: Path) -> dict:
+    """What ``path`` records of the run's W&B run: its "id" (alphanumeric) and when it last
+    "started"; nothing when there is no such file or it is damaged (a new W&B run is better than
+    no run)."""
     try:
-        run_id = json.loads(path.read_text())["id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return run_id if isinstance(run_id, str) and run_id.isalnum() else None
+        record = json.loads(path.read_text())
+        if not (isinstance(record, dict) and isinstance(record["id"], str) and record["id"].isalnum()):
+            return {}
+    except (OSError, ValueError, KeyError):
+        return {}
+    return record

@@ -23,6 +23,7 @@ from ..errors import TrainingDiverged, UserError
 from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
 from ..extras import require
 from ..io import DirectoryLock, append_jsonl, ensure_writable_dir, read_jsonl, write_json
+from ..logger import WandbOptions
 from .budget import (
     DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_guidances, parse_lrs, parse_objectives, parse_presets,
     parse_seeds, run_name, schedule,
@@ -95,12 +96,24 @@ def _check_settings(out_dir: Path, settings: Settings) -> None:
     write_json(path, new)
 
 
-def _train(config, run_dir: Path, *, resume: bool, data_dir, device) -> None:
+def _train(config, run_dir: Path, *, resume: bool, data_dir, device, wandb=None) -> None:
     """One training segment. Its end-of-run sample grid is skipped: each evaluation point draws
     and saves its own samples, and the grid can cost more than a short segment's training."""
     from ..train import train
 
-    train(config, run_dir, resume=resume, data_dir=data_dir, device=device, progress=False, final_samples=False)
+    train(config, run_dir, resume=resume, data_dir=data_dir, device=device, progress=False, final_samples=False, wandb=wandb)
+
+
+def _wandb_evaluation(run_dir: Path, config, wandb, record: dict, grid: Path) -> None:
+    """An evaluation point's scores and grid, into the run's W&B run (which its training
+    segments log to as well)."""
+    from PIL import Image
+
+    from ..logger import WandbSink
+
+    with WandbSink(run_dir, config.to_dict(), wandb) as sink, Image.open(grid) as image:
+        sink.log({f"eval/{k}": record[k] for k in ("fid", "label_accuracy", "precision", "recall", "guidance") if record.get(k) is not None}, record["step"])
+        sink.image("eval_samples", image, record["step"])
 
 
 def _train_state(run_dir: Path) -> dict | None:
@@ -191,9 +204,10 @@ def _record_guidance(run_dir: Path, settings: Settings, targets: list[Target], s
 
 def _run_one(
     preset: str, lr: float, settings: Settings, run_dir: Path, targets: list[Target], *, seed: int | None = None,
-    objective: str | None = None, data_dir, device, log, meter=None,
+    objective: str | None = None, data_dir, device, log, meter=None, wandb=None,
 ) -> None:  # fmt: skip
-    """Train and score one run up to each of its ``targets`` not yet in its evals.jsonl."""
+    """Train and score one run up to each of its ``targets`` not yet in its evals.jsonl (and, with
+    ``wandb`` options, log both to the run's W&B run)."""
     from ..checkpoint import CHECKPOINT_NAME
 
     seed = settings.seeds[0] if seed is None else seed
@@ -220,7 +234,7 @@ def _run_one(
             log(f"{name}: training to {what} ({target.fraction:.0%} of the budget)")
             config = _set_stop(run_config(preset, lr, settings, seed, objective), target)
             try:
-                _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device)
+                _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device, wandb=wandb)
             except TrainingDiverged as e:
                 # Too high a learning rate is a result of the sweep, not a failure of it: record it
                 # and go on with the other runs.
@@ -243,6 +257,8 @@ def _run_one(
         }  # fmt: skip
         append_jsonl(evals_path, record)
         shutil.copyfile(grid, run_dir / "samples.png")
+        if wandb is not None:
+            _wandb_evaluation(run_dir, _set_stop(run_config(preset, lr, settings, seed, objective), target), wandb, record, grid)
         acc = record.get("label_accuracy")
         log(
             f"{name}: point {target.point}/{len(targets)} at {state['images_seen']:,} images, {state['train_seconds']:.1f} s: "
@@ -288,6 +304,7 @@ def compare(
     seeds: str | Sequence[int] | None = None,
     objectives: str | Sequence[str] | None = None,
     guidances: str | Sequence[float] | None = None,
+    wandb: str | None = None,
 ) -> dict:
     """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
     return results.json's content.
@@ -295,13 +312,16 @@ def compare(
     ``seeds`` (default: ``[seed]``) are the training and sampling seeds, ``objectives`` override
     each preset's own (default: none), ``guidances`` (default: ``[guidance]``) are the guidance
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
-    with (default: one for ``dataset``, made once per process)."""
+    with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
+    every run to Weights & Biases, grouped under the name of ``out_dir``."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
     from ..runtime import PRECISIONS, parse_device
 
     require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
+    if wandb is not None:
+        require("wandb", "wandb", "--wandb")
     log = log or (lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True))
     preset_names = parse_presets(presets)
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -328,7 +348,8 @@ def compare(
     with DirectoryLock(out_dir):
         ensure_writable_dir(out_dir / "runs")
         _check_settings(out_dir, settings)
-        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter)
+        wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
+        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options)
 
 
 @dataclass(frozen=True)
@@ -360,7 +381,7 @@ def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun
     return plan
 
 
-def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter) -> dict:
+def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None) -> dict:
     budget, eval_n = settings.budget, settings.eval_n
 
     stats = {p: _model_stats(p) for p in settings.presets}
@@ -372,7 +393,7 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter)
     for run in plan:
         ensure_writable_dir(run.run_dir)
         _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
-                 data_dir=data_dir, device=device, log=log, meter=meter)  # fmt: skip
+                 data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb)  # fmt: skip
 
     meter = meter or _Meters.get(settings.dataset, data_dir)
     floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seeds[0])).items() if v is not None}
