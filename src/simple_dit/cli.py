@@ -134,6 +134,15 @@ def _add_compare(sub) -> None:
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web page to sample a run and see its training curves, or to show a compare report")
+    p.add_argument("run_dir", type=Path, nargs="?", help="a run directory, an export, or a `simple-dit compare` output directory "
+                   "(shows its report); default: the model shipped in the package")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simple-dit", description=__doc__)
     parser.add_argument("--list-presets", action="store_true", help="print the presets with parameters and GFLOPs")
@@ -143,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_bench(sub)
     _add_compare(sub)
+    _add_serve(sub)
     _add_export(sub)
     return parser
 
@@ -352,6 +362,12 @@ def cmd_compare(args) -> None:
     print(f"report: {args.out / 'report.html'}")
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -368,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_bench(args)
         elif args.command == "compare":
             cmd_compare(args)
+        elif args.command == "serve":
+            cmd_serve(args)
         elif args.command == "export":
             cmd_export(args)
         else:
