@@ -282,3 +282,13 @@ def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
     assert err and err[-1].startswith("simple-dit: error:") and fragment in err[-1], err
     assert snapshot(cli_run["run"]) == before
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_a_missing_extra_is_a_one_line_hint(monkeypatch, tmp_path, capsys):
+    import sys as _sys
+
+    monkeypatch.setitem(_sys.modules, "matplotlib", None)  # as if `pip install simple-dit` without [report]
+    rc = main(["compare", "--presets", "dit-tiny", "--budget", "64-images", "--lrs", "1e-3", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("simple-dit: error:") and "simple-dit[report]" in err[-1]
+    assert not (tmp_path / "c").exists()  # refused before any work

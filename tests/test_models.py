@@ -90,3 +90,29 @@ def test_label_dropout_only_in_training():
 def test_tiny_presets_are_tiny():
     for name in ("dit-tiny", "unet-tiny"):
         assert count_parameters(build_model(get_preset(name).model)) < 200_000
+
+
+def test_cpu_attention_equals_the_fused_kernel():
+    import torch.nn.functional as F
+
+    from simple_dit.models.dit import Attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 49, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(Attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_dit_computes_the_same_function():
+    from simple_dit.bench import reference_model
+    from simple_dit.config import get_preset
+    from simple_dit.models import build_model
+
+    from conftest import perturb_
+
+    config = get_preset("dit-tiny").model
+    torch.manual_seed(0)
+    ours = perturb_(build_model(config)).eval()
+    reference = reference_model(config).eval()
+    reference.load_state_dict(ours.state_dict())
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 3, 7, 10])
+    torch.testing.assert_close(reference(x, t, y), ours(x, t, y), rtol=1e-5, atol=1e-5)

@@ -13,11 +13,13 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig, UNetConfig, get_preset
 from .diffusion import make_process
 from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
+from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
 from .runtime import autocast, parse_device, resolve_precision, synchronize
 from .train import make_optimizer, train_step
@@ -62,10 +64,23 @@ class ArticleUNetCond(UNetCond):
         return article_time_encoding(t + 1, self.time_embed_dim)
 
 
+class FusedAttention(Attention):
+    """Attention as the reference DiT code writes it: PyTorch's fused kernel on every device."""
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def reference_model(config: ModelConfig) -> torch.nn.Module:
     """The plain implementation of ``config``'s architecture that ``--reference`` times: the
-    article's UNet; the DiT has no separate reference implementation."""
-    return ArticleUNetCond.from_config(config) if isinstance(config, UNetConfig) else build_model(config)
+    article's UNet, or the DiT with the reference code's fused attention everywhere."""
+    if isinstance(config, UNetConfig):
+        return ArticleUNetCond.from_config(config)
+    model = build_model(config)
+    for block in model.blocks:
+        block.attn.__class__ = FusedAttention  # same parameters; only how attention is computed differs
+    return model
 
 
 def peak_memory_mb(device: torch.device) -> float:

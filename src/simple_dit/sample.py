@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -102,27 +103,37 @@ class Pipeline:
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = steps or self.diffusion.default_steps(sampler)
         record_every = max(1, n_steps // GIF_FRAMES)
-        out = []
+        from tqdm import tqdm
+
         batches = labels.split(batch_size)
-        if progress:
-            from tqdm import tqdm
+        model = self._sampling_model()
+        out = []
+        with tqdm(total=len(batches) * n_steps, unit="step", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
+            for b, batch_labels in enumerate(batches):
 
-            batches = tqdm(batches, unit="batch", desc="sampling")
-        for b, batch_labels in enumerate(batches):
+                def on_step(i: int, x: torch.Tensor) -> None:
+                    bar.update(1)
+                    if trajectory is not None and b == 0 and ((i + 1) % record_every == 0 or i + 1 == n_steps):
+                        trajectory.append(to_uint8(x[:GIF_MAX_IMAGES]).cpu())
 
-            def on_step(i: int, x: torch.Tensor) -> None:
-                if trajectory is not None and b == 0 and ((i + 1) % record_every == 0 or i + 1 == n_steps):
-                    trajectory.append(to_uint8(x[:GIF_MAX_IMAGES]).cpu())
-
-            with autocast(self.device, self.precision):
-                x = self.diffusion.sample(
-                    self.model, batch_labels.to(self.device), sampler=sampler, steps=steps, guidance=guidance,
-                    null_class=self.num_classes, generator=generator, image_shape=(c, s, s), on_step=on_step,
-                )  # fmt: skip
-            if not bool(torch.isfinite(x).all()):
-                raise UserError("the model produced non-finite values (NaN or inf): its weights are damaged or diverged")
-            out.append(to_uint8(x).cpu())
+                with autocast(self.device, self.precision):
+                    x = self.diffusion.sample(
+                        model, batch_labels.to(self.device), sampler=sampler, steps=n_steps, guidance=guidance,
+                        null_class=self.num_classes, generator=generator, image_shape=(c, s, s), on_step=on_step,
+                    )  # fmt: skip
+                if not bool(torch.isfinite(x).all()):
+                    raise UserError("the model produced non-finite values (NaN or inf): its weights are damaged or diverged")
+                out.append(to_uint8(x).cpu())
         return torch.cat(out)
+
+    def _sampling_model(self) -> torch.nn.Module:
+        """The network as the sampler runs it. In bf16, a bf16 copy of the weights: autocast would
+        cast every weight on every call, which on a CPU costs a small model more than its matrix
+        products (BENCHMARKS.md). Copied per call because the pipeline may hold weights that are
+        still changing (the EMA during training)."""
+        if self.precision != "bf16":
+            return self.model
+        return copy.deepcopy(self.model).to(torch.bfloat16)
 
     # ---- files ---------------------------------------------------------------------------------
 

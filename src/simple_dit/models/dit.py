@@ -41,8 +41,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, D = x.shape  # N images of T tokens of width D; h heads of D/h channels each
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # each (N, h, T, D/h)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, D/h)
+        x = self.attend(q, k, v)  # (N, h, T, D/h)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # heads side by side again: (N, T, D)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v. On a GPU, PyTorch's fused kernel; on a CPU, for DiT's short
+        sequences, the three plain ops train faster than the fused CPU kernel (BENCHMARKS.md)."""
+        if q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v  # (N, h, T, T) @ (N, h, T, D/h)
 
 
 class Mlp(nn.Module):
