@@ -1,4 +1,5 @@
-"""simple-dit export (the EMA weights alone, in the Hugging Face layout) and loading exports back."""
+"""simple-dit export (the EMA weights alone, in the Hugging Face layout), loading exports back, and
+the default model shipped in the package."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_user_error, run_cli, tiny_config
 
 from simple_dit.cli import main
-from simple_dit.export import MODEL_NAME, export, load_export
+from simple_dit.export import MODEL_NAME, default_model_path, export, load_export
 from simple_dit.sample import Pipeline
 from simple_dit.train import train
 
@@ -115,3 +117,34 @@ def test_push_to_hub_without_huggingface_hub_is_one_line_before_writing(run, tmp
     assert line == "simple-dit: error: --push-to-hub needs huggingface_hub, which is not installed: pip install 'simple-dit[hub]'"
     assert not out.exists()
 
+
+# ---- the default model --------------------------------------------------------------------------
+
+
+def test_default_model_draws_the_digits_asked_for(mnist_dir):
+    from simple_dit.evaluate import classify, load_evaluator
+
+    pipe = Pipeline.from_pretrained()
+    assert pipe.config.preset == "dit-mini"
+    labels = torch.arange(100) % 10
+    images = pipe(labels, steps=5, seed=0)  # 5 Euler steps score like 20 on dit-mini (BENCHMARKS.md)
+    evaluator, _ = load_evaluator("mnist", progress=False)
+    accuracy = (classify(evaluator, images) == labels).float().mean().item()
+    assert accuracy >= 0.9, accuracy  # 1.0 when it was shipped (fp32 and bf16 sampling)
+    assert torch.equal(Pipeline.from_pretrained("default")(labels[:4], steps=2), pipe(labels[:4], steps=2))
+
+
+def test_default_model_says_how_it_was_trained():
+    _, weights, meta = load_export(default_model_path())
+    assert meta["dtype"] in ("fp16", "bf16") and default_model_path().stat().st_size < 8 * 2**20
+    train_state = json.loads(meta["train_state"])
+    assert train_state["step"] > 1000 and json.loads(meta["config"])["preset"] == "dit-mini"
+    for key in ("trained_with", "machine", "trained_on", "scores"):
+        assert meta[key], key
+
+
+def test_sample_without_a_run_uses_the_default_model(tmp_path, cli):
+    assert cli("sample", "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif").returncode == 0
+    assert (tmp_path / "grid.png").is_file()
+    with np.load(tmp_path / "grid.npz") as f:
+        assert f["arr_0"].shape == (10, 28, 28, 1)
