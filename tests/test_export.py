@@ -61,6 +61,9 @@ def test_layout_and_fp32_round_trip_gives_identical_images(run, tmp_path):
     for name, value in reference.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
     assert torch.equal(draw(loaded), draw(reference))
+    assert torch.equal(draw(Pipeline.from_pretrained(out)), draw(reference))  # the weights file alone carries its config
+    renamed = shutil.copyfile(run / "checkpoint.safetensors", tmp_path / "renamed.safetensors")  # a checkpoint by any name
+    assert torch.equal(draw(Pipeline.from_pretrained(renamed)), draw(reference))
     assert not torch.equal(draw(Pipeline.from_pretrained(run, use_ema=False)), draw(reference))  # it is the EMA
 
 

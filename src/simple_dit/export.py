@@ -81,10 +81,17 @@ def resolve_pretrained(source: str | os.PathLike | None) -> Path:
 
 
 def is_export(path: Path) -> bool:
-    """An exported directory (model.safetensors, no training checkpoint) or an exported file."""
+    """An exported directory (model.safetensors, no training checkpoint) or an exported file (any
+    other file is left to the checkpoint reader, and its errors)."""
     if path.is_dir():
         return (path / MODEL_NAME).is_file() and not (path / CHECKPOINT_NAME).exists()
-    return path.is_file() and path.name != CHECKPOINT_NAME and path.suffix == ".safetensors"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception:
+        return False
 
 
 def load_export(path: str | os.PathLike) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, str]]:
