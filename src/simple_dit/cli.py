@@ -14,7 +14,7 @@ from .data import DATASETS
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
 from .extras import require
-from .runtime import PRECISIONS
+from .runtime import PRECISIONS, keep_freed_memory
 
 
 
@@ -371,6 +371,7 @@ def cmd_serve(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         if args.list_presets:
             print(list_presets())

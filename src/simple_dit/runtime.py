@@ -66,3 +66,29 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    By default, glibc hands a freed block of more than a few MB straight back to the kernel, and
+    the next step's tensor of the same size is faulted in again page by page: on a CPU, a sampling
+    or training step of a small model then spends a large share of its time in the kernel
+    (BENCHMARKS.md). Raising the mmap and trim thresholds keeps those blocks in the heap. A no-op
+    (False) where the C library is not glibc. The CLI calls it once; the Python API leaves the
+    process's allocator to its owner.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value on 64-bit systems
+    ok &= mallopt(m_trim_threshold, 2**30)
+    ok &= mallopt(m_top_pad, 256 * 2**20)
+    return bool(ok)
