@@ -1,0 +1,74 @@
+"""The CPU training step of one preset, ours against the plain reference and against ours with
+one lever at a time turned back (fused attention, tanh GELU in bf16), timed interleaved in one
+process so that the ratios are fair on a machine whose speed drifts.
+
+    .venv/bin/python bench/train_levers.py --preset dit-seed --batch-size 128 --repeats 5
+
+Prints images/s per variant and each one's ratio to the reference; the last line is one JSON object.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from simple_dit.bench import interleaved_median_seconds, reference_model
+from simple_dit.config import get_preset
+from simple_dit.diffusion import make_process
+from simple_dit.models import build_model
+from simple_dit.models.dit import Attention, Mlp
+from simple_dit.runtime import cpu_has_fast_bf16, keep_freed_memory
+from simple_dit.train import make_optimizer, train_step
+
+
+class FusedAttention(Attention):
+    @staticmethod
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class TanhMlp(Mlp):
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="dit-seed")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    keep_freed_memory()
+    config = get_preset(args.preset)
+    device = torch.device("cpu")
+    diffusion = make_process(config.diffusion)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch_size,))
+    bf16 = "bf16" if cpu_has_fast_bf16() else "fp32"
+
+    def variant(model, precision, fused_adamw=True, swap=None):
+        for block in getattr(model, "blocks", []):
+            for name, cls in (swap or {}).items():
+                getattr(block, name).__class__ = cls
+        opt = make_optimizer(model, config, device) if fused_adamw else torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+        return lambda: train_step(model, diffusion, opt, x, y, precision=precision)
+
+    fns = {
+        "reference (fp32, fused attention)": variant(reference_model(config.model), "fp32", fused_adamw=False),
+        f"ours ({bf16})": variant(build_model(config.model), bf16),
+        f"ours ({bf16}), fused attention": variant(build_model(config.model), bf16, swap={"attn": FusedAttention}),
+        f"ours ({bf16}), tanh GELU": variant(build_model(config.model), bf16, swap={"mlp": TanhMlp}),
+        "ours (fp32)": variant(build_model(config.model), "fp32"),
+    }
+    seconds = interleaved_median_seconds(fns, device, warmup=2, repeats=args.repeats)
+    ref = seconds["reference (fp32, fused attention)"]
+    rows = {name: {"images_per_s": args.batch_size / s, "x_reference": ref / s} for name, s in seconds.items()}
+    for name, r in rows.items():
+        print(f"{name:>36}: {r['images_per_s']:7.1f} images/s  {r['x_reference']:.2f}x reference")
+    print(json.dumps({"preset": args.preset, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
