@@ -13,19 +13,13 @@ import json
 import torch
 import torch.nn.functional as F
 
-from simple_dit.bench import interleaved_median_seconds, reference_model
+from simple_dit.bench import FusedAttention, interleaved_median_seconds, reference_model
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.models.dit import Attention, Mlp
+from simple_dit.models.dit import Mlp
 from simple_dit.runtime import cpu_has_fast_bf16, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
-
-
-class FusedAttention(Attention):
-    @staticmethod
-    def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
 
 
 class TanhMlp(Mlp):
