@@ -287,14 +287,15 @@ def train(
             return every > 0 and state.step % every == 0
 
         perm, perm_epoch, local_batch = None, -1, tc.batch_size // world
+        resident = dataset.to(device)
         model.train()
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             epoch, offset = divmod(state.step, steps_per_epoch)
             if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
+                perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch).to(device), epoch
             start = offset * tc.batch_size + rank * local_batch
-            x0, y = (t.to(device, non_blocking=True) for t in dataset.batch(perm[start : start + local_batch]))
+            x0, y = resident.batch(perm[start : start + local_batch])
             lr = lr_at(state.step, tc.lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
