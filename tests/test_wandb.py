@@ -8,6 +8,7 @@ import dataclasses
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,20 @@ def offline_runs(run_dir: Path, run_id: str) -> list[dict]:
     project, group and config, and its history rows as {key: value}."""
     runs = []
     for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        run, history = None, []
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                run = record.run
-            elif kind == "history":
-                history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        # wandb's service process may still be flushing the log when finish() has returned (seen
+        # once on a loaded machine): read again until the run record is there.
+        deadline = time.monotonic() + 20
+        while True:
+            run, history = None, []
+            for record in wandb_records(path):
+                kind = record.WhichOneof("record_type")
+                if kind == "run":
+                    run = record.run
+                elif kind == "history":
+                    history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+            if run is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert run is not None, f"{path} has no run record"
         config = {i.key: json.loads(i.value_json) for i in run.config.update}
         runs.append({"dir": path.parent, "project": run.project, "group": run.run_group, "config": config, "history": history})
