@@ -224,9 +224,11 @@ def train(
         state = TrainState()
         if resume:
             state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
-        if is_main:  # records past the checkpoint (or, for a new run, of an attempt that never checkpointed) are redone
+        if is_main:
+            # Records past the checkpoint (for a new run: of an attempt that never checkpointed)
+            # are about to be redone; config.json is rewritten on resume too, which records a new
+            # stopping rule and repairs a damaged copy.
             truncate_metrics(out_dir, state.step)
-        if is_main:  # on resume too: it records the new stopping rule and repairs a damaged copy
             write_json(out_dir / CONFIG_NAME, config.to_dict())
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
