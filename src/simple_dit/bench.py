@@ -7,7 +7,6 @@ prints a table and, as its last line, one JSON object (see ``run_bench``).
 
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import time
@@ -21,7 +20,7 @@ from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, parse_device, resolve_precision, synchronize
+from .runtime import autocast, device_name, parse_device, resolve_precision, synchronize
 from .train import make_optimizer, train_step
 
 
@@ -119,7 +118,7 @@ def run_bench(
     gflops = forward_gflops(model, s)
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(dev),
         "threads": torch.get_num_threads(), "params_m": count_parameters(model) / 1e6, "gflops_per_image": gflops,
         "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip

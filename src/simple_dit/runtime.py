@@ -40,6 +40,22 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def device_name(device: torch.device) -> str:
+    """What to name beside a measurement: the GPU's name, or the CPU's model with its bf16 support
+    (the difference between a 10x and a 40x-slower bf16)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{model or platform.machine()} ({'AMX/AVX512-BF16' if cpu_has_fast_bf16() else 'no hardware bf16'})"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")

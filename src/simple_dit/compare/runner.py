@@ -528,9 +528,9 @@ def verdict(entries: list[dict]) -> list[dict]:
 
 
 def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device) -> dict:
-    import platform
-
     import torch
+
+    from ..runtime import device_name
 
     presets: dict[tuple, dict] = {}
     for run in plan:
@@ -571,7 +571,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         "settings": settings.to_dict(),
         "floor": floor,
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+            "device": device_name(device),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
