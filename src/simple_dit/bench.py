@@ -20,7 +20,7 @@ from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, device_name, parse_device, resolve_precision, synchronize
+from .runtime import autocast, compile_model, device_name, parse_device, resolve_precision, synchronize
 from .train import make_optimizer, train_step
 
 
@@ -82,6 +82,15 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return model
 
 
+def _first_call_seconds(fn, device: torch.device) -> float:
+    """Seconds of the first call of a compiled ``fn``: the compilation, apart from the steps timed."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -98,11 +107,16 @@ def run_bench(
     device: str | None = None,
     warmup: int = 2,
     repeats: int = 5,
+    compile: bool = False,
 ) -> dict:
     """Training images/s (forward + backward + AdamW step) and sampling images/s (denoiser
-    evaluations x batch per second, no guidance); ``reference`` forces the plain fp32 eager path."""
+    evaluations x batch per second, no guidance); ``reference`` forces the plain fp32 eager path.
+    ``compile`` times the ``torch.compile``'d model and reports the seconds of its first calls
+    (the compilation) as ``train_compile_s`` and ``sample_compile_s``."""
     if what not in ("train", "sample", "all"):
         raise UserError("--what must be train, sample or all")
+    if compile and reference:
+        raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
     config = get_preset(preset)
     dev = parse_device(device)
     precision = "fp32" if reference else resolve_precision(precision, dev)
@@ -116,11 +130,12 @@ def run_bench(
     x = torch.randn(batch_size, c, s, s, device=dev)
     y = torch.randint(0, config.model.num_classes, (batch_size,), device=dev)
     gflops = forward_gflops(model, s)
+    forward_model = compile_model(model, dev) if compile else model
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
         "device": device_name(dev),
         "threads": torch.get_num_threads(), "params_m": count_parameters(model) / 1e6, "gflops_per_image": gflops,
-        "train_images_per_s": None, "sample_images_per_s": None,
+        "compiled": compile, "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
         # The step that training runs; the reference steps PyTorch's default (not fused) AdamW
@@ -132,8 +147,10 @@ def run_bench(
         model.train()
 
         def step():
-            train_step(model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
+            train_step(forward_model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
 
+        if compile:
+            result["train_compile_s"] = _first_call_seconds(step, dev)
         seconds = median_seconds(step, dev, warmup, repeats)
         result["train_images_per_s"] = batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * batch_size / seconds  # backward ~ 2x forward
@@ -144,8 +161,10 @@ def run_bench(
         @torch.no_grad()
         def denoise():
             with autocast(dev, precision):
-                model(x, t, y)
+                forward_model(x, t, y)
 
+        if compile:
+            result["sample_compile_s"] = _first_call_seconds(denoise, dev)
         seconds = median_seconds(denoise, dev, warmup, repeats)
         result["sample_images_per_s"] = batch_size / seconds
     result["peak_rss_mb"] = peak_memory_mb(torch.device("cpu"))

@@ -36,6 +36,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the denoiser (CUDA graphs on a GPU; compiled before the clock starts, eager if it fails)")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (0 = off)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl (0 = off)")
@@ -107,6 +109,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
     p.add_argument("--device")
 
 
@@ -130,6 +133,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
 
@@ -181,7 +185,7 @@ def cmd_train(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("lr", "batch_size", "warmup_steps", "ema_decay", "grad_clip", "dataset", "seed", "precision",
+        for k in ("lr", "batch_size", "warmup_steps", "ema_decay", "grad_clip", "dataset", "seed", "precision", "compile",
                   "sample_every", "checkpoint_every", "eval_every", "eval_n")
         if getattr(args, k) is not None
     }  # fmt: skip
@@ -336,7 +340,7 @@ def cmd_bench(args) -> None:
     if args.repeats <= 0:
         raise UserError("--repeats must be positive")
     result = run_bench(args.preset, batch_size=args.batch_size, what=args.what, reference=args.reference,
-                       precision=args.precision, device=args.device, repeats=args.repeats)  # fmt: skip
+                       precision=args.precision, device=args.device, repeats=args.repeats, compile=args.compile)  # fmt: skip
     for key, value in result.items():
         print(f"{key:>22}: {value:.1f}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(json.dumps(result))
@@ -351,7 +355,7 @@ def cmd_compare(args) -> None:
         args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
         steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
         seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
-        precision=args.precision, wandb=args.wandb,
+        precision=args.precision, wandb=args.wandb, compile=args.compile,
     )  # fmt: skip
     for e in results["presets"]:
         st = e["best_stats"]

@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False  # torch.compile the denoiser (CUDA graphs on a GPU); its compile time is logged apart
 
 
 @dataclass
@@ -174,6 +175,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
     for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
         check(isinstance(getattr(tc, name), int), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+    check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
     check(tc.eval_n >= 6, "--eval-n must be at least 6")
     check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .errors import Interrupted, TrainingDiverged, UserError
 from .io import DirectoryLock, ensure_writable_dir, write_json
 from .logger import RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
-from .runtime import autocast, has_fused_adamw, parse_device, resolve_precision, synchronize
+from .runtime import autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, synchronize
 
 
 @dataclass
@@ -88,6 +89,46 @@ def train_step(model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
     return loss.detach(), grad_norm.detach()
+
+
+def compile_for_training(model, forward_model, diffusion, x0: torch.Tensor, y: torch.Tensor, *, precision: str):
+    """``forward_model`` compiled, and the seconds its compilation took; ``forward_model`` itself
+    and None where the compiler fails (one line on stderr says why, and training goes on eager).
+
+    The compiler runs here, on forward and backward passes of a batch shaped like ``x0`` whose
+    every effect on ``model`` is undone (random generators, BatchNorm statistics, gradients): the
+    run's clock then counts training steps only, and the steps trained are those an eager run
+    trains.
+    """
+    device = x0.device
+    compiled = compile_model(forward_model, device)
+    start = time.perf_counter()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    buffers = [b.clone() for b in model.buffers()]
+    try:
+        # CUDA graph trees run a step eagerly, record the second and replay from the third.
+        for _ in range(3 if device.type == "cuda" else 1):
+            with autocast(device, precision):
+                loss = diffusion.training_loss(compiled, x0, y)
+            loss.backward()
+        synchronize(device)
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"simple-dit: torch.compile failed ({type(e).__name__}: {reason}); training eager", file=sys.stderr, flush=True)
+        compiled = None
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+    if compiled is None:
+        return forward_model, None
+    return compiled, time.perf_counter() - start
 
 
 class _Window:
@@ -291,6 +332,11 @@ def train(
         perm, perm_epoch, local_batch = None, -1, tc.batch_size // world
         resident = dataset.to(device)
         model.train()
+        if tc.compile:
+            x0, y = resident.batch(torch.arange(local_batch, device=device))
+            forward_model, compile_seconds = compile_for_training(model, forward_model, diffusion, x0, y, precision=precision)
+            if compile_seconds is not None:
+                logger.log({"step": state.step, "compile_seconds": compile_seconds})
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             epoch, offset = divmod(state.step, steps_per_epoch)

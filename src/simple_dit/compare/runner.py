@@ -50,13 +50,14 @@ class Settings:
     seeds: list[int]
     precision: str
     objectives: list[str] | None = None  # None: each preset's own
+    compile: bool = False  # how fast, not what: runs may be resumed with or without it
 
     # The settings that decide what a run directory and its evals.jsonl hold. (Presets, learning
     # rates, seeds and objectives may change between invocations: each run has its own directory.)
     RESULT_KEYS = ("budget", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision")
 
     def to_dict(self) -> dict:
-        keys = ("presets", "objectives", "lrs", "seeds", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision")
+        keys = ("presets", "objectives", "lrs", "seeds", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision", "compile")
         d = {k: getattr(self, k) for k in keys}
         d["budget"] = {"kind": self.budget.kind, "amount": self.budget.amount, "text": str(self.budget)}
         d["guidance_rule"] = GUIDANCE_RULE
@@ -177,6 +178,7 @@ def run_config(preset: str, lr: float, settings: Settings, seed: int | None = No
     config.train.seed = settings.seeds[0] if seed is None else seed
     config.train.dataset = settings.dataset
     config.train.precision = settings.precision
+    config.train.compile = settings.compile
     config.train.sample_every = 0  # each evaluation point draws its own grid
     config.train.checkpoint_every = 0  # each segment ends with a checkpoint
     return config
@@ -232,7 +234,7 @@ def _run_one(
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if not todo:
-        log(f"{name}: done ({len(targets)} evaluation points)")
+        log(f"{name}: done ({len(targets)} evaluation point{'s' if len(targets) != 1 else ''})")
         _record_guidance(run_dir, settings, targets, seed)
         return
     for target in todo:
@@ -305,6 +307,7 @@ def compare(
     objectives: str | Sequence[str] | None = None,
     guidances: str | Sequence[float] | None = None,
     wandb: str | None = None,
+    compile: bool = False,
 ) -> dict:
     """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
     return results.json's content.
@@ -313,7 +316,8 @@ def compare(
     each preset's own (default: none), ``guidances`` (default: ``[guidance]``) are the guidance
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
     with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
-    every run to Weights & Biases, grouped under the name of ``out_dir``."""
+    every run to Weights & Biases, grouped under the name of ``out_dir``. ``compile`` trains with
+    ``torch.compile`` (see ``train``)."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
@@ -342,7 +346,7 @@ def compare(
         for objective in objective_list or [get_preset(preset).diffusion.objective]:
             check_sampler(make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective)), sampler)
     device = parse_device(device)
-    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list)
+    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile))
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
@@ -387,7 +391,7 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
     stats = {p: _model_stats(p) for p in settings.presets}
     plan = plan_runs(out_dir, settings, stats)
     log(
-        f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation points, "
+        f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation point{'s' if len(settings.fractions) != 1 else ''}, "
         f"{eval_n} samples per point and guidance scale ({', '.join(f'{g:g}' for g in settings.guidances)})"
     )
     for run in plan:

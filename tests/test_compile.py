@@ -1,0 +1,81 @@
+"""``--compile``: a compiled run trains the steps an eager run trains, resumes exactly, logs its
+compile time apart from its training time, and falls back to eager when the compiler fails."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import devices
+
+from simple_dit.checkpoint import load_weights
+from simple_dit.config import get_preset, validate_config
+from simple_dit.errors import UserError
+from simple_dit.io import read_jsonl
+from simple_dit.train import train
+
+
+def _config(preset: str, precision: str, steps: int, compile: bool):
+    c = get_preset(preset)
+    c.train.max_steps, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = steps, 0, 0, 1
+    c.train.precision, c.train.batch_size, c.train.compile = precision, 16, compile
+    return c
+
+
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+# Each family and each precision once, on every device: a cold compile costs ~40 s of a 2-core
+# CPU per (family, precision), so the four-cell product would add minutes to the suite.
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("preset, precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
+def test_compiled_run_trains_the_eager_steps_and_resumes_exactly(preset, precision, device, tmp_path, mnist_dir):
+    run = dict(progress=False, device=device, final_samples=False)
+    eager, straight, resumed = tmp_path / "eager", tmp_path / "straight", tmp_path / "resumed"
+    train(_config(preset, precision, 4, False), eager, **run)
+    train(_config(preset, precision, 4, True), straight, **run)
+    train(_config(preset, precision, 2, True), resumed, **run)
+    train(_config(preset, precision, 4, True), resumed, resume=True, **run)
+
+    # Same batches, same noise, same class dropout: the compiled losses are the eager ones up to
+    # the fused kernels' rounding (bf16 autocast rounds more).
+    tolerance = 1e-4 if precision == "fp32" else 3e-2
+    assert _losses(straight) == pytest.approx(_losses(eager), rel=tolerance)
+    assert _losses(resumed) == _losses(straight)
+    for use_ema in (False, True):
+        _, a, _ = load_weights(straight, use_ema=use_ema)
+        _, b, _ = load_weights(resumed, use_ema=use_ema)
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst == 0.0, f"compiled {preset} {precision} on {device}: resumed weights differ by up to {worst}"
+
+    compiles = [r for r in read_jsonl(straight / "metrics.jsonl") if "compile_seconds" in r]
+    assert len(compiles) == 1 and compiles[0]["step"] == 0 and compiles[0]["compile_seconds"] > 0
+    # The compilation is not training time: 4 steps of a tiny model take far less than compiling it.
+    last = [r for r in read_jsonl(straight / "metrics.jsonl") if "train_seconds" in r][-1]
+    assert last["train_seconds"] < compiles[0]["compile_seconds"]
+
+
+def test_a_failing_compiler_leaves_an_eager_run(tmp_path, mnist_dir, monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device: Broken())
+    run = dict(progress=False, device="cpu", final_samples=False)
+    train(_config("dit-tiny", "fp32", 3, False), tmp_path / "eager", **run)
+    train(_config("dit-tiny", "fp32", 3, True), tmp_path / "fallback", **run)
+
+    assert "torch.compile failed (RuntimeError: no C++ compiler); training eager" in capsys.readouterr().err
+    assert not any("compile_seconds" in r for r in read_jsonl(tmp_path / "fallback" / "metrics.jsonl"))
+    _, a, _ = load_weights(tmp_path / "eager")
+    _, b, _ = load_weights(tmp_path / "fallback")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_must_be_a_boolean():
+    config = get_preset("dit-tiny")
+    config.train = dataclasses.replace(config.train, compile="yes")
+    with pytest.raises(UserError, match="compile must be true or false"):
+        validate_config(config)
