@@ -37,27 +37,43 @@ def test_help_and_bad_arguments():
 def test_the_gpu_plan_runs_what_issue_8_asks():
     steps = plan("--out", "somewhere")
     commands = {name: command for name, _, command in steps}
-    assert list(commands)[:2] == ["environment", "tests"] and commands["tests"].endswith("-m pytest -q")
+    names = list(commands)
+    # Most wanted first: the compiled benches (the targets), then the eager ones, the comparison.
+    assert names[0] == "environment" and names[1].endswith("-compile") and names[-2:] == ["tests", "diffusers-compare"]
+    assert commands["tests"].endswith("-m pytest -q")
     benches = [c for n, c in commands.items() if n.startswith("bench-")]
     for preset in ("dit-seed", "unet-seed", "dit-mini"):
         mine = [c.split(" bench ", 1)[1] for c in benches if f"--preset {preset} " in c]
+        eager = [c for c in mine if "--compile" not in c]
         assert all("--device cuda" in c for c in mine)
-        assert sorted("--batch-size 1024" in c for c in mine) == [False, False, True]  # preset batch, 1024, reference
-        assert sum("--reference" in c and "--batch-size" not in c for c in mine) == 1
+        assert sorted("--batch-size 1024" in c for c in eager) == [False, False, True]  # preset batch, 1024, reference
+        assert sum("--reference" in c and "--batch-size" not in c for c in eager) == 1
+        assert any("--compile" in c and "--batch-size" not in c for c in mine)  # each target at the preset's batch
+    assert any("--preset dit-seed --batch-size 1024" in c and "--compile" in c for c in benches)  # the 40%-of-peak target
     assert "bench/diffusers_compare.py --preset dit-seed --batch-size 128" in commands["diffusers-compare"]
     assert commands["compare-article"].endswith(
-        "compare --presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --device cuda --out somewhere/compare"
+        "compare --presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --device cuda --out somewhere/compare"
     )
     assert all(cap < 470 for _, cap, _ in steps)
 
 
 def test_the_dry_run_plan_is_the_same_steps_on_the_cpu_with_tiny_presets():
     gpu, dry = plan(), plan("--cpu-dry-run")
-    assert [n.split("-")[0] for n, _, _ in gpu] == [n.split("-")[0] for n, _, _ in dry]
+    kinds = lambda steps: [n.split("-")[0] + ("-compile" if n.endswith("-compile") else "") for n, _, _ in steps]  # noqa: E731
+    assert sorted(set(kinds(gpu))) == sorted(set(kinds(dry)))
     commands = {name: command for name, _, command in dry}
     assert commands["tests"].endswith("-m pytest -q tests/test_models.py")
     assert all("--device cpu" in c and "seed" not in c for n, c in commands.items() if n.startswith(("bench-", "diffusers", "compare")))
     assert "--budget 2k-images" in commands["compare-article"] and "--eval-n 12" in commands["compare-article"]
+    assert "--compile" in commands["compare-article"] and "bench-dit-tiny-bpreset-compile" in commands
+
+
+def test_only_keeps_the_steps_of_the_kinds_named():
+    result = gpu_check("--plan", env={"GPU_CHECK_ONLY": "compare bench-compile"})
+    names = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and names[-1] == "compare-article" and all(n.endswith("-compile") for n in names[:-1]) and len(names) == 5
+    bad = gpu_check("--plan", env={"GPU_CHECK_ONLY": "everything"})
+    assert bad.returncode == 2 and "names no step kind" in bad.stderr
 
 
 STUB = r"""#!/usr/bin/env bash
@@ -120,3 +136,17 @@ def test_no_mnist_skips_the_steps_that_need_it(stub_python, tmp_path):
     steps = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["steps"]}
     for name in ("tests", "compare-article"):
         assert steps[name]["status"] == "skipped" and "MNIST" in steps[name]["reason"]
+
+
+def test_wheels_install_pytest_where_it_is_missing(stub_python, tmp_path, mnist_dir):
+    stub = tmp_path / "no-pytest-python"
+    stub.write_text(STUB.replace('"-c import pytest") exit 0', '"-c import pytest") exit 1').replace(
+        '  -c*)', '  "-m pip install"*) echo "$@" >"$GPU_CHECK_PIP_LOG" ;;\n  -c*)'))
+    stub.chmod(0o755)
+    out, pip_log = tmp_path / "check", tmp_path / "pip.txt"
+    env = {"PYTHON": str(stub), "SIMPLE_DIT_DATA": str(mnist_dir), "GPU_CHECK_WHEELS": str(tmp_path / "wheels"),
+           "GPU_CHECK_ONLY": "env", "GPU_CHECK_PIP_LOG": str(pip_log)}  # fmt: skip
+    result = gpu_check("--cpu-dry-run", "--out", out, env=env)
+    assert result.returncode == 0, result.stderr
+    assert pip_log.read_text().split() == ["-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "wheels"),
+                                           "--target", str(out / "site"), "pytest"]  # fmt: skip
