@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -463,3 +464,23 @@ def test_parameter_matched_presets():
     for small, big in (("dit-unet-size", "unet-seed"), ("unet-dit-size", "dit-seed")):
         assert abs(params(small) / params(big) - 1) < 0.01, (small, big)
         assert get_preset(small).train.lr == 3e-4
+
+
+def test_the_report_covers_every_run_in_the_directory(sweep, tmp_path):
+    """An invocation that plans a part of the directory (here: one objective, one seed) still
+    reports every run of the same settings there, e.g. a learning-rate grid for one objective
+    and the other objective at the best rate only."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    (out / "runs" / "notes").mkdir()
+    (out / "runs" / "notes" / C.EVALS_NAME).write_text("{}\n")  # not a run: ignored
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        results = C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], seeds="0", objectives="flow"))
+    assert [e["label"] for e in results["presets"]] == ["dit-tiny (flow)", "dit-tiny (eps)"]
+    assert results["settings"]["seeds"] == [0, 1] and sorted(results["settings"]["objectives"]) == ["eps", "flow"]
+    for entry in results["presets"]:
+        assert sorted(r["seed"] for r in entry["runs"]) == [0, 1] and [a["seeds"] for a in entry["lrs"]] != []
+        same = next(e for e in sweep["results"]["presets"] if e["label"] == entry["label"])
+        assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"]

@@ -385,6 +385,49 @@ def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun
     return plan
 
 
+def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs that earlier invocations with the same settings left in ``out_dir`` and this one
+    did not plan (other presets, objectives, learning rates or seeds), so that the report covers
+    the directory: e.g. a grid of learning rates for one objective, then the other objective at the
+    best learning rate only."""
+    from ..checkpoint import load_config
+    from ..config import PRESETS, get_preset
+
+    planned_dirs = {run.run_dir.name for run in planned}
+    found = []
+    for run_dir in sorted(p for p in (out_dir / "runs").iterdir() if p.is_dir() and p.name not in planned_dirs):
+        if not (run_dir / EVALS_NAME).is_file():
+            continue
+        try:
+            config = load_config(run_dir)
+        except (UserError, OSError):
+            continue  # not a run (or a damaged one): the report covers what it can read
+        if config.preset not in PRESETS:
+            continue
+        own = get_preset(config.preset).diffusion.objective
+        objective = config.diffusion.objective
+        override = objective if objective != own else None
+        if run_dir.name != run_name(config.preset, config.train.lr, config.train.seed, override):
+            continue
+        targets = schedule(settings.budget, settings.fractions, config.train.batch_size, _model_stats(config.preset)["gflops_per_image"])
+        found.append(PlannedRun(config.preset, objective, override, config.train.lr, config.train.seed, run_dir, targets))
+    return found
+
+
+def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
+    """``settings`` with the presets, learning rates, seeds and objectives of all ``runs``."""
+    def union(first: list, more) -> list:
+        return first + [x for x in dict.fromkeys(more) if x not in first]
+
+    objectives = settings.objectives
+    if objectives is not None or any(r.override for r in runs):
+        objectives = union(list(objectives or []), [r.objective for r in runs])
+    return dataclasses.replace(
+        settings, presets=union(settings.presets, [r.preset for r in runs]), lrs=sorted({*settings.lrs, *(r.lr for r in runs)}),
+        seeds=sorted({*settings.seeds, *(r.seed for r in runs)}), objectives=objectives,
+    )  # fmt: skip
+
+
 def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None) -> dict:
     budget, eval_n = settings.budget, settings.eval_n
 
@@ -401,7 +444,10 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
 
     meter = meter or _Meters.get(settings.dataset, data_dir)
     floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seeds[0])).items() if v is not None}
-    results = collect_results(out_dir, settings, stats, plan, floor, device)
+    earlier = runs_on_disk(out_dir, settings, plan)
+    for run in earlier:
+        stats.setdefault(run.preset, _model_stats(run.preset))
+    results = collect_results(out_dir, _covering(settings, plan + earlier), stats, plan + earlier, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -562,7 +608,8 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
             "loss": [{"step": m["step"], "images_seen": m["step"] * batch, "loss": m["loss"]} for m in metrics if "loss" in m],
         })  # fmt: skip
     for entry in presets.values():
-        entry["lrs"] = [_aggregate_lr([r for r in entry["runs"] if r["lr"] == lr], settings) for lr in settings.lrs]
+        entry["lrs"] = [_aggregate_lr([r for r in entry["runs"] if r["lr"] == lr], settings) for lr in settings.lrs
+                        if any(r["lr"] == lr for r in entry["runs"])]  # fmt: skip
         best = pick_best(entry["lrs"])
         entry["best_lr"] = best["lr"] if best["final"] else None
         entry["best_guidance"] = best["guidance"] if best["final"] else None
