@@ -484,3 +484,34 @@ def test_the_report_covers_every_run_in_the_directory(sweep, tmp_path):
         assert sorted(r["seed"] for r in entry["runs"]) == [0, 1] and [a["seeds"] for a in entry["lrs"]] != []
         same = next(e for e in sweep["results"]["presets"] if e["label"] == entry["label"])
         assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"]
+
+
+def test_final_n_confirms_each_best_on_fresh_samples_once(sweep, tmp_path):
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    kwargs = dict(sweep["kwargs"], final_n=40)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        results = C.compare("dit-tiny", "320-images", out, **kwargs)
+    for entry in results["presets"]:
+        confirmations = []
+        for run in entry["runs"]:
+            (record,) = read_jsonl(out / run["run_dir"] / C.runner.CONFIRM_NAME)
+            assert record["n"] == 40 and record["guidance"] == entry["best_guidance"] and record["step"] == run["final"]["step"]
+            assert record["seed"] == run["seed"] + C.runner.CONFIRM_SEED_OFFSET and "fid_ci" in record
+            confirmations.append(record)
+        st = entry["confirmed_stats"]
+        assert st["fid"]["values"] == [c["fid"] for c in confirmations] and st["fid"]["kind"] == "min-max"
+        assert st["label_accuracy"]["values"] != entry["best_stats"]["label_accuracy"]["values"] or st["fid"]["values"] != entry["best_stats"]["fid"]["values"]
+    assert [v["metric"] for v in results["confirmed_verdict"]] == ["fid", "label_accuracy"]
+    md = (out / "report.md").read_text()
+    assert "Confirmed on 40 fresh samples" in md and all(line in md for line in results["confirmed_verdict_text"])
+    snapshot = {p: p.read_bytes() for p in out.glob("runs/*/confirm.jsonl")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        again = C.compare("dit-tiny", "320-images", out, **kwargs)
+    assert snapshot == {p: p.read_bytes() for p in out.glob("runs/*/confirm.jsonl")}
+    assert again["confirmed_verdict"] == results["confirmed_verdict"]
+    with pytest.raises(UserError, match="--final-n must be 0"):
+        C.compare("dit-tiny", "320-images", out, **dict(kwargs, final_n=3))

@@ -133,6 +133,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--final-n", type=int, default=0, help="then score each preset's best lr and guidance again on this many fresh "
+                   "samples per seed (e.g. 5000): the report's confirmed table and verdict (default 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
@@ -355,7 +357,7 @@ def cmd_compare(args) -> None:
         args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
         steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
         seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
-        precision=args.precision, wandb=args.wandb, compile=args.compile,
+        precision=args.precision, wandb=args.wandb, compile=args.compile, final_n=args.final_n,
     )  # fmt: skip
     for e in results["presets"]:
         st = e["best_stats"]
@@ -363,6 +365,8 @@ def cmd_compare(args) -> None:
         print(f"{e['label']}: best lr {lr}, guidance {g}, FID {fmt_stat(st['fid'], '.2f')}, label accuracy {fmt_stat(st['label_accuracy'])}")
     for line in verdict_lines(results):
         print(line)
+    for line in verdict_lines(results, confirmed=True):
+        print(f"confirmed on {args.final_n:,} fresh samples: {line}")
     print(f"report: {args.out / 'report.html'}")
 
 

@@ -262,12 +262,13 @@ def _spread_note(results: dict) -> str:
     return f"Cells: one seed [its {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples]."
 
 
-def verdict_lines(results: dict) -> list[str]:
+def verdict_lines(results: dict, confirmed: bool = False) -> list[str]:
     """The verdict in words: per metric, the leading preset and, against each other one, ahead
-    or a tie (a difference smaller than the larger spread of the two)."""
-    stats = {e["label"]: e["best_stats"] for e in results["presets"]}
+    or a tie (a difference smaller than the larger spread of the two); ``confirmed``: on the
+    confirmation's fresh samples."""
+    stats = {e["label"]: e["confirmed_stats" if confirmed else "best_stats"] for e in results["presets"]}
     lines = []
-    for v in results.get("verdict", []):
+    for v in results.get("confirmed_verdict" if confirmed else "verdict", []):
         m, spec = v["metric"], _SPECS[v["metric"]]
         better = "lower" if v["lower_is_better"] else "higher"
         parts = [
@@ -293,6 +294,17 @@ def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         ])  # fmt: skip
     f = results["floor"]
     rows.append(["real data (floor)", "", "", "", "", "", *(_fmt_ci(f, m) for m in _SPECS), "", "", ""])
+    return head, rows
+
+
+def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["preset", "best lr", "guidance", "FID", "label acc.", "precision", "recall", "seeds"]
+    rows = []
+    for e in results["presets"]:
+        st = e.get("confirmed_stats")
+        if st:
+            rows.append([e["label"], _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
+                         str(len(st["fid"]["values"]))])  # fmt: skip
     return head, rows
 
 
@@ -397,6 +409,14 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     summary = [("list", verdict)] if verdict else []
     summary += [("table", _summary_rows(results)), ("note", _spread_note(results) + " Verdict: a difference smaller than the larger spread is a tie.")]
     sections = [("summary", "Summary", summary)]
+    n = results["settings"].get("final_n")
+    if n and any(e.get("confirmed_stats") for e in results["presets"]):
+        confirmed = verdict_lines(results, confirmed=True)
+        blocks = [("p", f"Each preset's best learning rate and guidance (picked above on {results['settings']['eval_n']:,} samples) "
+                        f"scored again on {n:,} fresh samples per seed (other sampling seeds than the selection's).")]
+        blocks += [("list", confirmed)] if confirmed else [("note", "The confirmed verdict waits for every preset's confirmation.")]
+        blocks += [("table", _confirmed_rows(results)), ("note", _spread_note(results))]
+        sections.append(("confirmed", f"Confirmed on {n:,} fresh samples", blocks))
     sections.append(("samples", "Samples (each preset at its best learning rate and guidance)", [("grids", list(grids.values()))]))
     for key, path in figures.items():
         blocks = [("img", path)]
@@ -483,6 +503,7 @@ def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
             grids[entry["label"]] = (g, caption)
     results["figures"] = {k: p.name for k, p in figures.items()}
     results["verdict_text"] = verdict_lines(results)
+    results["confirmed_verdict_text"] = verdict_lines(results, confirmed=True)
     write_json(out_dir / "results.json", results)
 
     title = "simple-dit comparison: " + " vs ".join(e["label"] for e in results["presets"])

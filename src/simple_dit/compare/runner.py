@@ -32,6 +32,10 @@ from .report import GRID_PER_CLASS, write_report
 
 EVALS_NAME = "evals.jsonl"
 SETTINGS_NAME = "compare.json"
+CONFIRM_NAME = "confirm.jsonl"
+# Confirmation samples are drawn with the run's seed plus this, so that they are independent of
+# the samples that picked the learning rate and the guidance (no winner's curse).
+CONFIRM_SEED_OFFSET = 1000
 
 # ---- running -----------------------------------------------------------------------------------
 
@@ -51,13 +55,14 @@ class Settings:
     precision: str
     objectives: list[str] | None = None  # None: each preset's own
     compile: bool = False  # how fast, not what: runs may be resumed with or without it
+    final_n: int = 0  # samples per seed of each preset's confirmation at its best lr and guidance (0: none)
 
     # The settings that decide what a run directory and its evals.jsonl hold. (Presets, learning
     # rates, seeds and objectives may change between invocations: each run has its own directory.)
     RESULT_KEYS = ("budget", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision")
 
     def to_dict(self) -> dict:
-        keys = ("presets", "objectives", "lrs", "seeds", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision", "compile")
+        keys = ("presets", "objectives", "lrs", "seeds", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "precision", "compile", "final_n")
         d = {k: getattr(self, k) for k in keys}
         d["budget"] = {"kind": self.budget.kind, "amount": self.budget.amount, "text": str(self.budget)}
         d["guidance_rule"] = GUIDANCE_RULE
@@ -142,10 +147,14 @@ class _Meters:
         return cls._cache[key]
 
 
-def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path, seed: int | None = None) -> dict:
-    """Score the run's checkpoint (EMA weights) on ``eval_n`` fresh samples at each guidance scale
-    (the same labels and noise for each): the scale ``pick_guidance`` picks gives the top-level
-    scores, ``by_guidance`` holds them all. Save a grid of the picked scale's first few per class."""
+def _evaluate(
+    run_dir: Path, settings: Settings, meter, device, grid_path: Path | None, seed: int | None = None, *,
+    n: int | None = None, guidances: Sequence[float] | None = None,
+) -> dict:  # fmt: skip
+    """Score the run's checkpoint (EMA weights) on ``n`` (default ``eval_n``) fresh samples drawn
+    with ``seed`` at each of ``guidances`` (default: the settings'; the same labels and noise for
+    each): the scale ``pick_guidance`` picks gives the top-level scores, ``by_guidance`` holds them
+    all. Save a grid of the picked scale's first few per class to ``grid_path`` (if given)."""
     from dataclasses import asdict
 
     from ..diffusion import check_sampler
@@ -154,15 +163,16 @@ def _evaluate(run_dir: Path, settings: Settings, meter, device, grid_path: Path,
     start = time.perf_counter()
     seed = settings.seeds[0] if seed is None else seed
     pipe = Pipeline.from_pretrained(run_dir, device=device, precision=settings.precision)
-    labels = pipe.cycled_labels(settings.eval_n)
+    labels = pipe.cycled_labels(n or settings.eval_n)
     sampler = check_sampler(pipe.diffusion, settings.sampler)
     rows, images = [], {}
-    for g in settings.guidances:
+    for g in guidances or settings.guidances:
         images[g] = pipe(labels, sampler=sampler, steps=settings.steps, guidance=g, seed=seed)
         rows.append({"guidance": g, **{k: v for k, v in asdict(meter.score(images[g], labels)).items() if v is not None}})
     picked = pick_guidance(rows)
-    first = slice(0, GRID_PER_CLASS * pipe.num_classes)
-    pipe.save_grid(images[picked["guidance"]][first], labels[first], grid_path)
+    if grid_path is not None:
+        first = slice(0, GRID_PER_CLASS * pipe.num_classes)
+        pipe.save_grid(images[picked["guidance"]][first], labels[first], grid_path)
     return {**picked, "by_guidance": rows, "sampler": sampler, "eval_seconds": time.perf_counter() - start}
 
 
@@ -308,6 +318,7 @@ def compare(
     guidances: str | Sequence[float] | None = None,
     wandb: str | None = None,
     compile: bool = False,
+    final_n: int = 0,
 ) -> dict:
     """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
     return results.json's content.
@@ -317,7 +328,9 @@ def compare(
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
     with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
     every run to Weights & Biases, grouped under the name of ``out_dir``. ``compile`` trains with
-    ``torch.compile`` (see ``train``)."""
+    ``torch.compile`` (see ``train``). ``final_n`` > 0 then scores every seed of each preset's best
+    learning rate and guidance again on ``final_n`` fresh samples (seeds offset by
+    ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
@@ -336,6 +349,8 @@ def compare(
     fractions = eval_fractions(eval_every_frac)
     if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 6:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
+    if isinstance(final_n, bool) or not isinstance(final_n, int) or not (final_n == 0 or final_n >= 6):
+        raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {steps}")
     if dataset not in DATASETS:
@@ -346,7 +361,7 @@ def compare(
         for objective in objective_list or [get_preset(preset).diffusion.objective]:
             check_sampler(make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective)), sampler)
     device = parse_device(device)
-    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile))
+    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile), final_n)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
@@ -428,6 +443,35 @@ def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
     )  # fmt: skip
 
 
+def _confirmation_key(settings: Settings, guidance: float, run: dict) -> dict:
+    return {"n": settings.final_n, "guidance": guidance, "steps": settings.steps, "step": run["final"]["step"]}
+
+
+def _confirmed(settings: Settings, guidance: float, run: dict) -> dict | None:
+    key = _confirmation_key(settings, guidance, run)
+    return next((c for c in run.get("confirmed", []) if all(c.get(k) == v for k, v in key.items())), None)
+
+
+def _confirm_best(out_dir: Path, settings: Settings, results: dict, *, meter, device, log) -> bool:
+    """Score every seed of each preset's best learning rate once more, at its picked guidance, on
+    ``final_n`` fresh samples (into the run's confirm.jsonl); True if anything new was scored."""
+    scored = False
+    for entry in results["presets"]:
+        if entry["best_lr"] is None:
+            continue
+        g = entry["best_guidance"]
+        for run in entry["runs"]:
+            if run["lr"] != entry["best_lr"] or not run["complete"] or run["diverged"] or _confirmed(settings, g, run):
+                continue
+            run_dir = out_dir / run["run_dir"]
+            log(f"{run_dir.name}: confirming guidance {g:g} on {settings.final_n:,} fresh samples")
+            scores = _evaluate(run_dir, settings, meter, device, None, run["seed"] + CONFIRM_SEED_OFFSET, n=settings.final_n, guidances=[g])
+            scores.pop("by_guidance")
+            append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, g, run) | scores | {"seed": run["seed"] + CONFIRM_SEED_OFFSET})
+            scored = True
+    return scored
+
+
 def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None) -> dict:
     budget, eval_n = settings.budget, settings.eval_n
 
@@ -447,7 +491,10 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
     earlier = runs_on_disk(out_dir, settings, plan)
     for run in earlier:
         stats.setdefault(run.preset, _model_stats(run.preset))
-    results = collect_results(out_dir, _covering(settings, plan + earlier), stats, plan + earlier, floor, device)
+    covering = _covering(settings, plan + earlier)
+    results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
+    if settings.final_n and _confirm_best(out_dir, covering, results, meter=meter, device=device, log=log):
+        results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -556,20 +603,21 @@ def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
     }  # fmt: skip
 
 
-def verdict(entries: list[dict]) -> list[dict]:
+def verdict(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     """For FID and label accuracy: the leading preset (at its best learning rate and guidance)
     and, for each other, the difference of the seed means and whether it is a tie: no larger
-    than the larger of the two spreads."""
+    than the larger of the two spreads. ``stats_key``: the scores of the selection ("best_stats")
+    or of the confirmation ("confirmed_stats")."""
     out = []
     for metric, lower_is_better in (("fid", True), ("label_accuracy", False)):
-        ranked = [e for e in entries if math.isfinite(e["best_stats"][metric]["mean"])]
-        ranked.sort(key=lambda e: e["best_stats"][metric]["mean"] * (1 if lower_is_better else -1))
+        ranked = [e for e in entries if e.get(stats_key) and math.isfinite(e[stats_key][metric]["mean"])]
+        ranked.sort(key=lambda e: e[stats_key][metric]["mean"] * (1 if lower_is_better else -1))
         if len(ranked) < 2:
             continue
-        lead = ranked[0]["best_stats"][metric]
+        lead = ranked[0][stats_key][metric]
         others = []
         for e in ranked[1:]:
-            s = e["best_stats"][metric]
+            s = e[stats_key][metric]
             spread = max(x for x in (lead["spread"], s["spread"], 0.0) if x is not None)
             difference = abs(lead["mean"] - s["mean"])
             others.append({"label": e["label"], "difference": difference, "spread": spread, "tie": difference <= spread})
@@ -605,6 +653,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
             "images_per_s": statistics.median(speeds) if speeds else None,
             "final": evals[-1] if evals else None,
             "evals": evals,
+            "confirmed": read_jsonl(run.run_dir / CONFIRM_NAME),
             "loss": [{"step": m["step"], "images_seen": m["step"] * batch, "loss": m["loss"]} for m in metrics if "loss" in m],
         })  # fmt: skip
     for entry in presets.values():
@@ -616,8 +665,16 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         entry["best"] = best["final"]
         entry["best_stats"] = best["stats"]
         entry["images_per_s"] = best["images_per_s"]
+        confirmed = [_confirmed(settings, best["guidance"], r) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
+        entry["confirmed_stats"] = None
+        if settings.final_n and confirmed and all(confirmed):
+            ci = (lambda m: confirmed[0].get(f"{m}_ci")) if len(confirmed) == 1 else (lambda m: None)
+            entry["confirmed_stats"] = {m: seed_stats([c.get(m) for c in confirmed], ci(m)) for m in CI_METRICS}
     device = torch.device(device)
     entries = list(presets.values())
+    # Scores at different sample counts are not comparable (FID's bias depends on n): the
+    # confirmed verdict needs every preset confirmed.
+    every_confirmed = bool(entries) and all(e["confirmed_stats"] for e in entries)
     return {
         "settings": settings.to_dict(),
         "floor": floor,
@@ -629,4 +686,5 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "presets": entries,
         "verdict": verdict(entries),
+        "confirmed_verdict": verdict(entries, "confirmed_stats") if every_confirmed else [],
     }
