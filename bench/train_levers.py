@@ -2,13 +2,17 @@
 one lever at a time turned back (fused attention, tanh GELU in bf16), timed interleaved in one
 process so that the ratios are fair on a machine whose speed drifts.
 
-    .venv/bin/python bench/train_levers.py --preset dit-seed --batch-size 128 --repeats 5
+    .venv/bin/python bench/train_levers.py --preset dit-seed --batch-size 128 --repeats 5 [--compile]
+
+``--compile`` adds ours through ``torch.compile`` (its compilation happens in the untimed warm-up
+calls, and is printed apart).
 
 Prints images/s per variant and each one's ratio to the reference; the last line is one JSON object.
 """
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,7 @@ from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
 from simple_dit.models.dit import Mlp
-from simple_dit.runtime import cpu_has_fast_bf16, keep_freed_memory
+from simple_dit.runtime import compile_model, cpu_has_fast_bf16, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
 
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--preset", default="dit-seed")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     keep_freed_memory()
     config = get_preset(args.preset)
@@ -42,12 +47,13 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,))
     bf16 = "bf16" if cpu_has_fast_bf16() else "fp32"
 
-    def variant(model, precision, fused_adamw=True, swap=None):
+    def variant(model, precision, fused_adamw=True, swap=None, compiled=False):
         for block in getattr(model, "blocks", []):
             for name, cls in (swap or {}).items():
                 getattr(block, name).__class__ = cls
         opt = make_optimizer(model, config, device) if fused_adamw else torch.optim.AdamW(model.parameters(), lr=config.train.lr)
-        return lambda: train_step(model, diffusion, opt, x, y, precision=precision)
+        forward = compile_model(model, device) if compiled else model
+        return lambda: train_step(forward, diffusion, opt, x, y, precision=precision)
 
     fns = {
         "reference (fp32, fused attention)": variant(reference_model(config.model), "fp32", fused_adamw=False),
@@ -56,6 +62,11 @@ def main() -> None:
         f"ours ({bf16}), tanh GELU": variant(build_model(config.model), bf16, swap={"mlp": TanhMlp}),
         "ours (fp32)": variant(build_model(config.model), "fp32"),
     }
+    if args.compile:
+        fns[f"ours ({bf16}), compiled"] = step = variant(build_model(config.model), bf16, compiled=True)
+        start = time.perf_counter()
+        step()
+        print(f"compiling ours ({bf16}): {time.perf_counter() - start:.1f} s (first step, not timed)")
     seconds = interleaved_median_seconds(fns, device, warmup=2, repeats=args.repeats)
     ref = seconds["reference (fp32, fused attention)"]
     rows = {name: {"images_per_s": args.batch_size / s, "x_reference": ref / s} for name, s in seconds.items()}
