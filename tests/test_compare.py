@@ -170,7 +170,7 @@ def resumed(tmp_path_factory, mnist_dir, meter):
 def test_compare_writes_a_consistent_report(resumed):
     out, results = resumed["out"], resumed["results"]
     for name in ("report.md", "report.html", "results.json", "loss.png", "samples_dit-tiny.png", "samples_unet-tiny.png",
-                 "quality_vs_images.png", "quality_vs_seconds.png", "quality_vs_flops.png", "guidance_frontier.png"):  # fmt: skip
+                 "quality_vs_images.png", "quality_vs_seconds.png", "quality_vs_flops.png", "guidance_frontier.png", "verdict.png"):  # fmt: skip
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -210,7 +210,7 @@ def test_compare_writes_a_consistent_report(resumed):
 
     html = (out / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]*)"', html)
-    assert len(sources) == 7 and all(s.startswith("data:image/png;base64,") for s in sources)  # 2 grids + 5 figures
+    assert len(sources) == 8 and all(s.startswith("data:image/png;base64,") for s in sources)  # 2 grids + 6 figures
     assert "<link" not in html and "<script" not in html  # nothing to fetch
     md = (out / "report.md").read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):

@@ -96,6 +96,56 @@ def _quality_figure(results: dict, axis: str, path: Path) -> Path:
     return path
 
 
+def _best_lr(entry: dict) -> dict | None:
+    return next((a for a in entry["lrs"] if a["lr"] == entry["best_lr"]), None)
+
+
+def _verdict_figure(results: dict, path: Path) -> Path:
+    """The answer in one figure: FID and label accuracy against training images, seconds and
+    FLOPs, each preset at its best learning rate and guidance, the seed mean at every evaluation
+    point with the seeds' spread as error bars."""
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    colours = _colours()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey="row")
+    floor, n = results["floor"], results["settings"]["eval_n"]
+    for col, (axis, (x_label, x_of)) in enumerate(_X_AXES.items()):
+        for row, metric in enumerate(("fid", "label_accuracy")):
+            ax = axes[row][col]
+            for i, entry in enumerate(results["presets"]):
+                agg = _best_lr(entry)
+                pts = [(x_of(entry, c), c[metric]) for c in (agg or {}).get("curve", []) if math.isfinite(c[metric]["mean"])]
+                if not pts:
+                    continue
+                xs, stats = [x for x, _ in pts], [m for _, m in pts]
+                means = [m["mean"] for m in stats]
+                errors = [[m["mean"] - m["lo"] for m in stats], [m["hi"] - m["mean"] for m in stats]] if stats[0]["lo"] is not None else None
+                ax.errorbar(xs, means, yerr=errors, color=colours[i % len(colours)], marker="o", markersize=5, capsize=3, linewidth=1.6,
+                            label=f"{entry['label']}, lr {agg['lr']:g}, guidance {agg['guidance']:g}")  # fmt: skip
+            if metric in floor:
+                ax.axhline(floor[metric], color="grey", linewidth=0.8, linestyle=":", label=f"real data ({floor[metric]:.3g})")
+            lo, hi = ax.get_xlim()
+            if lo > 0 and hi / lo > 10:  # presets far apart in cost (a DiT and a UNet in FLOPs)
+                ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel(x_label)
+        axes[0][0].set_ylabel("FID (lower is better)")
+        axes[1][0].set_ylabel("label accuracy (higher is better)")
+    _log_y(axes[0][0])
+    axes[1][0].set_ylim(-0.02, 1.02)
+    axes[0][2].legend(fontsize=7, loc="best")
+    axes[1][2].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Each preset at its best learning rate and guidance; mean and spread over seeds ({n:,} samples per point)", fontsize=10)
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=0.93, wspace=0.08, hspace=0.12)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _loss_figure(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -182,7 +232,7 @@ def _frontier_series(results: dict) -> list:
     seeds' spread (or, with one seed, the bootstrap interval) as error bars."""
     series = []
     for entry in results["presets"]:
-        agg = next((a for a in entry["lrs"] if a["lr"] == entry["best_lr"]), None)
+        agg = _best_lr(entry)
         if agg is None:
             continue
         rows = [{"guidance": row["guidance"], **{m: row[m]["mean"] for m in ("fid", "label_accuracy")},
@@ -286,7 +336,7 @@ def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for e in results["presets"]:
         b, st = e["best"] or {}, e["best_stats"]
-        agg = next((a for a in e["lrs"] if a["lr"] == e["best_lr"]), {"seeds": []})
+        agg = _best_lr(e) or {"seeds": []}
         rows.append([
             e["label"], f"{e['params'] / 1e6:.2f}", f"{e['gflops_per_image']:.3f}", _fmt(e["images_per_s"], ".0f"),
             _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
@@ -323,7 +373,7 @@ def _guidance_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     head = ["preset", "lr", "guidance", "FID", "label acc.", "precision", "recall"]
     rows = []
     for e in results["presets"]:
-        agg = next((a for a in e["lrs"] if a["lr"] == e["best_lr"]), None)
+        agg = _best_lr(e)
         for row in agg["guidances"] if agg else []:
             mark = " *" if row["guidance"] == agg["guidance"] else ""
             rows.append([e["label"], f"{agg['lr']:g}", f"{row['guidance']:g}{mark}", *(fmt_stat(row[m], _SPECS[m]) for m in _SPECS)])
@@ -394,6 +444,7 @@ NOTES = (
 )
 
 _CAPTIONS = {
+    "verdict": "The answer in one figure: quality against training images, seconds and FLOPs",
     "quality_vs_images": "Quality against training images seen",
     "quality_vs_seconds": "Quality against training time",
     "quality_vs_flops": "Quality against training compute",
@@ -488,7 +539,8 @@ def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
     matplotlib.use("Agg")
 
     out_dir = Path(out_dir)
-    figures = {f"quality_vs_{axis}": _quality_figure(results, axis, out_dir / f"quality_vs_{axis}.png") for axis in _X_AXES}
+    figures = {"verdict": _verdict_figure(results, out_dir / "verdict.png")}
+    figures |= {f"quality_vs_{axis}": _quality_figure(results, axis, out_dir / f"quality_vs_{axis}.png") for axis in _X_AXES}
     figures["frontier"] = write_frontier_figure(_frontier_series(results), results["floor"], out_dir / "guidance_frontier.png",
                                                 title=_CAPTIONS["frontier"])  # fmt: skip
     figures["loss"] = _loss_figure(results, out_dir / "loss.png")
