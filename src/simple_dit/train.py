@@ -112,6 +112,8 @@ def compile_for_training(model, forward_model, diffusion, x0: torch.Tensor, y: t
             with autocast(device, precision):
                 loss = diffusion.training_loss(compiled, x0, y)
             loss.backward()
+            for p in model.parameters():  # as train_step does: no gradient outlives its graph replay
+                p.grad = None
         synchronize(device)
     except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
         reason = (str(e).strip().splitlines() or [""])[0][:200]
