@@ -350,6 +350,8 @@ def test_mean_spread_and_verdict_over_seeds(sweep):
     md = (out / "report.md").read_text()
     assert all(line in md for line in lines) and "mean (min–max) over 2 seeds" in md and GUIDANCE_RULE in md
     assert "![" in md and "guidance_frontier.png" in md and (out / "guidance_frontier.png").stat().st_size > 0
+    # Two scales swept: every pick is at an edge of the range, and the report says so.
+    assert f"The guidance picked for {', '.join(e['label'] for e in results['presets'])} is at the edge of the swept scales (1–2)" in md
     for entry in results["presets"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {entry['label']} |"))
         fid = entry["best_stats"]["fid"]

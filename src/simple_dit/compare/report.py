@@ -347,6 +347,19 @@ def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _guidance_edge_note(results: dict) -> str | None:
+    """A warning where a preset's picked guidance is the smallest or largest scale swept: a scale
+    beyond the range may score better still."""
+    swept = results["settings"]["guidances"]
+    if len(swept) < 2:
+        return None
+    at_edge = [e["label"] for e in results["presets"] if e["best_guidance"] in (min(swept), max(swept))]
+    if not at_edge:
+        return None
+    return (f"The guidance picked for {', '.join(at_edge)} is at the edge of the swept scales ({min(swept):g}–{max(swept):g}): "
+            "a scale beyond the range may score better.")
+
+
 def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     head = ["preset", "best lr", "guidance", "FID", "label acc.", "precision", "recall", "seeds"]
     rows = []
@@ -459,6 +472,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
     summary += [("table", _summary_rows(results)), ("note", _spread_note(results) + " Verdict: a difference smaller than the larger spread is a tie.")]
+    if edge := _guidance_edge_note(results):
+        summary.append(("note", edge))
     sections = [("summary", "Summary", summary)]
     n = results["settings"].get("final_n")
     if n and any(e.get("confirmed_stats") for e in results["presets"]):
