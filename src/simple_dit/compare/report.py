@@ -128,6 +128,8 @@ def _verdict_figure(results: dict, path: Path) -> Path:
             lo, hi = ax.get_xlim()
             if lo > 0 and hi / lo > 10:  # presets far apart in cost (a DiT and a UNet in FLOPs)
                 ax.set_xscale("log")
+            else:  # from zero: the budget spent, not a zoom on the differences between runs
+                ax.set_xlim(0, hi * 1.05)
             ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.grid(alpha=0.3)
@@ -138,7 +140,7 @@ def _verdict_figure(results: dict, path: Path) -> Path:
     _log_y(axes[0][0])
     axes[1][0].set_ylim(-0.02, 1.02)
     axes[0][2].legend(fontsize=7, loc="best")
-    axes[1][2].legend(fontsize=7, loc="lower right")
+    axes[1][2].legend(fontsize=7, loc="best")
     fig.suptitle(f"Each preset at its best learning rate and guidance; mean and spread over seeds ({n:,} samples per point)", fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=0.93, wspace=0.08, hspace=0.12)
     fig.savefig(path, dpi=110)
