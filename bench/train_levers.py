@@ -12,12 +12,11 @@ Prints images/s per variant and each one's ratio to the reference; the last line
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from simple_dit.bench import FusedAttention, interleaved_median_seconds, reference_model
+from simple_dit.bench import FusedAttention, interleaved_median_seconds, median_seconds, reference_model
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
@@ -64,9 +63,7 @@ def main() -> None:
     }
     if args.compile:
         fns[f"ours ({bf16}), compiled"] = step = variant(build_model(config.model), bf16, compiled=True)
-        start = time.perf_counter()
-        step()
-        print(f"compiling ours ({bf16}): {time.perf_counter() - start:.1f} s (first step, not timed)")
+        print(f"compiling ours ({bf16}): {median_seconds(step, device, warmup=0, repeats=1):.1f} s (first step, not timed)")
     seconds = interleaved_median_seconds(fns, device, warmup=2, repeats=args.repeats)
     ref = seconds["reference (fp32, fused attention)"]
     rows = {name: {"images_per_s": args.batch_size / s, "x_reference": ref / s} for name, s in seconds.items()}

@@ -82,15 +82,6 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def _first_call_seconds(fn, device: torch.device) -> float:
-    """Seconds of the first call of a compiled ``fn``: the compilation, apart from the steps timed."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -150,7 +141,7 @@ def run_bench(
             train_step(forward_model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
 
         if compile:
-            result["train_compile_s"] = _first_call_seconds(step, dev)
+            result["train_compile_s"] = median_seconds(step, dev, warmup=0, repeats=1)  # the first call compiles
         seconds = median_seconds(step, dev, warmup, repeats)
         result["train_images_per_s"] = batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * batch_size / seconds  # backward ~ 2x forward
@@ -164,7 +155,7 @@ def run_bench(
                 forward_model(x, t, y)
 
         if compile:
-            result["sample_compile_s"] = _first_call_seconds(denoise, dev)
+            result["sample_compile_s"] = median_seconds(denoise, dev, warmup=0, repeats=1)
         seconds = median_seconds(denoise, dev, warmup, repeats)
         result["sample_images_per_s"] = batch_size / seconds
     result["peak_rss_mb"] = peak_memory_mb(torch.device("cpu"))

@@ -400,11 +400,11 @@ def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun
     return plan
 
 
-def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun]) -> list[PlannedRun]:
+def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], stats: dict) -> list[PlannedRun]:
     """The runs that earlier invocations with the same settings left in ``out_dir`` and this one
     did not plan (other presets, objectives, learning rates or seeds), so that the report covers
     the directory: e.g. a grid of learning rates for one objective, then the other objective at the
-    best learning rate only."""
+    best learning rate only. Adds the ``_model_stats`` of their presets to ``stats``."""
     from ..checkpoint import load_config
     from ..config import PRESETS, get_preset
 
@@ -424,7 +424,9 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun]) -
         override = objective if objective != own else None
         if run_dir.name != run_name(config.preset, config.train.lr, config.train.seed, override):
             continue
-        targets = schedule(settings.budget, settings.fractions, config.train.batch_size, _model_stats(config.preset)["gflops_per_image"])
+        if config.preset not in stats:
+            stats[config.preset] = _model_stats(config.preset)
+        targets = schedule(settings.budget, settings.fractions, stats[config.preset]["batch_size"], stats[config.preset]["gflops_per_image"])
         found.append(PlannedRun(config.preset, objective, override, config.train.lr, config.train.seed, run_dir, targets))
     return found
 
@@ -488,9 +490,7 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
 
     meter = meter or _Meters.get(settings.dataset, data_dir)
     floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seeds[0])).items() if v is not None}
-    earlier = runs_on_disk(out_dir, settings, plan)
-    for run in earlier:
-        stats.setdefault(run.preset, _model_stats(run.preset))
+    earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
     if settings.final_n and _confirm_best(out_dir, covering, results, meter=meter, device=device, log=log):
@@ -668,8 +668,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         confirmed = [_confirmed(settings, best["guidance"], r) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
         entry["confirmed_stats"] = None
         if settings.final_n and confirmed and all(confirmed):
-            ci = (lambda m: confirmed[0].get(f"{m}_ci")) if len(confirmed) == 1 else (lambda m: None)
-            entry["confirmed_stats"] = {m: seed_stats([c.get(m) for c in confirmed], ci(m)) for m in CI_METRICS}
+            entry["confirmed_stats"] = _stats_at(confirmed, best["guidance"], settings.guidances[0])
     device = torch.device(device)
     entries = list(presets.values())
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
