@@ -488,7 +488,7 @@ def test_the_report_covers_every_run_in_the_directory(sweep, tmp_path):
         assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"]
 
 
-def test_final_n_confirms_each_best_on_fresh_samples_once(sweep, tmp_path):
+def test_final_n_confirms_each_run_on_fresh_samples_once(sweep, tmp_path):
     out = tmp_path / "report"
     shutil.copytree(sweep["out"], out)
     kwargs = dict(sweep["kwargs"], final_n=40)
@@ -499,11 +499,13 @@ def test_final_n_confirms_each_best_on_fresh_samples_once(sweep, tmp_path):
         confirmations = []
         for run in entry["runs"]:
             (record,) = read_jsonl(out / run["run_dir"] / C.runner.CONFIRM_NAME)
-            assert record["n"] == 40 and record["guidance"] == entry["best_guidance"] and record["step"] == run["final"]["step"]
+            # at the guidance the run's own final evaluation picked
+            assert record["n"] == 40 and record["guidance"] == run["final"]["guidance"] and record["step"] == run["final"]["step"]
             assert record["seed"] == run["seed"] + C.runner.CONFIRM_SEED_OFFSET and "fid_ci" in record
             confirmations.append(record)
         st = entry["confirmed_stats"]
         assert st["fid"]["values"] == [c["fid"] for c in confirmations] and st["fid"]["kind"] == "min-max"
+        assert entry["confirmed_guidances"] == sorted({c["guidance"] for c in confirmations})
         assert st["label_accuracy"]["values"] != entry["best_stats"]["label_accuracy"]["values"] or st["fid"]["values"] != entry["best_stats"]["fid"]["values"]
     assert [v["metric"] for v in results["confirmed_verdict"]] == ["fid", "label_accuracy"]
     md = (out / "report.md").read_text()
@@ -517,3 +519,23 @@ def test_final_n_confirms_each_best_on_fresh_samples_once(sweep, tmp_path):
     assert again["confirmed_verdict"] == results["confirmed_verdict"]
     with pytest.raises(UserError, match="--final-n must be 0"):
         C.compare("dit-tiny", "320-images", out, **dict(kwargs, final_n=3))
+
+
+def test_finished_runs_kept_without_their_checkpoints_are_reported_not_retrained(sweep, tmp_path):
+    """A comparison kept in git (records, no weights) and continued elsewhere: its finished runs
+    are reported as they were, and --final-n says plainly that it cannot confirm them."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    for checkpoint in out.glob("runs/*/checkpoint.safetensors"):
+        checkpoint.unlink()
+    logged = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        results = C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], seeds="0", final_n=40, log=logged.append))
+    assert sorted(run["run_dir"] for e in results["presets"] for run in e["runs"]) == sorted(f"runs/{r}" for r in SWEEP_RUNS)
+    for entry in results["presets"]:
+        same = next(e for e in sweep["results"]["presets"] if e["label"] == entry["label"])
+        assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"] and entry["confirmed_stats"] is None
+    assert sum("weights at step" in m and "cannot be confirmed" in m for m in logged) == 2  # the two planned (seed 0) runs
+    assert all((out / "runs" / r / C.EVALS_NAME).is_file() for r in SWEEP_RUNS)

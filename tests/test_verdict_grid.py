@@ -1,8 +1,9 @@
 """scripts/verdict-grid.sh, driven by a stub `simple-dit` that records its commands and answers
-with a results.json, so that these tests take a second: the three steps in order into one
-directory, flow at each preset's own best epsilon learning rate, the confirmation last, and a
-failing step stops the grid. (What each `compare` does is tested in test_compare.py: resuming,
-the report covering the directory, --final-n.)"""
+with a results.json, so that these tests take a second: the two steps in order into one
+directory, flow at each preset's own best epsilon learning rate, a failing step stops the grid,
+and the records that carry the grid from one machine to the next (no weights). (What each
+`compare` does is tested in test_compare.py: resuming, the report covering the directory,
+--final-n, finished runs without checkpoints.)"""
 
 from __future__ import annotations
 
@@ -26,28 +27,63 @@ echo '{"presets": [{"preset": "unet-seed", "objective": "eps", "best_lr": 0.001}
 """
 
 
-def grid(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+def grid(tmp_path, *args, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
     stub, log = tmp_path / "simple-dit", tmp_path / "log.txt"
     stub.write_text(STUB)
     stub.chmod(0o755)
     env = {**os.environ, "SIMPLE_DIT": str(stub), "PYTHON": sys.executable, "STUB_LOG": str(log), **env}
-    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "verdict")], capture_output=True, text=True, env=env, timeout=60)
+    argv = ["bash", str(SCRIPT), *args, str(tmp_path / "verdict"), str(tmp_path / "records")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     return result, log.read_text().splitlines() if log.exists() else []
 
 
-def test_the_three_steps_run_in_order_into_one_directory(tmp_path):
+def test_the_two_steps_run_in_order_into_one_directory(tmp_path):
     result, commands = grid(tmp_path)
     assert result.returncode == 0, result.stderr
     out = str(tmp_path / "verdict")
-    common = f"--budget 10m --seeds 0,1,2 --guidances 1.5,2,3,4 --eval-every-frac 1 --eval-n 1000 --steps 10 --out {out}"
+    common = f"--budget 10m --seeds 0,1,2 --final-n 5000 --guidances 1.5,2,3,4 --eval-every-frac 1 --eval-n 1000 --steps 10 --out {out}"
     assert commands == [
         f"compare --presets unet-seed,dit-seed --objective eps --lrs 1e-4,3e-4,1e-3 {common}",
         f"compare --presets unet-seed --objective flow --lrs 0.001 {common}",  # each preset's own best epsilon lr
         f"compare --presets dit-seed --objective flow --lrs 0.0003 {common}",
         f"compare --presets dit-mini --lrs 3e-3 {common}",
-        f"compare --presets unet-seed,dit-seed --objective eps --lrs 1e-4,3e-4,1e-3 --final-n 5000 {common}",
     ]
-    assert "3/3" in result.stderr and f"report: {out}/report.md" in result.stderr
+    assert "2/2" in result.stderr and f"report: {out}/report.md" in result.stderr
+
+
+def _run_dir(path, evals: str = "{}\n"):
+    path.mkdir(parents=True)
+    (path / "evals.jsonl").write_text(evals)
+    (path / "config.json").write_text("{}")
+    (path / "checkpoint.safetensors").write_bytes(b"weights")
+    (path / "tb").mkdir()
+    (path / "tb" / "events").write_bytes(b"events")
+    return path
+
+
+def test_records_carry_finished_runs_and_the_report_without_weights(tmp_path):
+    out, records = tmp_path / "verdict", tmp_path / "records"
+    _run_dir(out / "runs" / "unet-seed_lr0.001")
+    _run_dir(records / "runs" / "dit-seed_lr0.001")  # from another machine: restored, weights and all absent
+    _run_dir(records / "runs" / "unet-seed_lr0.001", evals="old\n")  # OUT's own is newer: not restored over it
+    result, _ = grid(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "runs" / "dit-seed_lr0.001" / "evals.jsonl").is_file()
+    assert (out / "runs" / "unet-seed_lr0.001" / "evals.jsonl").read_text() == "{}\n"
+    kept = records / "runs" / "unet-seed_lr0.001"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "evals.jsonl"]  # no checkpoint, no TensorBoard
+    assert (kept / "evals.jsonl").read_text() == "{}\n" and (records / "results.json").is_file()
+    assert (out / "runs" / "unet-seed_lr0.001" / "checkpoint.safetensors").is_file()  # OUT keeps its weights
+
+
+def test_save_alone_trains_nothing_and_a_stopped_grid_saves_too(tmp_path):
+    out, records = tmp_path / "verdict", tmp_path / "records"
+    _run_dir(out / "runs" / "unet-seed_lr0.001")
+    result, commands = grid(tmp_path, "--save")
+    assert result.returncode == 0 and commands == [] and (records / "runs" / "unet-seed_lr0.001" / "evals.jsonl").is_file()
+    _run_dir(out / "runs" / "dit-seed_lr0.001")
+    result, commands = grid(tmp_path, STUB_FAIL_ON="--objective eps")
+    assert result.returncode == 2 and len(commands) == 1 and (records / "runs" / "dit-seed_lr0.001" / "evals.jsonl").is_file()
 
 
 def test_settings_come_from_the_environment(tmp_path):
@@ -58,10 +94,8 @@ def test_settings_come_from_the_environment(tmp_path):
     assert [shlex.split(c)[:7] for c in commands] == [
         ["compare", "--presets", "dit-seed", "--objective", "eps", "--lrs", "1e-3"],
         ["compare", "--presets", "dit-seed", "--objective", "flow", "--lrs", "0.0003"],
-        ["compare", "--presets", "dit-seed", "--objective", "eps", "--lrs", "1e-3"],
     ]
-    assert all("--budget 160-images --seeds 0 --eval-n 12 --steps 2 --out" in c for c in commands)
-    assert "--final-n 20" in commands[-1]
+    assert all("--budget 160-images --seeds 0 --final-n 20 --eval-n 12 --steps 2 --out" in c for c in commands)
 
 
 def test_a_failing_step_stops_the_grid(tmp_path):

@@ -133,8 +133,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--final-n", type=int, default=0, help="then score each preset's best lr and guidance again on this many fresh "
-                   "samples per seed (e.g. 5000): the report's confirmed table and verdict (default 0: none)")
+    p.add_argument("--final-n", type=int, default=0, help="score each finished run again, at the guidance it picked, on this many "
+                   "fresh samples (e.g. 5000): the report's confirmed table and verdict, at each preset's best lr (default 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")

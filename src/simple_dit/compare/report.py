@@ -368,7 +368,8 @@ def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for e in results["presets"]:
         st = e.get("confirmed_stats")
         if st:
-            rows.append([e["label"], _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
+            guidances = ", ".join(f"{g:g}" for g in e.get("confirmed_guidances") or [e["best_guidance"]])
+            rows.append([e["label"], _fmt(e["best_lr"], "g"), guidances, *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
                          str(len(st["fid"]["values"]))])  # fmt: skip
     return head, rows
 
@@ -480,8 +481,9 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     n = results["settings"].get("final_n")
     if n and any(e.get("confirmed_stats") for e in results["presets"]):
         confirmed = verdict_lines(results, confirmed=True)
-        blocks = [("p", f"Each preset's best learning rate and guidance (picked above on {results['settings']['eval_n']:,} samples) "
-                        f"scored again on {n:,} fresh samples per seed (other sampling seeds than the selection's).")]
+        blocks = [("p", f"Each preset at its best learning rate (picked above on {results['settings']['eval_n']:,} samples): every seed's "
+                        f"run scored again, at the guidance its own final evaluation picked, on {n:,} fresh samples (other "
+                        "sampling seeds than the selection's).")]
         blocks += [("list", confirmed)] if confirmed else [("note", "The confirmed verdict waits for every preset's confirmation.")]
         blocks += [("table", _confirmed_rows(results)), ("note", _spread_note(results))]
         sections.append(("confirmed", f"Confirmed on {n:,} fresh samples", blocks))

@@ -233,10 +233,6 @@ def _run_one(
     seed = settings.seeds[0] if seed is None else seed
     evals_path = run_dir / EVALS_NAME
     name = run_dir.name
-    if not (run_dir / CHECKPOINT_NAME).is_file():
-        # Nothing to resume from: anything left here is from an attempt that never checkpointed.
-        for stale in (EVALS_NAME, "metrics.jsonl", GUIDANCE_NAME):
-            (run_dir / stale).unlink(missing_ok=True)
     records = read_jsonl(evals_path, repair=True)
     if any(rec.get("diverged") for rec in records):
         log(f"{name}: diverged earlier; not retried")
@@ -244,9 +240,16 @@ def _run_one(
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if not todo:
+        # A finished run needs no weights to be reported: its records may have been kept (e.g. in
+        # git) without its checkpoint.
         log(f"{name}: done ({len(targets)} evaluation point{'s' if len(targets) != 1 else ''})")
         _record_guidance(run_dir, settings, targets, seed)
+        _confirm_run(run_dir, settings, targets, seed, meter=meter, data_dir=data_dir, device=device, log=log)
         return
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        # Nothing to resume from: anything left here is from an attempt that never checkpointed.
+        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME):
+            (run_dir / stale).unlink(missing_ok=True)
     for target in todo:
         state = _train_state(run_dir)
         if state is None or not target.reached(state):
@@ -278,6 +281,35 @@ def _run_one(
             + (f" at guidance {record['guidance']:g}" if len(settings.guidances) > 1 else "")
         )
     _record_guidance(run_dir, settings, targets, seed)
+    _confirm_run(run_dir, settings, targets, seed, meter=meter, data_dir=data_dir, device=device, log=log)
+
+
+def _final_record(run_dir: Path, targets: list[Target]) -> dict | None:
+    """The evals.jsonl record of the run's last evaluation point (None before it, or diverged)."""
+    last = next((r for r in read_jsonl(run_dir / EVALS_NAME) if (r.get("target_kind"), round(float(r.get("target", -1)), 6)) == targets[-1].key()), None)
+    return None if last is None or last.get("diverged") or last.get("fid") is None else last
+
+
+def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed: int, *, meter, data_dir, device, log) -> None:
+    """With ``final_n``, score the finished run once more at the guidance its final evaluation
+    picked, on ``final_n`` fresh samples (into confirm.jsonl). Done as soon as the run finishes,
+    while its weights are on disk: a comparison that outlives its checkpoints (records kept in git
+    across machines) still has every confirmation."""
+    from ..checkpoint import CHECKPOINT_NAME
+
+    final = _final_record(run_dir, targets)
+    if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_jsonl(run_dir / CONFIRM_NAME)}):
+        return
+    state = _train_state(run_dir)
+    if state is None or state["step"] != final["step"]:
+        log(f"{run_dir.name}: its weights at step {final['step']} are gone; it cannot be confirmed")
+        return
+    g = final["guidance"]
+    log(f"{run_dir.name}: confirming guidance {g:g} on {settings.final_n:,} fresh samples")
+    meter = meter or _Meters.get(settings.dataset, data_dir)
+    scores = _evaluate(run_dir, settings, meter, device, None, seed + CONFIRM_SEED_OFFSET, n=settings.final_n, guidances=[g])
+    scores.pop("by_guidance")
+    append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, final) | scores | {"seed": seed + CONFIRM_SEED_OFFSET})
 
 
 def _model_stats(preset: str) -> dict:
@@ -328,9 +360,10 @@ def compare(
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
     with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
     every run to Weights & Biases, grouped under the name of ``out_dir``. ``compile`` trains with
-    ``torch.compile`` (see ``train``). ``final_n`` > 0 then scores every seed of each preset's best
-    learning rate and guidance again on ``final_n`` fresh samples (seeds offset by
-    ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict."""
+    ``torch.compile`` (see ``train``). ``final_n`` > 0 scores every finished run once more, at the
+    guidance its final evaluation picked, on ``final_n`` fresh samples (seeds offset by
+    ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict, of each preset's best
+    learning rate."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
@@ -405,7 +438,6 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
     did not plan (other presets, objectives, learning rates or seeds), so that the report covers
     the directory: e.g. a grid of learning rates for one objective, then the other objective at the
     best learning rate only. Adds the ``_model_stats`` of their presets to ``stats``."""
-    from ..checkpoint import load_config
     from ..config import PRESETS, get_preset
 
     planned_dirs = {run.run_dir.name for run in planned}
@@ -414,8 +446,8 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
         if not (run_dir / EVALS_NAME).is_file():
             continue
         try:
-            config = load_config(run_dir)
-        except (UserError, OSError):
+            config = _run_config_on_disk(run_dir)
+        except (UserError, OSError, ValueError, TypeError, KeyError):
             continue  # not a run (or a damaged one): the report covers what it can read
         if config.preset not in PRESETS:
             continue
@@ -429,6 +461,17 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
         targets = schedule(settings.budget, settings.fractions, stats[config.preset]["batch_size"], stats[config.preset]["gflops_per_image"])
         found.append(PlannedRun(config.preset, objective, override, config.train.lr, config.train.seed, run_dir, targets))
     return found
+
+
+def _run_config_on_disk(run_dir: Path):
+    """The run's config: its checkpoint's, or the config.json its training wrote (a finished run
+    kept without its weights)."""
+    from ..checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_config
+    from ..config import RunConfig
+
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return load_config(run_dir)
+    return RunConfig.from_dict(json.loads((run_dir / CONFIG_NAME).read_text()))
 
 
 def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
@@ -445,33 +488,17 @@ def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
     )  # fmt: skip
 
 
-def _confirmation_key(settings: Settings, guidance: float, run: dict) -> dict:
-    return {"n": settings.final_n, "guidance": guidance, "steps": settings.steps, "step": run["final"]["step"]}
+def _confirmation_key(settings: Settings, final: dict) -> dict:
+    return {"n": settings.final_n, "guidance": final["guidance"], "steps": settings.steps, "step": final["step"]}
 
 
-def _confirmed(settings: Settings, guidance: float, run: dict) -> dict | None:
-    key = _confirmation_key(settings, guidance, run)
+def _confirmed(settings: Settings, run: dict) -> dict | None:
+    """The run's confirmation under ``settings`` (of its final point, at the guidance that point
+    picked), or None."""
+    if not run.get("final") or run["final"].get("guidance") is None:
+        return None
+    key = _confirmation_key(settings, run["final"])
     return next((c for c in run.get("confirmed", []) if all(c.get(k) == v for k, v in key.items())), None)
-
-
-def _confirm_best(out_dir: Path, settings: Settings, results: dict, *, meter, device, log) -> bool:
-    """Score every seed of each preset's best learning rate once more, at its picked guidance, on
-    ``final_n`` fresh samples (into the run's confirm.jsonl); True if anything new was scored."""
-    scored = False
-    for entry in results["presets"]:
-        if entry["best_lr"] is None:
-            continue
-        g = entry["best_guidance"]
-        for run in entry["runs"]:
-            if run["lr"] != entry["best_lr"] or not run["complete"] or run["diverged"] or _confirmed(settings, g, run):
-                continue
-            run_dir = out_dir / run["run_dir"]
-            log(f"{run_dir.name}: confirming guidance {g:g} on {settings.final_n:,} fresh samples")
-            scores = _evaluate(run_dir, settings, meter, device, None, run["seed"] + CONFIRM_SEED_OFFSET, n=settings.final_n, guidances=[g])
-            scores.pop("by_guidance")
-            append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, g, run) | scores | {"seed": run["seed"] + CONFIRM_SEED_OFFSET})
-            scored = True
-    return scored
 
 
 def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None) -> dict:
@@ -493,8 +520,6 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
-    if settings.final_n and _confirm_best(out_dir, covering, results, meter=meter, device=device, log=log):
-        results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -558,11 +583,12 @@ def seed_stats(values: Sequence[float | None], ci: Sequence[float] | None = None
     return out
 
 
-def _stats_at(records: list[dict | None], guidance: float, default_guidance: float) -> dict:
-    """``seed_stats`` of each metric at ``guidance`` over the seeds' ``records``."""
+def _stats_at(records: list[dict | None], guidance: float | None, default_guidance: float) -> dict:
+    """``seed_stats`` of each metric at ``guidance`` (None: each record's own, single, scale) over
+    the seeds' ``records``."""
     rows = []
     for rec in records:
-        rows.append(next((r for r in guidance_rows(rec or {}, default_guidance) if r["guidance"] == guidance), {}))
+        rows.append(next((r for r in guidance_rows(rec or {}, default_guidance) if guidance is None or r["guidance"] == guidance), {}))
     return {m: seed_stats([r.get(m) for r in rows], rows[0].get(f"{m}_ci") if len(rows) == 1 else None) for m in CI_METRICS}
 
 
@@ -665,10 +691,11 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         entry["best"] = best["final"]
         entry["best_stats"] = best["stats"]
         entry["images_per_s"] = best["images_per_s"]
-        confirmed = [_confirmed(settings, best["guidance"], r) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
-        entry["confirmed_stats"] = None
+        confirmed = [_confirmed(settings, r) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
+        entry["confirmed_stats"], entry["confirmed_guidances"] = None, []
         if settings.final_n and confirmed and all(confirmed):
-            entry["confirmed_stats"] = _stats_at(confirmed, best["guidance"], settings.guidances[0])
+            entry["confirmed_stats"] = _stats_at(confirmed, None, settings.guidances[0])
+            entry["confirmed_guidances"] = sorted({c["guidance"] for c in confirmed})
     device = torch.device(device)
     entries = list(presets.values())
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
