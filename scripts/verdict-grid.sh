@@ -49,7 +49,7 @@ import shutil, sys
 from pathlib import Path
 
 what, out, records = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-WEIGHTS = shutil.ignore_patterns("*.safetensors", "tb", "wandb", ".lock")  # big, or of this machine only
+WEIGHTS = shutil.ignore_patterns("*.safetensors", "tb", "wandb", ".lock", "samples.png")  # big, of this machine only, or a copy
 if what == "restore":  # never over anything OUT already holds
     for run in sorted(records.glob("runs/*/evals.jsonl")):
         if not (out / "runs" / run.parent.name).exists():

@@ -56,6 +56,7 @@ def _run_dir(path, evals: str = "{}\n"):
     (path / "evals.jsonl").write_text(evals)
     (path / "config.json").write_text("{}")
     (path / "checkpoint.safetensors").write_bytes(b"weights")
+    (path / "samples.png").write_bytes(b"a copy of the last evaluation's grid")
     (path / "tb").mkdir()
     (path / "tb" / "events").write_bytes(b"events")
     return path
@@ -71,7 +72,7 @@ def test_records_carry_finished_runs_and_the_report_without_weights(tmp_path):
     assert (out / "runs" / "dit-seed_lr0.001" / "evals.jsonl").is_file()
     assert (out / "runs" / "unet-seed_lr0.001" / "evals.jsonl").read_text() == "{}\n"
     kept = records / "runs" / "unet-seed_lr0.001"
-    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "evals.jsonl"]  # no checkpoint, no TensorBoard
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "evals.jsonl"]  # no checkpoint, TensorBoard or copy
     assert (kept / "evals.jsonl").read_text() == "{}\n" and (records / "results.json").is_file()
     assert (out / "runs" / "unet-seed_lr0.001" / "checkpoint.safetensors").is_file()  # OUT keeps its weights
 
