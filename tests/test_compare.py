@@ -194,6 +194,7 @@ def test_compare_writes_a_consistent_report(resumed):
             assert all(e["guidance"] == 3.0 and [g["guidance"] for g in e["by_guidance"]] == [3.0] for e in evals)
             assert not (out / run["run_dir"] / "guidance.json").exists()  # one guidance scale: nothing picked
             assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
+            assert all(e["machine"] == results["machine"]["device"] for e in evals)  # what trained it, for the report
             assert run["final"] == evals[-1] and run["complete"]
             # One loss record per logged step, even where a killed segment had logged some already.
             steps = [p["step"] for p in run["loss"]]
@@ -528,6 +529,8 @@ def test_finished_runs_kept_without_their_checkpoints_are_reported_not_retrained
     shutil.copytree(sweep["out"], out)
     for checkpoint in out.glob("runs/*/checkpoint.safetensors"):
         checkpoint.unlink()
+    elsewhere = out / "runs" / SWEEP_RUNS[-1] / C.EVALS_NAME  # one run came from another machine
+    elsewhere.write_text("".join(json.dumps(r | {"machine": "another CPU"}) + "\n" for r in read_jsonl(elsewhere)))
     logged = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
@@ -539,3 +542,5 @@ def test_finished_runs_kept_without_their_checkpoints_are_reported_not_retrained
         assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"] and entry["confirmed_stats"] is None
     assert sum("weights at step" in m and "cannot be confirmed" in m for m in logged) == 2  # the two planned (seed 0) runs
     assert all((out / "runs" / r / C.EVALS_NAME).is_file() for r in SWEEP_RUNS)
+    here = results["machine"]["device"]
+    assert f"trained on {here} (3 runs); another CPU (1 run) with" in (out / "report.md").read_text()

@@ -8,6 +8,7 @@ import base64
 import html
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
@@ -442,8 +443,18 @@ def _settings_line(results: dict) -> str:
         f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run); "
         f"scored at {', '.join(f'{f:.0%}' for f in s['fractions'])} of the budget on {s['eval_n']} samples "
         f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])}, EMA weights) against the "
-        f"{s['dataset']} test split; trained on {m['device']} with {threads}, precision {s['precision']}."
+        f"{s['dataset']} test split; trained on {_machines(results) or m['device']} with {threads}, precision {s['precision']}."
     )
+
+
+def _machines(results: dict) -> str:
+    """The machines the runs trained on, with how many runs each (records from before they were
+    recorded: none), e.g. for a comparison continued from another machine's records."""
+    runs = [r["final"].get("machine") for e in results["presets"] for r in e["runs"] if r["final"] and r["final"].get("machine")]
+    counted = Counter(runs)
+    if len(counted) <= 1:
+        return next(iter(counted), "")
+    return "; ".join(f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in counted.most_common())
 
 
 NOTES = (

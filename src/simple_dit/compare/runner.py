@@ -214,11 +214,18 @@ def _record_guidance(run_dir: Path, settings: Settings, targets: list[Target], s
                    seed=seed, ema=True, step=last.get("step"), source="simple-dit compare, final evaluation point")  # fmt: skip
 
 
-def _point_record(target: Target, state: dict) -> dict:
-    """What every evals.jsonl record says about its evaluation point and the run's progress there."""
+def _point_record(target: Target, state: dict, device) -> dict:
+    """What every evals.jsonl record says about its evaluation point and the run's progress there,
+    and the machine it trained on (a comparison's runs may come from several: see
+    ``_run_config_on_disk``)."""
+    import torch
+
+    from ..runtime import device_name
+
     return {
         "point": target.point, "fraction": target.fraction, "target_kind": target.kind, "target": target.value,
         "step": state["step"], "images_seen": state["images_seen"], "train_seconds": state["train_seconds"],
+        "machine": device_name(torch.device(device)),
     }  # fmt: skip
 
 
@@ -262,14 +269,14 @@ def _run_one(
                 # Too high a learning rate is a result of the sweep, not a failure of it: record it
                 # and go on with the other runs.
                 state = _train_state(run_dir) or {"step": 0, "images_seen": 0, "train_seconds": 0.0}
-                append_jsonl(evals_path, _point_record(target, state) | {"diverged": True, "message": str(e)})
+                append_jsonl(evals_path, _point_record(target, state, device) | {"diverged": True, "message": str(e)})
                 log(f"{name}: {e}")
                 return
             state = _train_state(run_dir)
         meter = meter or _Meters.get(settings.dataset, data_dir)
         grid = run_dir / "eval_samples" / f"point_{target.point}.png"
         scores = _evaluate(run_dir, settings, meter, device, grid, seed)
-        record = _point_record(target, state) | scores | {"grid": str(grid.relative_to(run_dir))}
+        record = _point_record(target, state, device) | scores | {"grid": str(grid.relative_to(run_dir))}
         append_jsonl(evals_path, record)
         shutil.copyfile(grid, run_dir / "samples.png")
         if wandb is not None:
