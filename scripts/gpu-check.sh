@@ -13,7 +13,11 @@
 # The steps run one at a time (timings stay clean), most wanted first: environment, the compiled
 # benches, the eager ones, the comparison (--compile), tests, diffusers; a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
-# kinds (env, bench-compile, bench, compare, tests, diffusers).
+# kinds (env, bench-compile, bench, compare, tests, diffusers, verdict).
+# The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
+# advancing issue 9's GPU grid (`scripts/verdict-grid.sh --gpu`; in the dry run, tiny presets into
+# DIR), which resumes from its records in docs/verdict-600k-gpu; stopped at the budget (not a
+# failure), it saves them, and DIR/verdict-600k-gpu receives a copy to commit.
 # Exit status 0 when every step passed or was skipped for a recorded reason (no pytest, no
 # diffusers, no MNIST), 1 otherwise.
 #
@@ -87,7 +91,9 @@ if [ "$mode" = gpu ]; then
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
-  caps=(tests=240 env=60 bench=45 bench-compile=120 diffusers=60 compare=300)
+  caps=(tests=240 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
+  verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
+  verdict_records=docs/verdict-600k-gpu
 else
   device=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # robust timings on a small, shared CPU
@@ -101,7 +107,11 @@ else
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
   compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5 --compile)
-  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 compare=120)
+  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 compare=120 verdict=120)
+  verdict_records=$out/verdict-records
+  verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
+           "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
+           "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu "$out/verdict" "$verdict_records")
 fi
 budget_s=${GPU_CHECK_BUDGET_S:-470}
 read -r -a extra_caps <<<"${GPU_CHECK_CAPS:-}"  # e.g. GPU_CHECK_CAPS="tests=300 compare=400"
@@ -134,6 +144,7 @@ done
 add_step compare-article compare "${cli[@]}" compare "${compare[@]}" --device "$device" --out "$out/compare"
 add_step tests tests "$py" "${tests[@]}"
 add_step diffusers-compare diffusers "$py" "${diffusers[@]}"
+case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) add_step verdict-grid verdict "${verdict[@]}" ;; esac
 
 # GPU_CHECK_ONLY="bench-compile compare" keeps the steps of those kinds (e.g. a second, shorter call).
 if [ -n "${GPU_CHECK_ONLY:-}" ]; then
@@ -143,7 +154,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, verdict)" >&2
     exit 2
   fi
   steps=("${kept[@]}")
@@ -187,7 +198,7 @@ skip_reason() {  # why a step cannot run here, or nothing
       "$py" -c 'import pytest' >/dev/null 2>&1 || { echo "pytest is not importable by $py"; return; }
       [ -z "${data_missing:-}" ] || echo "$data_missing" ;;
     diffusers) "$py" -c 'import diffusers' >/dev/null 2>&1 || echo "diffusers is not importable by $py (pip install -e .[bench])" ;;
-    compare) [ -z "${data_missing:-}" ] || echo "$data_missing" ;;
+    compare | verdict) [ -z "${data_missing:-}" ] || echo "$data_missing" ;;
   esac
 }
 
@@ -216,18 +227,27 @@ for step in "${steps[@]}"; do
   seconds=$(awk -v s="$t0" -v n="$(date +%s.%N)" 'BEGIN { printf "%.1f", n - s }')
   case $rc in
     0) record "$name" "$kind" ok "$rc" "$seconds" "" ;;
-    124 | 137) record "$name" "$kind" timeout "$rc" "$seconds" "stopped after its ${limit} s limit" ;;
+    124 | 137)
+      if [ "$kind" = verdict ]; then  # the grid is longer than any budget: stopping is its normal end
+        record "$name" "$kind" ok "$rc" "$seconds" "stopped after its ${limit} s limit; the next call resumes it"
+      else
+        record "$name" "$kind" timeout "$rc" "$seconds" "stopped after its ${limit} s limit"
+      fi ;;
     *) record "$name" "$kind" failed "$rc" "$seconds" "exit status $rc; see $log" ;;
   esac
 done
 
+if [ -d "$verdict_records" ] && [ "$verdict_records" != "$out/verdict-records" ]; then
+  rm -rf "$out/verdict-600k-gpu" && cp -r "$verdict_records" "$out/verdict-600k-gpu"  # what a lent machine sends back
+fi
+
 # ---- summary: one JSON object, the last line ----------------------------------------------------
 summary_py=python3
 command -v python3 >/dev/null 2>&1 || summary_py=$py
-"$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" <<'EOF'
+"$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" "$verdict_records" <<'EOF'
 import glob, json, os, re, sys
 
-out, mode, python, data, seconds, budget = sys.argv[1:7]
+out, mode, python, data, seconds, budget, verdict_records = sys.argv[1:8]
 BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "device", "params_m", "gflops_per_image",
               "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
@@ -280,6 +300,10 @@ def numbers(kind, log):
             for p in results.get("presets", [])
         ]
         return result
+    if kind == "verdict":  # how far the grid has come: its runs with records, those confirmed (finished)
+        runs = [os.path.dirname(p) for p in glob.glob(os.path.join(verdict_records, "runs", "*", "evals.jsonl"))]
+        return {"records": verdict_records, "runs": len(runs),
+                "finished": sum(os.path.isfile(os.path.join(r, "confirm.jsonl")) for r in runs)}
     return None
 
 

@@ -150,3 +150,15 @@ def test_wheels_install_pytest_where_it_is_missing(stub_python, tmp_path, mnist_
     assert result.returncode == 0, result.stderr
     assert pip_log.read_text().split() == ["-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "wheels"),
                                            "--target", str(out / "site"), "pytest"]  # fmt: skip
+
+
+def test_the_verdict_grid_runs_only_when_asked_for_and_resumes_from_its_records():
+    assert not any(name.startswith("verdict") for name, _, _ in plan()), "the default check has no time for the grid"
+    # On a GPU the grid's own directories (its records in docs/, restored and saved there); the dry
+    # run keeps to the check's directory.
+    for args, ending in (((), "verdict-grid.sh --gpu"), (("--cpu-dry-run",), "--gpu runs/gpu-check/verdict runs/gpu-check/verdict-records")):
+        result = gpu_check("--plan", *args, env={"GPU_CHECK_ONLY": "verdict"})
+        [(name, cap, command)] = [line.split("\t") for line in result.stdout.splitlines()]
+        assert result.returncode == 0 and name == "verdict-grid" and command.split().count("--gpu") == 1
+        assert ("--device cpu" in command) == bool(args) and "-m simple_dit.cli" in command
+        assert command.endswith(ending)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import REPO_ROOT
 
@@ -108,3 +110,43 @@ def test_a_preset_without_an_epsilon_result_is_a_clear_error(tmp_path):
     result, commands = grid(tmp_path, VERDICT_PRESETS="unet-tiny")
     assert result.returncode != 0 and len(commands) == 1
     assert "verdict-grid: no epsilon result for unet-tiny" in result.stderr
+
+
+def test_the_gpu_profile_is_one_step_with_both_objectives_on_cuda(tmp_path):
+    result, commands = grid(tmp_path, "--gpu")
+    assert result.returncode == 0, result.stderr
+    out = str(tmp_path / "verdict")
+    assert commands == [
+        "compare --presets unet-seed,dit-seed,dit-unet-size,unet-dit-size --objective eps,flow --lrs 1e-4,3e-4,1e-3 "
+        "--budget 600k-images --seeds 0,1,2 --final-n 5000 --guidances 1.5,2,3,4 --eval-every-frac 0.25 --eval-n 1000 "
+        f"--steps 20 --device cuda --compile --out {out}"
+    ]
+    assert (tmp_path / "records" / "results.json").is_file()
+
+
+def test_unknown_options_are_refused_before_anything_runs(tmp_path):
+    result, commands = grid(tmp_path, "--gpus")
+    assert result.returncode == 2 and commands == [] and "unknown option '--gpus'" in result.stderr
+    assert not (tmp_path / "verdict").exists()
+
+
+def test_a_stop_signal_lets_the_running_compare_finish_then_saves_the_records(tmp_path):
+    # The stub stands in for a compare in training: on SIGTERM it "checkpoints" (writes a finished
+    # run's records) and exits; the grid must wait for it and save what it wrote.
+    stub, log, out, records = tmp_path / "simple-dit", tmp_path / "log.txt", tmp_path / "verdict", tmp_path / "records"
+    stub.write_text(
+        '#!/usr/bin/env bash\necho "$*" >>"$STUB_LOG"\nrun="${@: -1}/runs/unet-seed_lr0.001"\n'
+        'trap \'mkdir -p "$run" && echo "{}" >"$run/evals.jsonl"; exit 1\' TERM\n'
+        'while :; do sleep 0.1; done\n'
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "SIMPLE_DIT": str(stub), "PYTHON": sys.executable, "STUB_LOG": str(log)}
+    grid_process = subprocess.Popen(["bash", str(SCRIPT), str(out), str(records)], env=env, start_new_session=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(grid_process.pid, signal.SIGTERM)  # as `timeout` does: the whole process group
+    _, stderr = grid_process.communicate(timeout=30)
+    assert grid_process.returncode == 143, stderr
+    assert (records / "runs" / "unet-seed_lr0.001" / "evals.jsonl").read_text() == "{}\n"
