@@ -544,3 +544,56 @@ def test_finished_runs_kept_without_their_checkpoints_are_reported_not_retrained
     assert all((out / "runs" / r / C.EVALS_NAME).is_file() for r in SWEEP_RUNS)
     here = results["machine"]["device"]
     assert f"trained on {here} (3 runs); another CPU (1 run) with" in (out / "report.md").read_text()
+
+
+def test_report_only_rewrites_the_report_from_the_runs_on_disk_and_trains_nothing(sweep, tmp_path, capsys):
+    """An interim report of a grid from its records (no weights), e.g. while the grid trains on:
+    settings from the comparison's own compare.json, every run it holds, unfinished ones too."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name in ("report.md", "report.html", "results.json"):
+        (out / name).unlink()
+    unfinished = out / "runs" / SWEEP_RUNS[-1] / C.EVALS_NAME
+    unfinished.write_text("")  # a run of the grid still in training: no point yet
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained"))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("evaluated"))
+        mp.setattr(C.runner._Meters, "get", lambda *a: sweep["kwargs"]["meter"])
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1] and sorted(results["settings"]["objectives"]) == ["eps", "flow"]
+    runs = {run["run_dir"]: run for entry in results["presets"] for run in entry["runs"]}
+    assert sorted(runs) == sorted(f"runs/{r}" for r in SWEEP_RUNS)
+    assert runs[f"runs/{SWEEP_RUNS[-1]}"]["final"] is None and not runs[f"runs/{SWEEP_RUNS[-1]}"]["complete"]
+    entry = next(e for e in results["presets"] if e["label"] == "dit-tiny (eps)")
+    same = next(e for e in sweep["results"]["presets"] if e["label"] == "dit-tiny (eps)")
+    assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"]
+    assert (out / "report.md").is_file() and "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--presets", "dit-tiny"], "drop --presets"),
+        (["--eval-n", "50"], "drop --eval-n"),
+        ([], "holds no comparison"),
+    ],
+)
+def test_report_only_refuses_settings_and_directories_without_a_comparison(args, fragment, tmp_path, capsys):
+    from conftest import assert_user_error
+
+    from simple_dit.cli import main
+
+    (tmp_path / "out").mkdir()
+    rc = main(["compare", "--report-only", *args, "--out", str(tmp_path / "out")])
+    assert_user_error(subprocess.CompletedProcess(args, rc, *capsys.readouterr()), fragment)
+    assert rc == 2 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_compare_without_presets_or_budget_is_a_clear_error(tmp_path, capsys):
+    from simple_dit.cli import main
+
+    assert main(["compare", "--budget", "1m", "--out", str(tmp_path / "out")]) == 2
+    assert "needs --presets and --budget" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -117,8 +117,8 @@ def _add_compare(sub) -> None:
     from .compare import DEFAULT_LRS
 
     p = sub.add_parser("compare", help="train presets at several learning rates for the same budget and write a report")
-    p.add_argument("--presets", required=True, help="comma-separated presets, e.g. unet-seed,dit-seed")
-    p.add_argument("--budget", required=True, help="per run: training time (90s, 10m, 1h), images (200k-images) or FLOPs (1e15-flops)")
+    p.add_argument("--presets", help="comma-separated presets, e.g. unet-seed,dit-seed (required unless --report-only)")
+    p.add_argument("--budget", help="per run: training time (90s, 10m, 1h), images (200k-images) or FLOPs (1e15-flops) (required unless --report-only)")
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="comma-separated learning rates (default 1e-4,3e-4,1e-3)")
     p.add_argument("--out", required=True, type=Path, help="report directory (created; rerun with the same --out to resume)")
     p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
@@ -137,6 +137,8 @@ def _add_compare(sub) -> None:
                    "fresh samples (e.g. 5000): the report's confirmed table and verdict, at each preset's best lr (default 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite --out's report from the runs it holds "
+                   "now, under its own settings (e.g. an interim report of a grid's records while the grid goes on elsewhere)")
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
 
 
@@ -349,16 +351,26 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, fmt_stat, verdict_lines
+    from .compare import compare, fmt_stat, rewrite_report, verdict_lines
 
-    if args.seeds is not None and args.seed is not None:
-        raise UserError("give --seeds or --seed, not both")
-    results = compare(
-        args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
-        steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
-        seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
-        precision=args.precision, wandb=args.wandb, compile=args.compile, final_n=args.final_n,
-    )  # fmt: skip
+    if args.report_only:
+        # Every setting comes from the comparison itself; one given here would be ignored, so refuse it.
+        defaults = vars(build_parser().parse_args(["compare", "--report-only", "--out", str(args.out)]))
+        given = [k for k, v in vars(args).items() if k not in ("out", "data_dir", "device") and v != defaults.get(k)]
+        if given:
+            raise UserError(f"--report-only reports {args.out} under its own settings (its compare.json); drop --{given[0].replace('_', '-')}")
+        results = rewrite_report(args.out, data_dir=args.data_dir, device=args.device)
+    else:
+        if args.presets is None or args.budget is None:
+            raise UserError("compare needs --presets and --budget (or --report-only, to rewrite an existing comparison's report)")
+        if args.seeds is not None and args.seed is not None:
+            raise UserError("give --seeds or --seed, not both")
+        results = compare(
+            args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
+            steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
+            seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
+            precision=args.precision, wandb=args.wandb, compile=args.compile, final_n=args.final_n,
+        )  # fmt: skip
     for e in results["presets"]:
         st = e["best_stats"]
         lr, g = (f"{e[k]:g}" if e[k] is not None else "–" for k in ("best_lr", "best_guidance"))
@@ -366,7 +378,7 @@ def cmd_compare(args) -> None:
     for line in verdict_lines(results):
         print(line)
     for line in verdict_lines(results, confirmed=True):
-        print(f"confirmed on {args.final_n:,} fresh samples: {line}")
+        print(f"confirmed on {results['settings']['final_n']:,} fresh samples: {line}")
     print(f"report: {args.out / 'report.html'}")
 
 

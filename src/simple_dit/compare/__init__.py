@@ -38,13 +38,13 @@ from .budget import (
 from .report import GRID_PER_CLASS, NOTES, fmt_stat, verdict_lines, write_frontier_figure, write_report
 from .runner import (
     EVALS_NAME, SETTINGS_NAME, PlannedRun, Settings, collect_results, compare, guidance_rows, pick_best, plan_runs,
-    read_metrics, run_config, seed_stats, verdict,
+    read_metrics, rewrite_report, run_config, seed_stats, settings_on_disk, verdict,
 )  # fmt: skip
 
 __all__ = [
     "DEFAULT_LRS", "EVALS_NAME", "GRID_PER_CLASS", "NOTES", "SETTINGS_NAME", "Budget", "PlannedRun", "Settings", "Target",
     "collect_results", "compare", "eval_fractions", "fmt_stat", "guidance_rows", "images_per_budget", "parse_budget",
     "parse_guidances", "parse_lrs", "parse_objectives", "parse_presets", "parse_seeds", "pick_best", "plan_runs",
-    "read_metrics", "run_config", "run_name", "schedule", "seed_stats", "verdict", "verdict_lines",
+    "read_metrics", "rewrite_report", "run_config", "run_name", "schedule", "seed_stats", "settings_on_disk", "verdict", "verdict_lines",
     "write_frontier_figure", "write_report",
 ]  # fmt: skip

@@ -68,6 +68,23 @@ class Settings:
         d["guidance_rule"] = GUIDANCE_RULE
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        keys = ("presets", "lrs", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "seeds", "precision")
+        return cls(**{k: d[k] for k in keys}, budget=parse_budget(d["budget"]["text"]), objectives=d.get("objectives"),
+                   compile=bool(d.get("compile", False)), final_n=int(d.get("final_n", 0)))  # fmt: skip
+
+
+def settings_on_disk(out_dir: Path) -> Settings:
+    """The settings of the comparison in ``out_dir`` (its last invocation's, from compare.json)."""
+    path = out_dir / SETTINGS_NAME
+    if not path.is_file():
+        raise UserError(f"{out_dir} holds no comparison (no {SETTINGS_NAME})")
+    try:
+        return Settings.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UserError) as e:
+        raise UserError(f"{path} is damaged or from an older simple-dit ({type(e).__name__}: {e}); rerun the comparison with its settings") from None
+
 
 def _check_settings(out_dir: Path, settings: Settings) -> None:
     """Refuse to mix results of different settings in one report directory."""
@@ -521,15 +538,37 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
         ensure_writable_dir(run.run_dir)
         _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
                  data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb)  # fmt: skip
+    return _report(out_dir, settings, plan, stats, data_dir=data_dir, device=device, log=log, meter=meter)
 
+
+def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter) -> dict:
+    """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds."""
     meter = meter or _Meters.get(settings.dataset, data_dir)
-    floor = {k: v for k, v in dataclasses.asdict(meter.floor(eval_n, seed=settings.seeds[0])).items() if v is not None}
+    floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
+
+
+def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, device=None, log: Callable[[str], None] | None = None, meter=None) -> dict:
+    """Write the report of what the comparison in ``out_dir`` holds now, training and scoring
+    nothing (the real-data floor aside), under its last settings; return results.json's content.
+    E.g. an interim report of a long grid from its records (no weights needed), while the grid
+    itself goes on in another directory. Unfinished runs appear with the points they have."""
+    from ..runtime import parse_device
+
+    require("matplotlib", "report", "simple-dit compare --report-only")
+    log = log or (lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True))
+    out_dir, device = Path(out_dir), parse_device(device)
+    settings = settings_on_disk(out_dir)
+    with DirectoryLock(out_dir):
+        settings = settings_on_disk(out_dir)  # again under the lock: a comparison may have just ended
+        if not (out_dir / "runs").is_dir():
+            raise UserError(f"{out_dir} holds no runs yet")
+        return _report(out_dir, settings, [], {}, data_dir=data_dir, device=device, log=log, meter=meter)
 
 
 # ---- results -----------------------------------------------------------------------------------
