@@ -564,13 +564,20 @@ def test_report_only_rewrites_the_report_from_the_runs_on_disk_and_trains_nothin
         assert main(["compare", "--report-only", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["seeds"] == [0, 1] and sorted(results["settings"]["objectives"]) == ["eps", "flow"]
+    assert [e["label"] for e in results["presets"]] == ["dit-tiny (eps)", "dit-tiny (flow)"]  # the settings' order
     runs = {run["run_dir"]: run for entry in results["presets"] for run in entry["runs"]}
     assert sorted(runs) == sorted(f"runs/{r}" for r in SWEEP_RUNS)
     assert runs[f"runs/{SWEEP_RUNS[-1]}"]["final"] is None and not runs[f"runs/{SWEEP_RUNS[-1]}"]["complete"]
-    entry = next(e for e in results["presets"] if e["label"] == "dit-tiny (eps)")
-    same = next(e for e in sweep["results"]["presets"] if e["label"] == "dit-tiny (eps)")
-    assert entry["best_stats"]["fid"]["values"] == same["best_stats"]["fid"]["values"]
-    assert (out / "report.md").is_file() and "report:" in capsys.readouterr().out
+    eps, flow = results["presets"]
+    same = {e["label"]: e for e in sweep["results"]["presets"]}
+    assert eps["best_stats"]["fid"]["values"] == same["dit-tiny (eps)"]["best_stats"]["fid"]["values"]
+    # the flow seed still in training is left out, not a NaN: the finished seed stands alone
+    assert flow["lrs"][0]["seeds"] == [0] and not flow["lrs"][0]["complete"]
+    seed0 = runs[f"runs/{SWEEP_RUNS[1]}"]["final"]
+    assert flow["best_stats"]["fid"]["values"] == [r["fid"] for r in C.guidance_rows(seed0) if r["guidance"] == flow["best_guidance"]]
+    md = (out / "report.md").read_text()
+    assert "Cells: mean (min–max) over 2 seeds; one seed [its 95% bootstrap interval" in md and "1 (incomplete)" in md
+    assert "report:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

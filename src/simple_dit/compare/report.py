@@ -306,13 +306,13 @@ def _fmt_ci(scores: dict, metric: str) -> str:
 _METRIC_NAMES = {"fid": "FID", "label_accuracy": "label accuracy"}
 
 
-def _spread_note(results: dict) -> str:
-    n = len(results["settings"]["seeds"])
-    if n >= 3:
-        return f"Cells: mean ± standard deviation over {n} seeds."
-    if n == 2:
-        return "Cells: mean (min–max) over 2 seeds."
-    return f"Cells: one seed [its {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples]."
+def _spread_note(stats: list[dict | None]) -> str:
+    """What the cells of a table of ``stats`` (one per row) show: each seed count's own notation,
+    since a grid in progress has rows of 3 seeds next to rows of 1."""
+    counts = sorted({len(st["fid"]["values"]) for st in stats if st}, reverse=True)
+    meaning = {1: f"one seed [its {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples]", 2: "mean (min–max) over 2 seeds"}
+    parts = [meaning.get(n, f"mean ± standard deviation over {n} seeds") for n in counts]
+    return f"Cells: {'; '.join(parts)}." if parts else ""
 
 
 def verdict_lines(results: dict, confirmed: bool = False) -> list[str]:
@@ -485,7 +485,7 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     ("table", (head, rows)), ("img", path) or ("grids", [(path, caption)])."""
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
-    summary += [("table", _summary_rows(results)), ("note", _spread_note(results) + " Verdict: a difference smaller than the larger spread is a tie.")]
+    summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + " Verdict: a difference smaller than the larger spread is a tie.")]
     if edge := _guidance_edge_note(results):
         summary.append(("note", edge))
     sections = [("summary", "Summary", summary)]
@@ -496,7 +496,7 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
                         f"run scored again, at the guidance its own final evaluation picked, on {n:,} fresh samples (other "
                         "sampling seeds than the selection's).")]
         blocks += [("list", confirmed)] if confirmed else [("note", "The confirmed verdict waits for every preset's confirmation.")]
-        blocks += [("table", _confirmed_rows(results)), ("note", _spread_note(results))]
+        blocks += [("table", _confirmed_rows(results)), ("note", _spread_note([e.get("confirmed_stats") for e in results["presets"]]))]
         sections.append(("confirmed", f"Confirmed on {n:,} fresh samples", blocks))
     sections.append(("samples", "Samples (each preset at its best learning rate and guidance)", [("grids", list(grids.values()))]))
     for key, path in figures.items():

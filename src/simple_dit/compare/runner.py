@@ -568,7 +568,10 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
         settings = settings_on_disk(out_dir)  # again under the lock: a comparison may have just ended
         if not (out_dir / "runs").is_dir():
             raise UserError(f"{out_dir} holds no runs yet")
-        return _report(out_dir, settings, [], {}, data_dir=data_dir, device=device, log=log, meter=meter)
+        # The runs of its settings in their usual order, then whatever else the directory holds.
+        stats = {p: _model_stats(p) for p in settings.presets}
+        held = [run for run in plan_runs(out_dir, settings, stats) if (run.run_dir / EVALS_NAME).is_file()]
+        return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter)
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -645,17 +648,19 @@ def _means(stats: dict) -> dict:
 def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
     """One learning rate of one preset over its seeds: its guidance (``pick_guidance`` on the
     seed means of the final scores), the seed statistics there, and the mean curve of each metric
-    over the evaluation points (at that guidance)."""
+    over the evaluation points (at that guidance). A seed still in training (in an interim report)
+    counts once it has finished; a diverged one counts at once, and makes the means NaN."""
     default_g = settings.guidances[0]
-    finals = [r["final"] if r["complete"] and not r["diverged"] else None for r in runs]
+    counted = [r for r in runs if r["complete"] or r["diverged"]]
+    finals = [None if r["diverged"] else r["final"] for r in counted]
     guidances = [g for g in settings.guidances if any(row["guidance"] == g for f in finals if f for row in guidance_rows(f, default_g))]
     by_guidance = [{"guidance": g, **_stats_at(finals, g, default_g)} for g in guidances]
     picked = pick_guidance([{"guidance": row["guidance"], **_means({m: row[m] for m in CI_METRICS})} for row in by_guidance]) if by_guidance else None
     g = picked["guidance"] if picked else None
     stats = _stats_at(finals, g, default_g) if picked else {m: seed_stats([]) for m in CI_METRICS}
     curve = []
-    for point in range(1, min((len(r["evals"]) for r in runs), default=0) + 1):
-        at = [next((e for e in r["evals"] if e.get("point") == point), None) for r in runs]
+    for point in range(1, min((len(r["evals"]) for r in counted), default=0) + 1):
+        at = [next((e for e in r["evals"] if e.get("point") == point), None) for r in counted]
         if any(e is None or "step" not in e for e in at):
             break
         curve.append({
@@ -669,7 +674,7 @@ def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
                  **{k: statistics.fmean(f[k] for f in finals) for k in ("step", "images_seen", "train_seconds")}}  # fmt: skip
     speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
     return {
-        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs], "complete": all(r["complete"] for r in runs),
+        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in counted], "complete": all(r["complete"] for r in runs),
         "diverged": any(r["diverged"] for r in runs), "guidance": g, "final": final, "stats": stats,
         "guidances": by_guidance, "curve": curve, "images_per_s": statistics.median(speeds) if speeds else None,
     }  # fmt: skip
