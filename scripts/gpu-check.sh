@@ -144,7 +144,9 @@ done
 add_step compare-article compare "${cli[@]}" compare "${compare[@]}" --device "$device" --out "$out/compare"
 add_step tests tests "$py" "${tests[@]}"
 add_step diffusers-compare diffusers "$py" "${diffusers[@]}"
-case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) add_step verdict-grid verdict "${verdict[@]}" ;; esac
+want_verdict=false
+case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) want_verdict=true ;; esac
+if $want_verdict; then add_step verdict-grid verdict "${verdict[@]}"; fi
 
 # GPU_CHECK_ONLY="bench-compile compare" keeps the steps of those kinds (e.g. a second, shorter call).
 if [ -n "${GPU_CHECK_ONLY:-}" ]; then
@@ -237,7 +239,7 @@ for step in "${steps[@]}"; do
   esac
 done
 
-if [ -d "$verdict_records" ] && [ "$verdict_records" != "$out/verdict-records" ]; then
+if $want_verdict && [ "$mode" = gpu ] && [ -d "$verdict_records" ]; then
   rm -rf "$out/verdict-600k-gpu" && cp -r "$verdict_records" "$out/verdict-600k-gpu"  # what a lent machine sends back
 fi
 

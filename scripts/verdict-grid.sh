@@ -28,10 +28,9 @@
 # On the CPU nothing else should run on the machine meanwhile: the budget is training time, and a
 # process competing for the cores makes a run see fewer images. Environment (defaults in brackets,
 # the GPU profile's after a slash): SIMPLE_DIT [.venv/bin/simple-dit, else simple-dit, else
-# PYTHON -m simple_dit.cli from src/], PYTHON
-# [.venv/bin/python, else python3], SIMPLE_DIT_DATA [shared/data/mnist or ../shared/data/mnist
-# where one exists], VERDICT_BUDGET [10m / 600k-images], VERDICT_PRESETS [unet-seed,dit-seed /
-# unet-seed,dit-seed,dit-unet-size,unet-dit-size], VERDICT_MINI [dit-mini; empty: none; CPU only],
+# PYTHON -m simple_dit.cli from src/], PYTHON [.venv/bin/python, else python3], SIMPLE_DIT_DATA
+# [shared/data/mnist or ../shared/data/mnist where one exists], VERDICT_BUDGET [10m / 600k-images],
+# VERDICT_PRESETS [unet-seed,dit-seed / unet-seed,dit-seed,dit-unet-size,unet-dit-size], VERDICT_MINI [dit-mini; empty: none; CPU only],
 # VERDICT_SEEDS [0,1,2], VERDICT_LRS [1e-4,3e-4,1e-3], VERDICT_FINAL_N [5000], VERDICT_EVAL
 # [--guidances 1.5,2,3,4 --eval-every-frac 1 --eval-n 1000 --steps 10 / the same at
 # --eval-every-frac 0.25 and --steps 20], VERDICT_TRAIN [none / --device cuda --compile] (small
@@ -137,6 +136,7 @@ fi
 
 step "1/2: $presets, epsilon, lrs $lrs"
 "${sd[@]}" compare --presets "$presets" --objective eps --lrs "$lrs" "${common[@]}"
+
 best_lr() {  # best_lr PRESET -> its best learning rate with epsilon, from the report of step 1
   "$py" - "$out/results.json" "$1" <<'EOF'
 import json, sys
