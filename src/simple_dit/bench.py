@@ -82,6 +82,25 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return model
 
 
+def _step_together(model, config, diffusion, x: torch.Tensor, y: torch.Tensor, together: int, *, precision: str, compile: bool):
+    """One step of ``together`` models as training them together takes it (``model`` and copies
+    initialised from other seeds), its draws included."""
+    from .batched import BatchedLoss, train_step_together
+
+    models = [model] + [build_model(config.model).to(x.device).train() for _ in range(together - 1)]
+    optimizers = [make_optimizer(m, config, x.device) for m in models]
+    batched_loss = BatchedLoss(model, diffusion)
+    batched_loss = compile_model(batched_loss, x.device) if compile else batched_loss
+    xs, ys = x.expand(together, *x.shape), y.expand(together, *y.shape)
+
+    def step():
+        t, noise = (torch.stack(column) for column in zip(*(diffusion.training_draws(x) for _ in models)))
+        train_step_together(batched_loss, models, optimizers, xs, ys, t, noise, lrs=[config.train.lr] * together,
+                            precision=precision, grad_clips=[config.train.grad_clip] * together)  # fmt: skip
+
+    return step
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -99,15 +118,22 @@ def run_bench(
     warmup: int = 2,
     repeats: int = 5,
     compile: bool = False,
+    together: int = 1,
 ) -> dict:
     """Training images/s (forward + backward + AdamW step) and sampling images/s (denoiser
     evaluations x batch per second, no guidance); ``reference`` forces the plain fp32 eager path.
     ``compile`` times the ``torch.compile``'d model and reports the seconds of its first calls
-    (the compilation) as ``train_compile_s`` and ``sample_compile_s``."""
+    (the compilation) as ``train_compile_s`` and ``sample_compile_s``. ``together`` > 1 times
+    that many models training as one batched network (``compare --runs-together``): the training
+    images/s are then those of all of them."""
     if what not in ("train", "sample", "all"):
         raise UserError("--what must be train, sample or all")
     if compile and reference:
         raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
+    if isinstance(together, bool) or not isinstance(together, int) or together < 1:
+        raise UserError(f"--runs-together must be a positive integer, got {together}")
+    if together > 1 and reference:
+        raise UserError("--runs-together times our batched path; --reference is the plain one: give one of them")
     config = get_preset(preset)
     dev = parse_device(device)
     precision = "fp32" if reference else resolve_precision(precision, dev)
@@ -126,7 +152,7 @@ def run_bench(
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
         "device": device_name(dev),
         "threads": torch.get_num_threads(), "params_m": count_parameters(model) / 1e6, "gflops_per_image": gflops,
-        "compiled": compile, "train_images_per_s": None, "sample_images_per_s": None,
+        "compiled": compile, "runs_together": together, "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
         # The step that training runs; the reference steps PyTorch's default (not fused) AdamW
@@ -140,11 +166,14 @@ def run_bench(
         def step():
             train_step(forward_model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
 
+        if together > 1:
+            step = _step_together(model, config, diffusion, x, y, together, precision=precision, compile=compile)
+
         if compile:
             result["train_compile_s"] = median_seconds(step, dev, warmup=0, repeats=1)  # the first call compiles
         seconds = median_seconds(step, dev, warmup, repeats)
-        result["train_images_per_s"] = batch_size / seconds
-        result["train_gflop_per_s"] = 3 * gflops * batch_size / seconds  # backward ~ 2x forward
+        result["train_images_per_s"] = together * batch_size / seconds
+        result["train_gflop_per_s"] = 3 * gflops * together * batch_size / seconds  # backward ~ 2x forward
     if what in ("sample", "all"):
         model.eval()
         t = torch.full((batch_size,), 500, device=dev, dtype=torch.long)

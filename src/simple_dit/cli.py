@@ -110,6 +110,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
+    p.add_argument("--runs-together", type=int, default=1, metavar="K",
+                   help="time K models training together as one batched network (compare --runs-together); images/s of all K")
     p.add_argument("--device")
 
 
@@ -136,6 +138,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--final-n", type=int, default=0, help="score each finished run again, at the guidance it picked, on this many "
                    "fresh samples (e.g. 5000): the report's confirmed table and verdict, at each preset's best lr (default 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
+    p.add_argument("--runs-together", type=int, default=1, metavar="K",
+                   help="train up to K runs of the same preset and objective at once, as one batched network, so that small "
+                   "models fill a GPU (budgets of images or FLOPs only; default 1: one run at a time)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite --out's report from the runs it holds "
                    "now, under its own settings (e.g. an interim report of a grid's records while the grid goes on elsewhere)")
@@ -344,7 +349,8 @@ def cmd_bench(args) -> None:
     if args.repeats <= 0:
         raise UserError("--repeats must be positive")
     result = run_bench(args.preset, batch_size=args.batch_size, what=args.what, reference=args.reference,
-                       precision=args.precision, device=args.device, repeats=args.repeats, compile=args.compile)  # fmt: skip
+                       precision=args.precision, device=args.device, repeats=args.repeats, compile=args.compile,
+                       together=args.runs_together)  # fmt: skip
     for key, value in result.items():
         print(f"{key:>22}: {value:.1f}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(json.dumps(result))
@@ -369,7 +375,7 @@ def cmd_compare(args) -> None:
             args.presets, args.budget, args.out, lrs=args.lrs, eval_every_frac=args.eval_every_frac, eval_n=args.eval_n,
             steps=args.steps, sampler=args.sampler, guidances=args.guidances, dataset=args.dataset, data_dir=args.data_dir,
             seeds=args.seeds if args.seeds is not None else (args.seed or 0), objectives=args.objective, device=args.device,
-            precision=args.precision, wandb=args.wandb, compile=args.compile, final_n=args.final_n,
+            precision=args.precision, wandb=args.wandb, compile=args.compile, final_n=args.final_n, together=args.runs_together,
         )  # fmt: skip
     for e in results["presets"]:
         st = e["best_stats"]

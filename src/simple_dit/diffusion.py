@@ -80,6 +80,10 @@ class _Process:
 
     samplers: tuple[str, ...] = ()
 
+    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective's MSE at a time and noise drawn from the global RNG."""
+        return self.loss_at(model, x0, y, *self.training_draws(x0))
+
     @torch.no_grad()
     def sample(
         self,
@@ -128,12 +132,14 @@ class GaussianDiffusion(_Process):
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._gather(self.sqrt_alpha_bars, t, x0) * x0 + self._gather(self.sqrt_one_minus_alpha_bars, t, x0) * noise
 
-    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Epsilon-prediction MSE at a uniformly drawn timestep per sample."""
+    def training_draws(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniformly drawn timestep per sample, and the noise."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        eps = model(self.q_sample(x0, t, noise), t, y)
-        return F.mse_loss(eps.float(), noise)
+        return t, torch.randn_like(x0)
+
+    def loss_at(self, model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Epsilon-prediction MSE."""
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t, y).float(), noise)
 
     def timesteps(self, steps: int) -> list[int]:
         """``steps`` evenly spaced timesteps from T-1 down to 0."""
@@ -210,9 +216,13 @@ class RectifiedFlow(_Process):
     def _model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * (self.num_timesteps - 1)
 
-    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def training_draws(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A logit-normal time per sample, and the noise."""
         t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
-        noise = torch.randn_like(x0)
+        return t, torch.randn_like(x0)
+
+    def loss_at(self, model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Velocity MSE on the straight path from x0 (t = 0) to the noise (t = 1)."""
         t_ = t.view(-1, *([1] * (x0.ndim - 1)))
         v = model((1 - t_) * x0 + t_ * noise, self._model_time(t), y)
         return F.mse_loss(v.float(), noise - x0)

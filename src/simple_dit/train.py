@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -62,6 +63,24 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+class EpochOrder:
+    """The examples each step trains on: whole batches of each epoch's permutation, in order (the
+    last partial batch of an epoch is left out)."""
+
+    def __init__(self, num_examples: int, seed: int, batch_size: int, device: torch.device):
+        self.num_examples, self.seed, self.batch_size, self.device = num_examples, seed, batch_size, device
+        self.steps_per_epoch = num_examples // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int, start: int = 0, size: int | None = None) -> torch.Tensor:
+        """Positions ``start`` to ``start + size`` (default: the whole batch) of step ``step``'s batch."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_permutation(self.num_examples, self.seed, epoch).to(self.device)
+        first = offset * self.batch_size + start
+        return self._perm[first : first + (self.batch_size if size is None else size)]
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
 
@@ -82,55 +101,67 @@ def train_step(model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *
         loss = diffusion.training_loss(model, x0, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return loss.detach(), clip_and_step(optimizer, grad_clip)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients (``grad_clip`` > 0), take the optimiser step; returns the gradient norm
+    (before clipping) as a device tensor."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:  # still measured: a non-finite norm is how divergence shows first
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
-    return loss.detach(), grad_norm.detach()
+    return grad_norm.detach()
 
 
 def compile_for_training(model, forward_model, diffusion, x0: torch.Tensor, y: torch.Tensor, *, precision: str):
     """``forward_model`` compiled, and the seconds its compilation took; ``forward_model`` itself
-    and None where the compiler fails (one line on stderr says why, and training goes on eager).
+    and None where the compiler fails (one line on stderr says why, and training goes on eager)."""
+    compiled = compile_model(forward_model, x0.device)
 
-    The compiler runs here, on forward and backward passes of a batch shaped like ``x0`` whose
-    every effect on ``model`` is undone (random generators, BatchNorm statistics, gradients): the
-    run's clock then counts training steps only, and the steps trained are those an eager run
-    trains.
+    def loss() -> torch.Tensor:
+        with autocast(x0.device, precision):
+            return diffusion.training_loss(compiled, x0, y)
+
+    seconds = warm_up_compiled(loss, [model], x0.device)
+    return (forward_model, None) if seconds is None else (compiled, seconds)
+
+
+def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Module], device: torch.device) -> float | None:
+    """Run the compiler on forward and backward passes of ``loss()``, whose every effect on
+    ``models`` is undone (random generators, BatchNorm statistics, gradients); returns the
+    seconds it took, or None where the compiler fails (one line on stderr says why, and the
+    caller trains eager). The run's clock then counts training steps only, and the steps trained
+    are those an eager run trains.
     """
-    device = x0.device
-    compiled = compile_model(forward_model, device)
     start = time.perf_counter()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    buffers = [b.clone() for b in model.buffers()]
+    buffers = [b.clone() for model in models for b in model.buffers()]
+    parameters = [p for model in models for p in model.parameters()]
     try:
         # CUDA graph trees run a step eagerly, record the second and replay from the third.
         for _ in range(3 if device.type == "cuda" else 1):
-            with autocast(device, precision):
-                loss = diffusion.training_loss(compiled, x0, y)
-            loss.backward()
-            for p in model.parameters():  # as train_step does: no gradient outlives its graph replay
+            loss().sum().backward()
+            for p in parameters:  # as train_step does: no gradient outlives its graph replay
                 p.grad = None
         synchronize(device)
     except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"simple-dit: torch.compile failed ({type(e).__name__}: {reason}); training eager", file=sys.stderr, flush=True)
-        compiled = None
+        return None
     finally:
-        for p in model.parameters():
+        for p in parameters:
             p.grad = None
         with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
+            for b, saved in zip((b for model in models for b in model.buffers()), buffers):
                 b.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)
-    if compiled is None:
-        return forward_model, None
-    return compiled, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 class _Window:
@@ -144,6 +175,16 @@ class _Window:
         self.loss_sum += loss.float()
         self.grad_norm_sum += grad_norm.float()
         self.steps, self.images, self.lr = self.steps + 1, self.images + images, lr
+
+    SCALARS = {k: f"train/{k}" for k in ("loss", "grad_norm", "lr", "images_per_s")}  # the TensorBoard names
+
+    def record(self, state: TrainState, num_examples: int) -> dict:
+        """The window's metrics.jsonl record; reading the sums is the loop's only host sync."""
+        return {
+            "step": state.step, "epoch": state.images_seen / num_examples, "loss": float(self.loss_sum) / self.steps,
+            "grad_norm": float(self.grad_norm_sum) / self.steps, "lr": self.lr,
+            "images_per_s": self.images / max(self.seconds, 1e-9), "train_seconds": state.train_seconds,
+        }  # fmt: skip
 
     def check_finite(self, state: TrainState, last_checkpoint: int | None) -> None:
         """Stop before anything is written from a diverged model (one host sync)."""
@@ -178,6 +219,44 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """``precision`` resolved for ``device``; on a GPU, fp32 matmuls may use TF32 too."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return resolve_precision(precision, device)
+
+
+def load_training_set(config: RunConfig, data_dir: str | None):
+    """The training split of the config's dataset, checked against the model and the batch size."""
+    tc = config.train
+    dataset = load_dataset(tc.dataset, "train", data_dir)
+    if dataset.num_classes != config.model.num_classes:
+        raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
+    if len(dataset) < tc.batch_size:
+        raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
+    return dataset
+
+
+def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, write: bool = True):
+    """The run's model, EMA, optimiser and ``TrainState``: new ones from its seed, or its
+    checkpoint's (which also restores the global RNG). ``write`` brings ``out_dir`` in line."""
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = make_optimizer(model, config, device)
+    state = TrainState()
+    if resume:
+        state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
+    if write:
+        # Records past the checkpoint (for a new run: of an attempt that never checkpointed) are
+        # about to be redone; config.json is rewritten on resume too, which records a new
+        # stopping rule and repairs a damaged copy.
+        truncate_metrics(out_dir, state.step)
+        write_json(out_dir / CONFIG_NAME, config.to_dict())
+    return model, ema, optimizer, state
 
 
 def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
@@ -243,36 +322,16 @@ def train(
     device = parse_device(device)
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
-    precision = resolve_precision(tc.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = training_precision(tc.precision, device)
 
     with contextlib.ExitStack() as cleanup:
         if is_main:
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
-        dataset = load_dataset(tc.dataset, "train", data_dir)
-        if dataset.num_classes != config.model.num_classes:
-            raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
-        steps_per_epoch = len(dataset) // tc.batch_size
-        if steps_per_epoch == 0:
-            raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
-        max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * steps_per_epoch))
+        dataset = load_training_set(config, data_dir)
+        max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * (len(dataset) // tc.batch_size)))
 
-        torch.manual_seed(tc.seed)
-        model = build_model(config.model).to(device)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = make_optimizer(model, config, device)
+        model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main)
         diffusion = make_process(config.diffusion)
-        state = TrainState()
-        if resume:
-            state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
-        if is_main:
-            # Records past the checkpoint (for a new run: of an attempt that never checkpointed)
-            # are about to be redone; config.json is rewritten on resume too, which records a new
-            # stopping rule and repairs a damaged copy.
-            truncate_metrics(out_dir, state.step)
-            write_json(out_dir / CONFIG_NAME, config.to_dict())
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
             torch.manual_seed(tc.seed + 1_000_003 * rank + state.step)
@@ -296,13 +355,8 @@ def train(
             nonlocal window
             window.check_finite(state, last_checkpoint)
             if is_main and window.steps:
-                # The only host sync of the loop: reading the sums once per logging window.
-                record = {
-                    "step": state.step, "epoch": state.images_seen / len(dataset), "loss": float(window.loss_sum) / window.steps,
-                    "grad_norm": float(window.grad_norm_sum) / window.steps, "lr": window.lr,
-                    "images_per_s": window.images / max(window.seconds, 1e-9), "train_seconds": state.train_seconds,
-                }  # fmt: skip
-                logger.log(record, scalars={k: f"train/{k}" for k in ("loss", "grad_norm", "lr", "images_per_s")})
+                record = window.record(state, len(dataset))
+                logger.log(record, scalars=_Window.SCALARS)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             window = _Window()
 
@@ -331,7 +385,7 @@ def train(
         def due(every: int) -> bool:  # 0 turns a periodic action off
             return every > 0 and state.step % every == 0
 
-        perm, perm_epoch, local_batch = None, -1, tc.batch_size // world
+        order, local_batch = EpochOrder(len(dataset), tc.seed, tc.batch_size, device), tc.batch_size // world
         resident = dataset.to(device)
         model.train()
         if tc.compile:
@@ -341,11 +395,7 @@ def train(
                 logger.log({"step": state.step, "compile_seconds": compile_seconds})
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
-            epoch, offset = divmod(state.step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(len(dataset), tc.seed, epoch).to(device), epoch
-            start = offset * tc.batch_size + rank * local_batch
-            x0, y = resident.batch(perm[start : start + local_batch])
+            x0, y = resident.batch(order.indices(state.step, rank * local_batch, local_batch))
             lr = lr_at(state.step, tc.lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

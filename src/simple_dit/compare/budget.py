@@ -188,6 +188,9 @@ class Target:
     def key(self) -> tuple[str, float]:
         return (self.kind, round(float(self.value), 6))
 
+    def describe(self) -> str:
+        return f"{int(self.value)} steps" if self.kind == "steps" else f"{self.value:.1f} s"
+
     def reached(self, state: dict) -> bool:
         if self.kind == "steps":
             return state["step"] >= self.value

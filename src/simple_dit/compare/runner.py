@@ -252,60 +252,108 @@ def _run_one(
 ) -> None:  # fmt: skip
     """Train and score one run up to each of its ``targets`` not yet in its evals.jsonl (and, with
     ``wandb`` options, log both to the run's W&B run)."""
-    from ..checkpoint import CHECKPOINT_NAME
-
     seed = settings.seeds[0] if seed is None else seed
-    evals_path = run_dir / EVALS_NAME
     name = run_dir.name
-    records = read_jsonl(evals_path, repair=True)
-    if any(rec.get("diverged") for rec in records):
+    todo = _targets_to_do(run_dir, targets)
+    if todo is None:
         log(f"{name}: diverged earlier; not retried")
         return
-    done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
-    todo = [t for t in targets if t.key() not in done]
     if not todo:
         # A finished run needs no weights to be reported: its records may have been kept (e.g. in
         # git) without its checkpoint.
         log(f"{name}: done ({len(targets)} evaluation point{'s' if len(targets) != 1 else ''})")
-        _record_guidance(run_dir, settings, targets, seed)
-        _confirm_run(run_dir, settings, targets, seed, meter=meter, data_dir=data_dir, device=device, log=log)
-        return
-    if not (run_dir / CHECKPOINT_NAME).is_file():
-        # Nothing to resume from: anything left here is from an attempt that never checkpointed.
-        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME):
-            (run_dir / stale).unlink(missing_ok=True)
     for target in todo:
+        config = _set_stop(run_config(preset, lr, settings, seed, objective), target)
         state = _train_state(run_dir)
         if state is None or not target.reached(state):
-            what = f"{int(target.value)} steps" if target.kind == "steps" else f"{target.value:.1f} s"
-            log(f"{name}: training to {what} ({target.fraction:.0%} of the budget)")
-            config = _set_stop(run_config(preset, lr, settings, seed, objective), target)
+            log(f"{name}: training to {target.describe()} ({target.fraction:.0%} of the budget)")
             try:
                 _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device, wandb=wandb)
             except TrainingDiverged as e:
-                # Too high a learning rate is a result of the sweep, not a failure of it: record it
-                # and go on with the other runs.
-                state = _train_state(run_dir) or {"step": 0, "images_seen": 0, "train_seconds": 0.0}
-                append_jsonl(evals_path, _point_record(target, state, device) | {"diverged": True, "message": str(e)})
-                log(f"{name}: {e}")
+                _record_divergence(run_dir, target, e, device, log)
                 return
-            state = _train_state(run_dir)
         meter = meter or _Meters.get(settings.dataset, data_dir)
-        grid = run_dir / "eval_samples" / f"point_{target.point}.png"
-        scores = _evaluate(run_dir, settings, meter, device, grid, seed)
-        record = _point_record(target, state, device) | scores | {"grid": str(grid.relative_to(run_dir))}
-        append_jsonl(evals_path, record)
-        shutil.copyfile(grid, run_dir / "samples.png")
-        if wandb is not None:
-            _wandb_evaluation(run_dir, _set_stop(run_config(preset, lr, settings, seed, objective), target), wandb, record, grid)
-        acc = record.get("label_accuracy")
-        log(
-            f"{name}: point {target.point}/{len(targets)} at {state['images_seen']:,} images, {state['train_seconds']:.1f} s: "
-            f"FID {record['fid']:.2f}" + (f", label accuracy {acc:.3f}" if acc is not None else "")
-            + (f" at guidance {record['guidance']:g}" if len(settings.guidances) > 1 else "")
-        )
+        _score_point(run_dir, target, len(targets), settings, seed, meter=meter, device=device, log=log, config=config, wandb=wandb)
     _record_guidance(run_dir, settings, targets, seed)
     _confirm_run(run_dir, settings, targets, seed, meter=meter, data_dir=data_dir, device=device, log=log)
+
+
+def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
+    """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with no
+    checkpoint starts over: its other files are from an attempt that never checkpointed."""
+    from ..checkpoint import CHECKPOINT_NAME
+
+    records = read_jsonl(run_dir / EVALS_NAME, repair=True)
+    if any(rec.get("diverged") for rec in records):
+        return None
+    done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
+    todo = [t for t in targets if t.key() not in done]
+    if todo and not (run_dir / CHECKPOINT_NAME).is_file():
+        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME):
+            (run_dir / stale).unlink(missing_ok=True)
+    return todo
+
+
+def _record_divergence(run_dir: Path, target: Target, error: TrainingDiverged, device, log) -> None:
+    """Too high a learning rate is a result of the sweep, not a failure of it: record it, so that
+    the comparison goes on with the other runs and never retries this one."""
+    state = _train_state(run_dir) or {"step": 0, "images_seen": 0, "train_seconds": 0.0}
+    append_jsonl(run_dir / EVALS_NAME, _point_record(target, state, device) | {"diverged": True, "message": str(error)})
+    log(f"{run_dir.name}: {error}")
+
+
+def _score_point(run_dir: Path, target: Target, n_targets: int, settings: Settings, seed: int, *, meter, device, log,
+                 config=None, wandb=None) -> None:  # fmt: skip
+    """Score the run's checkpoint as its evaluation point ``target`` (into evals.jsonl; with
+    ``wandb`` options, into the W&B run of ``config`` too)."""
+    state = _train_state(run_dir)
+    grid = run_dir / "eval_samples" / f"point_{target.point}.png"
+    scores = _evaluate(run_dir, settings, meter, device, grid, seed)
+    record = _point_record(target, state, device) | scores | {"grid": str(grid.relative_to(run_dir))}
+    append_jsonl(run_dir / EVALS_NAME, record)
+    shutil.copyfile(grid, run_dir / "samples.png")
+    if wandb is not None:
+        _wandb_evaluation(run_dir, config, wandb, record, grid)
+    acc = record.get("label_accuracy")
+    log(
+        f"{run_dir.name}: point {target.point}/{n_targets} at {state['images_seen']:,} images, {state['train_seconds']:.1f} s: "
+        f"FID {record['fid']:.2f}" + (f", label accuracy {acc:.3f}" if acc is not None else "")
+        + (f" at guidance {record['guidance']:g}" if len(settings.guidances) > 1 else "")
+    )
+
+
+def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, device, log, meter) -> None:
+    """Train ``group`` (runs of one preset and objective) as one batched network to each of its
+    evaluation points in turn, scoring every run at each point; ``_run_one`` then finds their
+    points done and only finishes them (guidance, confirmation)."""
+    from ..batched import train_together
+
+    for i, target in enumerate(group[0].targets):
+        pending = []
+        for run in group:
+            todo = _targets_to_do(run.run_dir, run.targets)
+            if todo and todo[0].key() == target.key():
+                pending.append(run)
+        states = {run.run_dir: _train_state(run.run_dir) for run in pending}
+        training = [run for run in pending if states[run.run_dir] is None or not target.reached(states[run.run_dir])]
+        if training:
+            log(f"{len(training)} runs of {training[0].preset} together: training to {target.describe()} ({target.fraction:.0%} of the budget)")
+            configs = [(_set_stop(run_config(run.preset, run.lr, settings, run.seed, run.override), target), run.run_dir,
+                        states[run.run_dir] is not None) for run in training]  # fmt: skip
+            for run_dir, error in train_together(configs, data_dir=data_dir, device=device).items():
+                _record_divergence(run_dir, target, error, device, log)
+        meter = meter or _Meters.get(settings.dataset, data_dir)
+        for run in pending:
+            if _targets_to_do(run.run_dir, run.targets) is not None:
+                _score_point(run.run_dir, target, len(run.targets), settings, run.seed, meter=meter, device=device, log=log)
+
+
+def groups_together(plan: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
+    """The plan's runs of each preset and objective, in plan order, in groups of up to ``size``."""
+    by_kind: dict[tuple, list[PlannedRun]] = {}
+    for run in plan:
+        by_kind.setdefault((run.preset, run.objective), []).append(run)
+    return [runs[i : i + size] for runs in by_kind.values() for i in range(0, len(runs), size)]
 
 
 def _final_record(run_dir: Path, targets: list[Target]) -> dict | None:
@@ -375,6 +423,7 @@ def compare(
     wandb: str | None = None,
     compile: bool = False,
     final_n: int = 0,
+    together: int = 1,
 ) -> dict:
     """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
     return results.json's content.
@@ -387,7 +436,9 @@ def compare(
     ``torch.compile`` (see ``train``). ``final_n`` > 0 scores every finished run once more, at the
     guidance its final evaluation picked, on ``final_n`` fresh samples (seeds offset by
     ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict, of each preset's best
-    learning rate."""
+    learning rate. ``together`` > 1 trains up to that many runs of the same preset and objective
+    at once, as one batched network (``batched.train_together``; for budgets of images or FLOPs:
+    runs trained together share their clock)."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
@@ -408,6 +459,10 @@ def compare(
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
     if isinstance(final_n, bool) or not isinstance(final_n, int) or not (final_n == 0 or final_n >= 6):
         raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
+    if isinstance(together, bool) or not isinstance(together, int) or together < 1:
+        raise UserError(f"--runs-together must be a positive integer, got {together}")
+    if together > 1 and budget.kind == "seconds":
+        raise UserError("--runs-together needs a budget of images or FLOPs: runs trained together share one clock, so a time budget would not be each run's")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {steps}")
     if dataset not in DATASETS:
@@ -425,7 +480,7 @@ def compare(
         ensure_writable_dir(out_dir / "runs")
         _check_settings(out_dir, settings)
         wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
-        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options)
+        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
 
 
 @dataclass(frozen=True)
@@ -525,7 +580,7 @@ def _confirmed(settings: Settings, run: dict) -> dict | None:
     return next((c for c in run.get("confirmed", []) if all(c.get(k) == v for k, v in key.items())), None)
 
 
-def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None) -> dict:
+def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None, together: int = 1) -> dict:
     budget, eval_n = settings.budget, settings.eval_n
 
     stats = {p: _model_stats(p) for p in settings.presets}
@@ -536,6 +591,10 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
     )
     for run in plan:
         ensure_writable_dir(run.run_dir)
+    if together > 1:
+        for group in groups_together(plan, together):
+            _train_together(group, settings, data_dir=data_dir, device=device, log=log, meter=meter)
+    for run in plan:
         _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
                  data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb)  # fmt: skip
     return _report(out_dir, settings, plan, stats, data_dir=data_dir, device=device, log=log, meter=meter)

@@ -34,8 +34,12 @@ class LabelEmbedder(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` with each replaced by the null class with probability ``dropout_prob``."""
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            labels = self.drop_labels(labels)
         return self.embedding_table(labels)

@@ -1,0 +1,132 @@
+"""Runs trained together as one batched network (batched.train_together, compare --runs-together):
+each run trains as it would alone, resumes exactly, diverges alone, and bad groups are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import devices
+
+from simple_dit.batched import train_together
+from simple_dit.checkpoint import load_weights
+from simple_dit.config import get_preset
+from simple_dit.errors import UserError
+from simple_dit.train import train
+
+
+def _config(preset: str, *, lr: float, seed: int, steps: int, precision: str = "fp32"):
+    c = get_preset(preset)
+    c.train.lr, c.train.seed, c.train.max_steps, c.train.precision = lr, seed, steps, precision
+    c.train.batch_size, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = 16, 0, 0, 2
+    return c
+
+
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+RECIPES = [(1e-3, 0), (3e-4, 1)]  # two learning rates, two seeds
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("preset,precision", [("dit-tiny", "fp32"), ("unet-tiny", "bf16")])
+def test_runs_trained_together_train_as_they_would_alone(preset, precision, device, tmp_path, mnist_dir):
+    """Same data, draws and updates as training each run alone: losses agree to the rounding of
+    the batched kernels, and each run logs that it shared the device."""
+    configs = [_config(preset, lr=lr, seed=seed, steps=6, precision=precision) for lr, seed in RECIPES]
+    alone = [tmp_path / f"alone{k}" for k in range(2)]
+    together = [tmp_path / f"together{k}" for k in range(2)]
+    for config, run_dir in zip(configs, alone):
+        train(config, run_dir, progress=False, device=device, final_samples=False)
+    assert train_together([(c, d, False) for c, d in zip(configs, together)], device=device) == {}
+    rtol = 1e-5 if precision == "fp32" else 2e-3
+    for a, b in zip(alone, together):
+        assert _losses(b) == pytest.approx(_losses(a), rel=rtol)
+        records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["trained_together"] == 2 for r in records if "loss" in r)
+        assert load_weights(b)[2]["step"] == 6
+    if precision == "fp32" and preset.startswith("dit"):  # no convolution: the same arithmetic, batched
+        a, b = load_weights(alone[0], use_ema=False)[1], load_weights(together[0], use_ema=False)[1]
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Different seeds and learning rates give different runs: nothing leaked between them.
+    assert _losses(together[0]) != _losses(together[1])
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("preset,precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
+def test_runs_trained_together_resume_exactly(preset, precision, device, tmp_path, mnist_dir):
+    def runs(steps: int, name: str, resume: bool):
+        return [(_config(preset, lr=lr, seed=seed, steps=steps, precision=precision), tmp_path / f"{name}{k}", resume)
+                for k, (lr, seed) in enumerate(RECIPES)]  # fmt: skip
+
+    train_together(runs(8, "straight", False), device=device)
+    train_together(runs(4, "resumed", False), device=device)
+    train_together(runs(8, "resumed", True), device=device)
+    for k in range(2):
+        for use_ema in (False, True):
+            a = load_weights(tmp_path / f"straight{k}", use_ema=use_ema)[1]
+            b = load_weights(tmp_path / f"resumed{k}", use_ema=use_ema)[1]
+            worst = max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+            assert worst == 0.0, f"{preset} {precision} on {device}, run {k}: resumed weights differ by up to {worst}"
+
+
+def test_a_diverging_run_stops_alone(tmp_path, mnist_dir):
+    """A learning rate that blows up stops its own run, with nothing written from the diverged
+    model; the run beside it trains to the end."""
+    wild = _config("dit-tiny", lr=1e6, seed=0, steps=30)
+    calm = _config("dit-tiny", lr=1e-3, seed=1, steps=30)
+    diverged = train_together([(wild, tmp_path / "wild", False), (calm, tmp_path / "calm", False)])
+    assert list(diverged) == [tmp_path / "wild"]
+    assert "diverged" in str(diverged[tmp_path / "wild"])
+    assert not (tmp_path / "wild" / "checkpoint.safetensors").exists()
+    assert load_weights(tmp_path / "calm")[2]["step"] == 30
+
+
+def test_groups_that_cannot_train_together_are_refused(tmp_path):
+    dit, unet = _config("dit-tiny", lr=1e-3, seed=0, steps=2), _config("unet-tiny", lr=1e-3, seed=0, steps=2)
+    with pytest.raises(UserError, match="share their model"):
+        train_together([(dit, tmp_path / "a", False), (unet, tmp_path / "b", False)])
+    other_batch = _config("dit-tiny", lr=1e-3, seed=1, steps=2)
+    other_batch.train.batch_size = 8
+    with pytest.raises(UserError, match="batch_size"):
+        train_together([(dit, tmp_path / "a", False), (other_batch, tmp_path / "b", False)])
+    timed = _config("dit-tiny", lr=1e-3, seed=1, steps=0)
+    timed.train.minutes = 1.0
+    with pytest.raises(UserError, match="--minutes"):
+        train_together([(dit, tmp_path / "a", False), (timed, tmp_path / "b", False)])
+    with pytest.raises(UserError, match="one directory each"):
+        train_together([(dit, tmp_path / "a", False), (dit, tmp_path / "a", False)])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compare_runs_together_refuses_a_time_budget(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "simple_dit.cli", "compare", "--presets", "dit-tiny", "--budget", "30s", "--runs-together", "3", "--out", str(tmp_path / "c")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--runs-together needs a budget of images or FLOPs" in result.stderr
+
+
+def test_compare_trains_each_preset_s_runs_together(tmp_path, mnist_dir):
+    """compare --runs-together: the runs of each preset train as one batched network and are
+    scored like any other; the comparison then reports them as usual."""
+    from simple_dit.compare import compare
+
+    log = []
+    results = compare(
+        "dit-tiny,unet-tiny", "512-images", tmp_path, lrs="1e-3,3e-4", eval_n=20, steps=2, eval_every_frac=0.5,
+        device="cpu", precision="fp32", log=log.append, together=4,
+    )  # fmt: skip
+    assert sum("2 runs of dit-tiny together" in line for line in log) == 2  # one group, two evaluation points
+    assert sum("2 runs of unet-tiny together" in line for line in log) == 2
+    assert not any("training to" in line and "together" not in line for line in log)
+    for run_dir in (tmp_path / "runs").iterdir():
+        evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+        assert [e["point"] for e in evals] == [1, 2] and all(e["fid"] > 0 for e in evals)
+    assert {e["preset"] for e in results["presets"]} == {"dit-tiny", "unet-tiny"}
+    assert torch.isfinite(torch.tensor([e["best_stats"]["fid"]["mean"] for e in results["presets"]])).all()
