@@ -11,7 +11,8 @@
 # changes them) and the whole check within GPU_CHECK_BUDGET_S seconds (default 470), so that one
 # hang cannot eat the budget; a failing step does not stop the others.
 # The steps run one at a time (timings stay clean), most wanted first: environment, the compiled
-# benches, the eager ones, the comparison (--compile), tests, diffusers; a step that would start with
+# benches, the eager ones (9 runs trained together first), the comparison (--compile
+# --runs-together 3), tests, diffusers; a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
 # kinds (env, bench-compile, bench, compare, tests, diffusers, verdict).
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
@@ -86,11 +87,13 @@ if [ "$mode" = gpu ]; then
   # The compiled benches (issue 8's targets) first: where the budget runs out, what is left unmeasured
   # is what the issue's own table already has.
   benches=("dit-seed||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-mini||--compile"
+           "dit-seed||--runs-together 9" "unet-seed||--runs-together 9" "dit-mini||--runs-together 9"
+           "dit-seed||--compile --runs-together 9"
            "dit-seed||" "dit-seed|1024|" "unet-seed||" "unet-seed|1024|" "dit-mini||" "dit-mini|1024|"
            "dit-seed||--reference" "unet-seed||--reference" "dit-mini||--reference")
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
-  compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
+  compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --runs-together 3)
   caps=(tests=240 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
@@ -98,15 +101,15 @@ else
   device=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # robust timings on a small, shared CPU
   tests=(-m pytest -q tests/test_models.py)
-  # One compiled bench, at the preset's own batch (the one the comparison trains at, so that its
-  # compilation comes from inductor's cache), training only: a cold compile costs ~45 s here, and
-  # the dry run has 3 minutes.
-  benches=("dit-tiny||--compile --what train"
-           "dit-tiny|8|" "dit-tiny|32|" "unet-tiny|8|" "unet-tiny|32|" "dit-mini|8|" "dit-mini|32|"
+  # One compiled bench, training only, of the path the GPU comparison takes (torch.compile of runs
+  # trained together): a cold compile costs ~50 s here, and the dry run has 3 minutes, so the dry
+  # comparison trains its runs together eager.
+  benches=("dit-tiny||--compile --runs-together 3 --what train"
+           "dit-tiny|8|" "dit-tiny|32|" "dit-tiny|8|--runs-together 3" "unet-tiny|8|" "unet-tiny|32|" "dit-mini|8|" "dit-mini|32|"
            "dit-tiny|8|--reference" "unet-tiny|8|--reference" "dit-mini|8|--reference")
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
-  compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5 --compile)
+  compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5 --runs-together 3)
   caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
@@ -137,7 +140,8 @@ add_step environment env "$py" -c "$env_py"
 for spec in "${benches[@]}"; do
   IFS='|' read -r preset batch extra <<<"$spec"
   kind=bench suffix=
-  case " $extra " in *" --compile "*) kind=bench-compile suffix=-compile ;; *" --reference "*) suffix=-reference ;; esac
+  case " $extra " in *" --runs-together "*) together=${extra##*--runs-together } suffix="-together${together%% *}" ;; esac
+  case " $extra " in *" --compile "*) kind=bench-compile suffix+=-compile ;; *" --reference "*) suffix+=-reference ;; esac
   name="bench-$preset-b${batch:-preset}$suffix"
   add_step "$name" "$kind" "${cli[@]}" bench --preset "$preset" ${batch:+--batch-size "$batch"} --repeats "$bench_repeats" --device "$device" $extra
 done
@@ -250,7 +254,7 @@ command -v python3 >/dev/null 2>&1 || summary_py=$py
 import glob, json, os, re, sys
 
 out, mode, python, data, seconds, budget, verdict_records = sys.argv[1:8]
-BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "device", "params_m", "gflops_per_image",
+BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "device", "params_m", "gflops_per_image",
               "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",

@@ -9,7 +9,7 @@
 #   2. each of them with rectified flow at its best step-1 learning rate, 3 seeds (the backbone's
 #      effect apart from the objective's), and dit-mini (flow, its own lr 3e-3), 3 seeds
 # The GPU profile (--gpu): the article's 10 epochs (600k images) per run, on one CUDA GPU with
-# torch.compile: the article's two and the parameter-matched pair (dit-unet-size, unet-dit-size),
+# torch.compile, 9 runs at a time: the article's two and the parameter-matched pair (dit-unet-size, unet-dit-size),
 # both objectives, 3 lrs, 3 seeds, in one step (72 runs), evaluated at every quarter of the budget.
 #
 # Every run is confirmed as soon as it finishes, at the guidance it picked, on 5,000 fresh samples
@@ -33,7 +33,8 @@
 # VERDICT_PRESETS [unet-seed,dit-seed / unet-seed,dit-seed,dit-unet-size,unet-dit-size], VERDICT_MINI [dit-mini; empty: none; CPU only],
 # VERDICT_SEEDS [0,1,2], VERDICT_LRS [1e-4,3e-4,1e-3], VERDICT_FINAL_N [5000], VERDICT_EVAL
 # [--guidances 1.5,2,3,4 --eval-every-frac 1 --eval-n 1000 --steps 10 / the same at
-# --eval-every-frac 0.25 and --steps 20], VERDICT_TRAIN [none / --device cuda --compile] (small
+# --eval-every-frac 0.25 and --steps 20], VERDICT_TRAIN [none / --device cuda --compile
+# --runs-together 9: each preset and objective's 9 runs train as one batched network] (small
 # values try the whole grid with the tiny presets in a minute). tests/test_verdict_grid.py drives
 # it with a stub simple-dit.
 set -euo pipefail
@@ -55,7 +56,7 @@ if $gpu; then
   presets=${VERDICT_PRESETS:-unet-seed,dit-seed,dit-unet-size,unet-dit-size}
   budget=${VERDICT_BUDGET:-600k-images}
   evaluation=${VERDICT_EVAL:---guidances 1.5,2,3,4 --eval-every-frac 0.25 --eval-n 1000 --steps 20}
-  training=${VERDICT_TRAIN---device cuda --compile}
+  training=${VERDICT_TRAIN---device cuda --compile --runs-together 9}
 else
   out=${1:-runs/verdict-10m} records=${2:-docs/verdict-10m}
   presets=${VERDICT_PRESETS:-unet-seed,dit-seed}

@@ -44,15 +44,16 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     benches = [c for n, c in commands.items() if n.startswith("bench-")]
     for preset in ("dit-seed", "unet-seed", "dit-mini"):
         mine = [c.split(" bench ", 1)[1] for c in benches if f"--preset {preset} " in c]
-        eager = [c for c in mine if "--compile" not in c]
+        eager = [c for c in mine if "--compile" not in c and "--runs-together" not in c]
         assert all("--device cuda" in c for c in mine)
         assert sorted("--batch-size 1024" in c for c in eager) == [False, False, True]  # preset batch, 1024, reference
         assert sum("--reference" in c and "--batch-size" not in c for c in eager) == 1
         assert any("--compile" in c and "--batch-size" not in c for c in mine)  # each target at the preset's batch
+        assert any("--runs-together 9" in c and "--batch-size" not in c for c in mine)  # several runs filling the GPU
     assert any("--preset dit-seed --batch-size 1024" in c and "--compile" in c for c in benches)  # the 40%-of-peak target
     assert "bench/diffusers_compare.py --preset dit-seed --batch-size 128" in commands["diffusers-compare"]
     assert commands["compare-article"].endswith(
-        "compare --presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --device cuda --out somewhere/compare"
+        "compare --presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --runs-together 3 --device cuda --out somewhere/compare"
     )
     assert all(cap < 470 for _, cap, _ in steps)
 
@@ -65,13 +66,14 @@ def test_the_dry_run_plan_is_the_same_steps_on_the_cpu_with_tiny_presets():
     assert commands["tests"].endswith("-m pytest -q tests/test_models.py")
     assert all("--device cpu" in c and "seed" not in c for n, c in commands.items() if n.startswith(("bench-", "diffusers", "compare")))
     assert "--budget 2k-images" in commands["compare-article"] and "--eval-n 12" in commands["compare-article"]
-    assert "--compile" in commands["compare-article"] and "bench-dit-tiny-bpreset-compile" in commands
+    # The GPU comparison's path (compiled runs trained together) in one bench; the comparison itself eager.
+    assert "--runs-together 3" in commands["compare-article"] and "bench-dit-tiny-bpreset-together3-compile" in commands
 
 
 def test_only_keeps_the_steps_of_the_kinds_named():
     result = gpu_check("--plan", env={"GPU_CHECK_ONLY": "compare bench-compile"})
     names = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert result.returncode == 0 and names[-1] == "compare-article" and all(n.endswith("-compile") for n in names[:-1]) and len(names) == 5
+    assert result.returncode == 0 and names[-1] == "compare-article" and all(n.endswith("-compile") for n in names[:-1]) and len(names) == 6
     bad = gpu_check("--plan", env={"GPU_CHECK_ONLY": "everything"})
     assert bad.returncode == 2 and "names no step kind" in bad.stderr
 

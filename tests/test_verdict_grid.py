@@ -119,7 +119,7 @@ def test_the_gpu_profile_is_one_step_with_both_objectives_on_cuda(tmp_path):
     assert commands == [
         "compare --presets unet-seed,dit-seed,dit-unet-size,unet-dit-size --objective eps,flow --lrs 1e-4,3e-4,1e-3 "
         "--budget 600k-images --seeds 0,1,2 --final-n 5000 --guidances 1.5,2,3,4 --eval-every-frac 0.25 --eval-n 1000 "
-        f"--steps 20 --device cuda --compile --out {out}"
+        f"--steps 20 --device cuda --compile --runs-together 9 --out {out}"
     ]
     assert (tmp_path / "records" / "results.json").is_file()
 
