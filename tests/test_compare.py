@@ -604,3 +604,21 @@ def test_compare_without_presets_or_budget_is_a_clear_error(tmp_path, capsys):
 
     assert main(["compare", "--budget", "1m", "--out", str(tmp_path / "out")]) == 2
     assert "needs --presets and --budget" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_compare_trains_each_preset_s_runs_together(tmp_path, mnist_dir, meter):
+    """compare --runs-together: the runs of each preset train as one batched network and are
+    scored like any other; the comparison then reports them as usual."""
+    log = []
+    results = C.compare(
+        "dit-tiny,unet-tiny", "512-images", tmp_path, lrs="1e-3,3e-4", eval_n=20, steps=2, eval_every_frac=0.5,
+        device="cpu", precision="fp32", log=log.append, meter=meter, together=4,
+    )  # fmt: skip
+    assert sum("2 runs of dit-tiny together" in line for line in log) == 2  # one group, two evaluation points
+    assert sum("2 runs of unet-tiny together" in line for line in log) == 2
+    assert not any("training to" in line and "together" not in line for line in log)
+    for run_dir in (tmp_path / "runs").iterdir():
+        evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+        assert [e["point"] for e in evals] == [1, 2] and all(e["fid"] > 0 for e in evals)
+    assert {e["preset"] for e in results["presets"]} == {"dit-tiny", "unet-tiny"}
+    assert all(math.isfinite(e["best_stats"]["fid"]["mean"]) for e in results["presets"])

@@ -461,6 +461,8 @@ def compare(
         raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
     if isinstance(together, bool) or not isinstance(together, int) or together < 1:
         raise UserError(f"--runs-together must be a positive integer, got {together}")
+    if together > 1 and wandb is not None:
+        raise UserError("--wandb logs each run's training as it trains, one run at a time; it does not combine with --runs-together")
     if together > 1 and budget.kind == "seconds":
         raise UserError("--runs-together needs a budget of images or FLOPs: runs trained together share one clock, so a time budget would not be each run's")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
