@@ -35,8 +35,11 @@ class Pipeline:
         precision: str = "auto",
         class_names: Sequence[str] | None = None,
         guidance: float = DEFAULT_GUIDANCE,
+        compile: bool = False,
     ):
         self.config = config
+        self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
+        self._compiled = None  # (its weights, the compiled network), made on the first call
         self.guidance = guidance  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -48,7 +51,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, run_dir: str | Path | None = None, *, use_ema: bool = True, device=None, precision: str = "auto"
+        cls, run_dir: str | Path | None = None, *, use_ema: bool = True, device=None, precision: str = "auto", compile: bool = False
     ) -> "Pipeline":
         """A run directory (its checkpoint), a directory written by ``simple-dit export``, or, with
         no argument or the name "default", the dit-mini shipped in the package."""
@@ -63,7 +66,8 @@ class Pipeline:
         from .evaluate import read_guidance
 
         guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare
-        return cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance)
+        return cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+                   compile=compile)  # fmt: skip
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
@@ -130,10 +134,28 @@ class Pipeline:
         """The network as the sampler runs it. In bf16, a bf16 copy of the weights: autocast would
         cast every weight on every call, which on a CPU costs a small model more than its matrix
         products (BENCHMARKS.md). Copied per call because the pipeline may hold weights that are
-        still changing (the EMA during training)."""
-        if self.precision != "bf16":
-            return self.model
-        return copy.deepcopy(self.model).to(torch.bfloat16)
+        still changing (the EMA during training). Compiled, one copy for the pipeline's life whose
+        weights are refreshed in place on each call, so that its compiled graphs stay valid."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else None
+        if not self.compile:
+            return self.model if dtype is None else copy.deepcopy(self.model).to(dtype)
+        if self._compiled is None:
+            from .runtime import compile_model
+
+            network = copy.deepcopy(self.model).to(dtype) if dtype is not None else copy.deepcopy(self.model)
+            compiled = compile_model(network, self.device)
+
+            def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                # A CUDA graph's output is overwritten by its next replay, and the multistep
+                # samplers keep earlier outputs (Heun's first slope, DPM-Solver++'s last x0).
+                return compiled(x, t, y).clone()
+
+            self._compiled = (network, run)
+        network, run = self._compiled
+        with torch.no_grad():
+            for mine, current in zip(network.state_dict().values(), self.model.state_dict().values()):
+                mine.copy_(current)
+        return run
 
     # ---- files ---------------------------------------------------------------------------------
 
