@@ -110,3 +110,36 @@ def test_compare_runs_together_refuses_a_time_budget(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--runs-together needs a budget of images or FLOPs" in result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist_dir, monkeypatch):
+    """SIGTERM in the middle of training together: every run checkpoints the step it finished,
+    Interrupted is raised, and resuming gives the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    import simple_dit.batched as batched
+    from simple_dit.errors import Interrupted
+
+    def runs(name: str, resume: bool):
+        return [(_config("unet-tiny", lr=lr, seed=seed, steps=6), tmp_path / f"{name}{k}", resume) for k, (lr, seed) in enumerate(RECIPES)]
+
+    train_together(runs("straight", False))
+    calls, update_ema = [], batched.update_ema
+
+    def signalling_update_ema(*args):
+        update_ema(*args)
+        calls.append(1)
+        if len(calls) == 5:  # the first run's update of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(batched, "update_ema", signalling_update_ema)
+    with pytest.raises(Interrupted) as stopped:
+        train_together(runs("stopped", False))
+    assert stopped.value.signum == signal.SIGTERM
+    assert [load_weights(tmp_path / f"stopped{k}")[2]["step"] for k in range(2)] == [3, 3]
+    monkeypatch.setattr(batched, "update_ema", update_ema)
+    train_together(runs("stopped", True))
+    for k in range(2):
+        a, b = load_weights(tmp_path / f"straight{k}", use_ema=False)[1], load_weights(tmp_path / f"stopped{k}", use_ema=False)[1]
+        assert max((a[name].float() - b[name].float()).abs().max().item() for name in a) == 0.0
