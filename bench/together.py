@@ -13,8 +13,7 @@ import json
 
 import torch
 
-from simple_dit.batched import BatchedLoss, train_step_together
-from simple_dit.bench import interleaved_median_seconds
+from simple_dit.bench import interleaved_median_seconds, step_together
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
@@ -41,23 +40,14 @@ def main() -> None:
     x = torch.randn(batch, config.model.in_channels, size, size, device=device)
     y = torch.randint(0, config.model.num_classes, (batch,), device=device)
 
-    def runs():
-        models = [build_model(config.model).to(device).train() for _ in range(args.runs)]
-        return models, [make_optimizer(m, config, device) for m in models]
-
-    alone_models, alone_optimizers = runs()
-    together_models, together_optimizers = runs()
-    batched_loss = BatchedLoss(together_models[0], diffusion)
-    xs, ys = x.expand(args.runs, *x.shape), y.expand(args.runs, *y.shape)
+    alone_models = [build_model(config.model).to(device).train() for _ in range(args.runs)]
+    alone_optimizers = [make_optimizer(m, config, device) for m in alone_models]
 
     def one_after_another():
         for model, optimizer in zip(alone_models, alone_optimizers):
             train_step(model, diffusion, optimizer, x, y, precision=precision, grad_clip=config.train.grad_clip)
 
-    def together():
-        t, noise = (torch.stack(column) for column in zip(*(diffusion.training_draws(x) for _ in together_models)))
-        train_step_together(batched_loss, together_models, together_optimizers, xs, ys, t, noise, lrs=[config.train.lr] * args.runs,
-                            precision=precision, grad_clips=[config.train.grad_clip] * args.runs)  # fmt: skip
+    together = step_together(build_model(config.model).to(device).train(), config, diffusion, x, y, args.runs, precision=precision, compile=False)
 
     seconds = interleaved_median_seconds({"one after another": one_after_another, "together": together}, device, warmup=2, repeats=args.repeats)
     images = args.runs * batch

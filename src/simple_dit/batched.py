@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -33,25 +32,15 @@ from .diffusion import make_process
 from .errors import Interrupted, TrainingDiverged, UserError
 from .logger import RunLogger
 from .models.embeddings import LabelEmbedder
-from .runtime import autocast, compile_model, parse_device, synchronize
+from .runtime import autocast, compile_model, parse_device, rng_state, set_rng_state, synchronize
 from .train import (
-    EpochOrder, StopSignals, TrainState, _Window, clip_and_step, ema_decay_at, load_training_set, lr_at, prepare_output_dir,
-    start_run, training_precision, update_ema, warm_up_compiled,
+    EpochOrder, StopSignals, TrainState, _Window, clip_and_step, ema_decay_at, load_training_set, lr_at, planned_steps,
+    prepare_output_dir, start_run, training_precision, update_ema, warm_up_compiled,
 )  # fmt: skip
 
 # What runs trained together must share; everything else (lr, seed, warm-up, EMA, clipping,
 # weight decay, logging and checkpoint intervals, the stopping step) is each run's own.
 SHARED = ("model", "diffusion", "train.batch_size", "train.dataset", "train.precision", "train.compile")
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 @dataclass
@@ -73,13 +62,13 @@ class _Run:
 
     @contextlib.contextmanager
     def own_rng(self, device: torch.device):
-        outer = _rng_state(device)
-        _set_rng_state(self.rng, device)
+        outer = rng_state(device)
+        set_rng_state(self.rng, device)
         try:
             yield
         finally:
-            self.rng = _rng_state(device)
-            _set_rng_state(outer, device)
+            self.rng = rng_state(device)
+            set_rng_state(outer, device)
 
     def due(self, every: int) -> bool:  # 0 turns a periodic action off
         return every > 0 and self.state.step % every == 0
@@ -204,10 +193,10 @@ def train_together(
             model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device)
             logger = RunLogger(out_dir, enabled=True, config=config.to_dict())
             cleanup.callback(logger.close)
-            max_steps = tc.max_steps or math.ceil(tc.epochs * (len(dataset) // tc.batch_size))
+            max_steps = planned_steps(tc, len(dataset))  # never 0: --minutes is refused above
             order = EpochOrder(len(dataset), tc.seed, tc.batch_size, device)
             members.append(_Run(config, out_dir, model.train(), ema, optimizer, state, order, logger, max_steps,
-                                _rng_state(device), state.step if resume else None))  # fmt: skip
+                                rng_state(device), state.step if resume else None))  # fmt: skip
         signals = cleanup.enter_context(StopSignals())
         diffusion = make_process(configs[0].diffusion)
         loss_fn = BatchedLoss(members[0].model, diffusion)

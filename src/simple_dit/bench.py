@@ -82,9 +82,9 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def _step_together(model, config, diffusion, x: torch.Tensor, y: torch.Tensor, together: int, *, precision: str, compile: bool):
-    """One step of ``together`` models as training them together takes it (``model`` and copies
-    initialised from other seeds), its draws included."""
+def step_together(model, config, diffusion, x: torch.Tensor, y: torch.Tensor, together: int, *, precision: str, compile: bool):
+    """A function taking one step of ``together`` models as training them together takes it
+    (``model`` and copies initialised from the global RNG's next draws), its draws included."""
     from .batched import BatchedLoss, train_step_together
 
     models = [model] + [build_model(config.model).to(x.device).train() for _ in range(together - 1)]
@@ -167,7 +167,7 @@ def run_bench(
             train_step(forward_model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
 
         if together > 1:
-            step = _step_together(model, config, diffusion, x, y, together, precision=precision, compile=compile)
+            step = step_together(model, config, diffusion, x, y, together, precision=precision, compile=compile)
 
         if compile:
             result["train_compile_s"] = median_seconds(step, dev, warmup=0, repeats=1)  # the first call compiles

@@ -72,6 +72,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rng_state(device: torch.device) -> tuple:
+    """The global random generators' state: the CPU's, and ``device``'s where it is a GPU."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def has_fused_adamw(device: torch.device) -> bool:
     """Whether AdamW's fused kernel (one pass over all parameters) exists for this device."""
     return device.type in ("cpu", "cuda")

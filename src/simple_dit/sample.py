@@ -142,7 +142,7 @@ class Pipeline:
         if self._compiled is None:
             from .runtime import compile_model
 
-            network = copy.deepcopy(self.model).to(dtype) if dtype is not None else copy.deepcopy(self.model)
+            network = copy.deepcopy(self.model).to(dtype)  # .to(None) leaves the dtype as it is
             compiled = compile_model(network, self.device)
 
             def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .errors import Interrupted, TrainingDiverged, UserError
 from .io import DirectoryLock, ensure_writable_dir, write_json
 from .logger import RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
-from .runtime import autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, synchronize
+from .runtime import autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize
 
 
 @dataclass
@@ -79,6 +79,12 @@ class EpochOrder:
             self._epoch, self._perm = epoch, epoch_permutation(self.num_examples, self.seed, epoch).to(self.device)
         first = offset * self.batch_size + start
         return self._perm[first : first + (self.batch_size if size is None else size)]
+
+
+def planned_steps(tc, num_examples: int) -> int:
+    """The step at which training stops: ``max_steps``, else the steps of ``epochs`` (0 for a
+    time budget alone)."""
+    return tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * (num_examples // tc.batch_size)))
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -137,8 +143,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
     are those an eager run trains.
     """
     start = time.perf_counter()
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    rng = rng_state(device)
     buffers = [b.clone() for model in models for b in model.buffers()]
     parameters = [p for model in models for p in model.parameters()]
     try:
@@ -158,9 +163,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
         with torch.no_grad():
             for b, saved in zip((b for model in models for b in model.buffers()), buffers):
                 b.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
+        set_rng_state(rng, device)
     return time.perf_counter() - start
 
 
@@ -328,7 +331,7 @@ def train(
         if is_main:
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
         dataset = load_training_set(config, data_dir)
-        max_steps = tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * (len(dataset) // tc.batch_size)))
+        max_steps = planned_steps(tc, len(dataset))
 
         model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main)
         diffusion = make_process(config.diffusion)

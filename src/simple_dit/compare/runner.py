@@ -328,7 +328,7 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
     points done and only finishes them (guidance, confirmation)."""
     from ..batched import train_together
 
-    for i, target in enumerate(group[0].targets):
+    for target in group[0].targets:
         pending = []
         for run in group:
             todo = _targets_to_do(run.run_dir, run.targets)
@@ -336,15 +336,17 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
                 pending.append(run)
         states = {run.run_dir: _train_state(run.run_dir) for run in pending}
         training = [run for run in pending if states[run.run_dir] is None or not target.reached(states[run.run_dir])]
+        diverged = {}
         if training:
             log(f"{len(training)} runs of {training[0].preset} together: training to {target.describe()} ({target.fraction:.0%} of the budget)")
             configs = [(_set_stop(run_config(run.preset, run.lr, settings, run.seed, run.override), target), run.run_dir,
                         states[run.run_dir] is not None) for run in training]  # fmt: skip
-            for run_dir, error in train_together(configs, data_dir=data_dir, device=device).items():
+            diverged = train_together(configs, data_dir=data_dir, device=device)
+            for run_dir, error in diverged.items():
                 _record_divergence(run_dir, target, error, device, log)
         meter = meter or _Meters.get(settings.dataset, data_dir)
         for run in pending:
-            if _targets_to_do(run.run_dir, run.targets) is not None:
+            if run.run_dir not in diverged:
                 _score_point(run.run_dir, target, len(run.targets), settings, run.seed, meter=meter, device=device, log=log)
 
 
