@@ -82,21 +82,22 @@ def test_compile_must_be_a_boolean():
 
 
 @pytest.mark.parametrize("device", devices)
-def test_compiled_sampling_draws_the_eager_images(device):
+@pytest.mark.parametrize("preset, precision", [("dit-tiny", "fp32"), ("unet-tiny", "bf16")])
+def test_compiled_sampling_draws_the_eager_images(preset, precision, device):
     """Pipeline(compile=True) draws what the eager pipeline draws, with a sampler that keeps an
     earlier network output (Heun, unguided: the CUDA-graph case that needs the output copied), and
     sees new weights of the model it holds (the EMA while training)."""
     from simple_dit.models import build_model
     from simple_dit.sample import Pipeline
 
-    config = get_preset("dit-tiny")
+    config = get_preset(preset)
     config.diffusion.objective = "flow"
     torch.manual_seed(0)
     model = build_model(config.model)
     for p in model.parameters():  # adaLN-Zero starts as the zero function: make the samples depend on the weights
         torch.nn.init.normal_(p, std=0.05)
-    eager = Pipeline(config, model, device=device, precision="fp32")
-    compiled = Pipeline(config, model, device=device, precision="fp32", compile=True)
+    eager = Pipeline(config, model, device=device, precision=precision)
+    compiled = Pipeline(config, model, device=device, precision=precision, compile=True)
     labels = torch.arange(10)
     for _ in range(2):
         a = eager(labels, sampler="heun", steps=2, guidance=1.0, seed=1).int()
