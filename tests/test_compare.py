@@ -348,8 +348,12 @@ def test_mean_spread_and_verdict_over_seeds(sweep):
     lines = results["verdict_text"]
     assert len(lines) == 2 and all(("tie with" in line) != ("ahead of" in line) for line in lines)
     assert all(line in sweep["stdout"] for line in lines)
+    # One preset, two objectives: the objective's effect is the whole verdict, said once more as such.
+    assert results["effects"] == [{"factor": "objective", "fixed": "dit-tiny", "verdict": results["verdict"]}]
+    assert results["effects_text"] == [f"objectives of dit-tiny: {line}" for line in lines]
     md = (out / "report.md").read_text()
-    assert all(line in md for line in lines) and "mean (min–max) over 2 seeds" in md and GUIDANCE_RULE in md
+    assert all(line in md for line in lines + results["effects_text"]) and "mean (min–max) over 2 seeds" in md and GUIDANCE_RULE in md
+    assert all(line in sweep["stdout"] for line in results["effects_text"])
     assert "![" in md and "guidance_frontier.png" in md and (out / "guidance_frontier.png").stat().st_size > 0
     # Two scales swept: every pick is at an edge of the range, and the report says so.
     assert f"The guidance picked for {', '.join(e['label'] for e in results['presets'])} is at the edge of the swept scales (1–2)" in md
@@ -409,6 +413,26 @@ def test_seed_stats_and_ties():
     assert fid["leader"] == "b" and [(o["label"], o["tie"]) for o in fid["others"]] == [("a", False), ("c", False)]
     assert acc["leader"] == "a" and [(o["label"], o["tie"]) for o in acc["others"]] == [("b", True), ("c", False)]
     assert acc["others"][0]["spread"] == pytest.approx(0.1) and acc["others"][0]["difference"] == pytest.approx(0.0)
+
+
+def test_effects_separate_the_backbone_from_the_objective():
+    def entry(preset, objective, fid, acc, stats_key="best_stats"):
+        stats = {"fid": C.seed_stats(fid), "label_accuracy": C.seed_stats(acc)}
+        return {"label": f"{preset} ({objective})", "preset": preset, "objective": objective, stats_key: stats}
+
+    entries = [entry("unet", "eps", [6.0, 7.0, 8.0], [0.7, 0.8, 0.9]), entry("dit", "eps", [50.0, 55.0, 60.0], [0.2, 0.2, 0.2]),
+               entry("unet", "flow", [0.4, 0.5, 0.6], [0.98, 0.99, 1.0]), entry("dit", "flow", [0.5, 0.6, 0.7], [0.97, 0.98, 0.99])]  # fmt: skip
+    found = {(e["factor"], e["fixed"]): e["verdict"] for e in C.effects(entries)}
+    assert list(found) == [("backbone", "eps"), ("backbone", "flow"), ("objective", "unet"), ("objective", "dit")]
+    fid = {key: (v[0]["leader"], [(o["label"], o["tie"]) for o in v[0]["others"]]) for key, v in found.items()}
+    assert fid[("backbone", "eps")] == ("unet (eps)", [("dit (eps)", False)])
+    assert fid[("backbone", "flow")] == ("unet (flow)", [("dit (flow)", True)])  # 0.1 apart, spread 0.1
+    assert fid[("objective", "dit")] == ("dit (flow)", [("dit (eps)", False)])
+    assert C.effects(entries[:2]) == []  # one objective: the verdict is the backbones' already
+    # Only entries scored the same way are judged: an unconfirmed preset leaves its groups out.
+    confirmed = [entry("unet", "eps", [6.0], [0.8], "confirmed_stats"), entry("unet", "flow", [0.5], [0.99], "confirmed_stats"),
+                 entry("dit", "eps", [50.0], [0.2])]  # fmt: skip
+    assert [(e["factor"], e["fixed"]) for e in C.effects(confirmed, "confirmed_stats")] == [("objective", "unet")]
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, fmt_stat, rewrite_report, verdict_lines
+    from .compare import compare, effect_lines, fmt_stat, rewrite_report, verdict_lines
 
     if args.report_only:
         # Every setting comes from the comparison itself; one given here would be ignored, so refuse it.
@@ -385,7 +385,9 @@ def cmd_compare(args) -> None:
         print(f"{e['label']}: best lr {lr}, guidance {g}, FID {fmt_stat(st['fid'], '.2f')}, label accuracy {fmt_stat(st['label_accuracy'])}")
     for line in verdict_lines(results):
         print(line)
-    for line in verdict_lines(results, confirmed=True):
+    for line in effect_lines(results):
+        print(line)
+    for line in verdict_lines(results, confirmed=True) + effect_lines(results, confirmed=True):
         print(f"confirmed on {results['settings']['final_n']:,} fresh samples: {line}")
     print(f"report: {args.out / 'report.html'}")
 

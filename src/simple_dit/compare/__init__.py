@@ -35,15 +35,15 @@ from .budget import (
     DEFAULT_LRS, Budget, Target, eval_fractions, images_per_budget, parse_budget, parse_guidances, parse_lrs,
     parse_objectives, parse_presets, parse_seeds, run_name, schedule,
 )  # fmt: skip
-from .report import GRID_PER_CLASS, NOTES, fmt_stat, verdict_lines, write_frontier_figure, write_report
+from .report import GRID_PER_CLASS, NOTES, effect_lines, fmt_stat, verdict_lines, write_frontier_figure, write_report
 from .runner import (
     EVALS_NAME, SETTINGS_NAME, PlannedRun, Settings, collect_results, compare, guidance_rows, pick_best, plan_runs,
-    read_metrics, rewrite_report, run_config, seed_stats, settings_on_disk, verdict,
+    effects, read_metrics, rewrite_report, run_config, seed_stats, settings_on_disk, verdict,
 )  # fmt: skip
 
 __all__ = [
     "DEFAULT_LRS", "EVALS_NAME", "GRID_PER_CLASS", "NOTES", "SETTINGS_NAME", "Budget", "PlannedRun", "Settings", "Target",
-    "collect_results", "compare", "eval_fractions", "fmt_stat", "guidance_rows", "images_per_budget", "parse_budget",
+    "collect_results", "compare", "effect_lines", "effects", "eval_fractions", "fmt_stat", "guidance_rows", "images_per_budget", "parse_budget",
     "parse_guidances", "parse_lrs", "parse_objectives", "parse_presets", "parse_seeds", "pick_best", "plan_runs",
     "read_metrics", "rewrite_report", "run_config", "run_name", "schedule", "seed_stats", "settings_on_disk", "verdict", "verdict_lines",
     "write_frontier_figure", "write_report",

@@ -319,9 +319,23 @@ def verdict_lines(results: dict, confirmed: bool = False) -> list[str]:
     """The verdict in words: per metric, the leading preset and, against each other one, ahead
     or a tie (a difference smaller than the larger spread of the two); ``confirmed``: on the
     confirmation's fresh samples."""
+    return _verdict_text(results.get("confirmed_verdict" if confirmed else "verdict", []), results, confirmed)
+
+
+def effect_lines(results: dict, confirmed: bool = False) -> list[str]:
+    """The verdicts of the backbones trained with one objective, and of one backbone's objectives
+    (``runner.effects``), in the words of ``verdict_lines``."""
+    lines = []
+    for effect in results.get("confirmed_effects" if confirmed else "effects", []):
+        where = f"backbones with {effect['fixed']}" if effect["factor"] == "backbone" else f"objectives of {effect['fixed']}"
+        lines += [f"{where}: {line}" for line in _verdict_text(effect["verdict"], results, confirmed)]
+    return lines
+
+
+def _verdict_text(verdicts: list[dict], results: dict, confirmed: bool) -> list[str]:
     stats = {e["label"]: e["confirmed_stats" if confirmed else "best_stats"] for e in results["presets"]}
     lines = []
-    for v in results.get("confirmed_verdict" if confirmed else "verdict", []):
+    for v in verdicts:
         m, spec = v["metric"], _SPECS[v["metric"]]
         better = "lower" if v["lower_is_better"] else "higher"
         parts = [
@@ -470,6 +484,9 @@ NOTES = (
     "In the verdict, a difference of seed means smaller than the larger spread of the two is a tie."
 )
 
+EFFECTS_INTRO = ("The backbone apart from the objective: each backbone against the others trained with the same "
+                 "objective, and each backbone's objectives against each other (same tie rule).")
+
 _CAPTIONS = {
     "verdict": "The answer in one figure: quality against training images, seconds and FLOPs",
     "quality_vs_images": "Quality against training images seen",
@@ -485,6 +502,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     ("table", (head, rows)), ("img", path) or ("grids", [(path, caption)])."""
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
+    if effects := effect_lines(results):
+        summary += [("p", EFFECTS_INTRO), ("list", effects)]
     summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + " Verdict: a difference smaller than the larger spread is a tie.")]
     if edge := _guidance_edge_note(results):
         summary.append(("note", edge))
@@ -496,6 +515,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
                         f"run scored again, at the guidance its own final evaluation picked, on {n:,} fresh samples (other "
                         "sampling seeds than the selection's).")]
         blocks += [("list", confirmed)] if confirmed else [("note", "The confirmed verdict waits for every preset's confirmation.")]
+        if effects := effect_lines(results, confirmed=True):
+            blocks += [("p", EFFECTS_INTRO), ("list", effects)]
         blocks += [("table", _confirmed_rows(results)), ("note", _spread_note([e.get("confirmed_stats") for e in results["presets"]]))]
         sections.append(("confirmed", f"Confirmed on {n:,} fresh samples", blocks))
     sections.append(("samples", "Samples (each preset at its best learning rate and guidance)", [("grids", list(grids.values()))]))
@@ -586,6 +607,8 @@ def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
     results["figures"] = {k: p.name for k, p in figures.items()}
     results["verdict_text"] = verdict_lines(results)
     results["confirmed_verdict_text"] = verdict_lines(results, confirmed=True)
+    results["effects_text"] = effect_lines(results)
+    results["confirmed_effects_text"] = effect_lines(results, confirmed=True)
     write_json(out_dir / "results.json", results)
 
     title = "simple-dit comparison: " + " vs ".join(e["label"] for e in results["presets"])

@@ -765,6 +765,23 @@ def verdict(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     return out
 
 
+def effects(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
+    """The backbone's effect apart from the objective's: the verdict among the presets trained with
+    one objective ("backbone", fixed: the objective) and among the objectives of one preset
+    ("objective", fixed: the preset). Empty for a comparison of one objective, whose verdict already
+    is the backbones'. A group is judged only on entries that have ``stats_key`` scores, so its
+    members are always scored on the same number of samples."""
+    if len({e["objective"] for e in entries}) < 2:
+        return []
+    out = []
+    for factor, other in (("backbone", "objective"), ("objective", "preset")):
+        for fixed in dict.fromkeys(e[other] for e in entries):
+            group = [e for e in entries if e[other] == fixed]
+            if len(group) > 1 and (v := verdict(group, stats_key)):
+                out.append({"factor": factor, "fixed": fixed, "verdict": v})
+    return out
+
+
 def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device) -> dict:
     import torch
 
@@ -827,4 +844,6 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         "presets": entries,
         "verdict": verdict(entries),
         "confirmed_verdict": verdict(entries, "confirmed_stats") if every_confirmed else [],
+        "effects": effects(entries),
+        "confirmed_effects": effects(entries, "confirmed_stats"),
     }
