@@ -25,7 +25,7 @@
 # Environment: PYTHON (default .venv/bin/python if present, else python3; the package is run from
 # src/ through PYTHONPATH, so it need not be installed); SIMPLE_DIT_DATA (the MNIST IDX directory;
 # default shared/data/mnist or ../shared/data/mnist, whichever exists); GPU_CHECK_WHEELS (a
-# directory of wheels to install pytest from where it is missing).
+# directory of wheels to install pytest, and pytest-xdist if there, from where pytest is missing).
 #
 # DIR (default runs/gpu-check) receives logs/<step>.log for every step, the comparison under
 # compare/, steps.tsv and summary.json (the same object as the last line).
@@ -180,11 +180,13 @@ rm -rf "$out/logs" "$out/compare" "$out/steps.tsv" "$out/summary.json"
 mkdir -p "$out/logs"
 start=$(date +%s.%N)
 # The lent GPU machines have no pytest and no network: GPU_CHECK_WHEELS=DIR installs it from the
-# wheels in DIR (made here with `pip download pytest -d DIR`, carried along) into $out/site.
+# wheels in DIR (made here with `pip download pytest pytest-xdist -d DIR`, carried along) into $out/site.
 if [ -n "${GPU_CHECK_WHEELS:-}" ] && ! "$py" -c 'import pytest' >/dev/null 2>&1; then
   site="$(cd "$out" && pwd)/site"
   if "$py" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" --target "$site" pytest >"$out/logs/wheels.log" 2>&1; then
     export PYTHONPATH="$site:$PYTHONPATH"
+    # pytest-xdist too where its wheels came along (optional: the suite then runs in one process)
+    "$py" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" --target "$site" pytest-xdist >>"$out/logs/wheels.log" 2>&1 || true
   else
     echo "gpu-check: installing pytest from $GPU_CHECK_WHEELS failed; see $out/logs/wheels.log" >&2
   fi
@@ -226,6 +228,12 @@ for step in "${steps[@]}"; do
   fi
   limit=$(cap "$kind")
   [ "$left" -lt "$limit" ] && limit=$left
+  # Each test process is single-threaded (tests/conftest.py): with pytest-xdist, one per core, at
+  # most 8 (the GPU machines have 16 cores; every process holds a CUDA context).
+  if [ "$kind" = tests ] && "$py" -c 'import xdist' >/dev/null 2>&1; then
+    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)  # not nproc: it obeys OMP_NUM_THREADS
+    cmd+=(-n "$((cores < 8 ? cores : 8))")
+  fi
   echo "gpu-check: $name (at most ${limit} s): ${cmd[*]}" >&2
   t0=$(date +%s.%N)
   timeout --kill-after=10 "$limit" "${cmd[@]}" >"$log" 2>&1 </dev/null

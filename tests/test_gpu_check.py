@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -113,6 +114,7 @@ def test_the_summary_is_one_json_object_last_with_every_step(stub_python, tmp_pa
     assert summary["failed"] == ["bench-dit-mini-b8-reference"] and summary["ok"] is False and result.returncode == 1
     assert steps["diffusers-compare"]["status"] == "skipped" and "diffusers" in steps["diffusers-compare"]["reason"]
     assert steps["tests"]["result"] == {"passed": 5, "skipped": 1}
+    assert re.search(r"tests \(at most \d+ s\): \S+ -m pytest -q tests/test_models.py -n [1-8]$", result.stderr, re.M)  # xdist importable
     assert steps["bench-dit-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0}
     assert "boom" in (out / "logs" / "bench-dit-mini-b8-reference.log").read_text()
     compare = steps["compare-article"]["result"]
@@ -140,18 +142,19 @@ def test_no_mnist_skips_the_steps_that_need_it(stub_python, tmp_path):
         assert steps[name]["status"] == "skipped" and "MNIST" in steps[name]["reason"]
 
 
-def test_wheels_install_pytest_where_it_is_missing(stub_python, tmp_path, mnist_dir):
+def test_wheels_install_pytest_and_xdist_where_pytest_is_missing(stub_python, tmp_path, mnist_dir):
     stub = tmp_path / "no-pytest-python"
     stub.write_text(STUB.replace('"-c import pytest") exit 0', '"-c import pytest") exit 1').replace(
-        '  -c*)', '  "-m pip install"*) echo "$@" >"$GPU_CHECK_PIP_LOG" ;;\n  -c*)'))
+        '  -c*)', '  "-m pip install"*) echo "$@" >>"$GPU_CHECK_PIP_LOG" ;;\n  -c*)'))
     stub.chmod(0o755)
     out, pip_log = tmp_path / "check", tmp_path / "pip.txt"
     env = {"PYTHON": str(stub), "SIMPLE_DIT_DATA": str(mnist_dir), "GPU_CHECK_WHEELS": str(tmp_path / "wheels"),
            "GPU_CHECK_ONLY": "env", "GPU_CHECK_PIP_LOG": str(pip_log)}  # fmt: skip
     result = gpu_check("--cpu-dry-run", "--out", out, env=env)
     assert result.returncode == 0, result.stderr
-    assert pip_log.read_text().split() == ["-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "wheels"),
-                                           "--target", str(out / "site"), "pytest"]  # fmt: skip
+    install = ["-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "wheels"), "--target", str(out / "site")]
+    # pytest, then pytest-xdist where its wheels are there too (the suite then runs one process per core)
+    assert [line.split() for line in pip_log.read_text().splitlines()] == [install + ["pytest"], install + ["pytest-xdist"]]
 
 
 def test_the_verdict_grid_runs_only_when_asked_for_and_resumes_from_its_records():
