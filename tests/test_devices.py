@@ -15,6 +15,7 @@ from simple_dit.bench import run_bench
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.models import build_model, forward_gflops
+from simple_dit.runtime import cpu_bf16_unit
 from simple_dit.sample import Pipeline
 from simple_dit.train import train
 
@@ -108,3 +109,18 @@ def test_bench_runs_on_the_device(preset, device, precision, reference):
     assert result["precision"] == precision and result["reference"] is reference
     assert result["train_images_per_s"] > 0 and result["sample_images_per_s"] > 0 and result["gflops_per_image"] > 0
     assert ("peak_gpu_mb" in result) == (torch.device(device).type == "cuda")
+
+
+@pytest.mark.parametrize(
+    "flags, unit",
+    [
+        ("fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AMX-BF16"),  # Sapphire Rapids Xeon
+        ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "AVX512-BF16"),  # AMD Zen 4 EPYC
+        ("fpu sse avx2 fma", None),  # AVX2 only: bf16 emulated, ~40x slower than fp32
+    ],
+)
+def test_the_cpu_bf16_unit_is_read_from_the_flags(tmp_path, flags, unit):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_bf16_unit(str(cpuinfo)) == unit
+    assert cpu_bf16_unit(str(tmp_path / "missing")) is None

@@ -26,23 +26,32 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
+def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """Which unit multiplies bf16 matrices in hardware on this CPU: "AMX-BF16", "AVX512-BF16" or None.
 
-    Elsewhere PyTorch emulates bf16 matmuls and they run tens of times slower than fp32
-    (BENCHMARKS.md), so ``auto`` must not pick it there.
+    Without either PyTorch emulates bf16 matmuls and they run tens of times slower than fp32
+    (BENCHMARKS.md), so ``auto`` must not pick bf16 there. AMX is ~10x fp32, AVX512-BF16 (e.g. AMD
+    Zen 4) ~2x: both are worth it, but the same run sees very different speeds on the two.
     """
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return None
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    return cpu_bf16_unit() is not None
 
 
 def device_name(device: torch.device) -> str:
-    """What to name beside a measurement: the GPU's name, or the CPU's model with its bf16 support
-    (the difference between a 10x and a 40x-slower bf16)."""
+    """What to name beside a measurement: the GPU's name, or the CPU's model with its bf16 unit
+    (the difference between a 10x, a 2x and a 40x-slower bf16)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = ""
@@ -53,7 +62,7 @@ def device_name(device: torch.device) -> str:
         pass
     import platform
 
-    return f"{model or platform.machine()} ({'AMX/AVX512-BF16' if cpu_has_fast_bf16() else 'no hardware bf16'})"
+    return f"{model or platform.machine()} ({cpu_bf16_unit() or 'no hardware bf16'})"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
