@@ -132,7 +132,11 @@ def _verdict_figure(results: dict, path: Path) -> Path:
             else:  # from zero: the budget spent, not a zoom on the differences between runs
                 ax.set_xlim(0, hi * 1.05)
             ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            if ax.get_xscale() == "log" and hi / lo < 100:  # under two decades one major tick may show: label 2x and 5x too
+                ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2, 5)))
+                ax.xaxis.set_minor_formatter(ticker.EngFormatter(sep=""))
+            else:
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.grid(alpha=0.3)
             if row == 1:
                 ax.set_xlabel(x_label)
