@@ -166,10 +166,21 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
   steps=("${kept[@]}")
 fi
 
+# Each test process is single-threaded (tests/conftest.py): with pytest-xdist, one per core, at
+# most 8 (the GPU machines have 16 cores; every process holds a CUDA context).
+extra_args() {  # extra_args KIND: what this machine adds to a step of KIND's command
+  if [ "$1" = tests ] && "$py" -c 'import xdist' >/dev/null 2>&1; then
+    local cores
+    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)  # not nproc: it obeys OMP_NUM_THREADS
+    echo "-n $((cores < 8 ? cores : 8))"
+  fi
+}
+
 if [ "$plan_only" = 1 ]; then
   for step in "${steps[@]}"; do
     IFS=$'\t' read -r name kind words <<<"$step"
-    printf '%s\t%s\t%s\n' "$name" "$(cap "$kind")" "${words//$'\x1f'/ }"
+    extra=$(extra_args "$kind")
+    printf '%s\t%s\t%s\n' "$name" "$(cap "$kind")" "${words//$'\x1f'/ }${extra:+ $extra}"
   done
   exit 0
 fi
@@ -228,12 +239,8 @@ for step in "${steps[@]}"; do
   fi
   limit=$(cap "$kind")
   [ "$left" -lt "$limit" ] && limit=$left
-  # Each test process is single-threaded (tests/conftest.py): with pytest-xdist, one per core, at
-  # most 8 (the GPU machines have 16 cores; every process holds a CUDA context).
-  if [ "$kind" = tests ] && "$py" -c 'import xdist' >/dev/null 2>&1; then
-    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)  # not nproc: it obeys OMP_NUM_THREADS
-    cmd+=(-n "$((cores < 8 ? cores : 8))")
-  fi
+  read -r -a extra <<<"$(extra_args "$kind")"
+  cmd+=("${extra[@]}")
   echo "gpu-check: $name (at most ${limit} s): ${cmd[*]}" >&2
   t0=$(date +%s.%N)
   timeout --kill-after=10 "$limit" "${cmd[@]}" >"$log" 2>&1 </dev/null
