@@ -34,6 +34,13 @@ torch.set_num_threads(THREADS)
 # The devices that device-sensitive tests run on: the CPU always, CUDA where there is one.
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# How far a resumed run's weights may be from the straight run's. Bit for bit on the CPU. On CUDA
+# some backward kernels (bilinear upsampling, attention) add with atomics in a varying order, so
+# two identical runs already differ by rounding, which Adam's normalised steps can carry to about
+# a step's size (lr 1e-3) in a few weights; a lost RNG state or data order moves many weights by
+# several steps.
+RESUME_TOLERANCE = {"cpu": 0.0, "cuda": 2e-3}
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = (
     "train-images-idx3-ubyte.gz",

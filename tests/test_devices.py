@@ -15,7 +15,7 @@ from simple_dit.bench import run_bench
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.models import build_model, forward_gflops
-from simple_dit.runtime import cpu_bf16_unit
+from simple_dit.runtime import cpu_bf16_unit, resolve_precision
 from simple_dit.sample import Pipeline
 from simple_dit.train import train
 
@@ -124,3 +124,12 @@ def test_the_cpu_bf16_unit_is_read_from_the_flags(tmp_path, flags, unit):
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
     assert cpu_bf16_unit(str(cpuinfo)) == unit
     assert cpu_bf16_unit(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("capability, precision", [((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_wants_tensor_core_bf16(monkeypatch, capability, precision):
+    # A T4 (7.5) or V100 (7.0) only emulates bf16, though torch.cuda.is_bf16_supported() says yes.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert resolve_precision("auto", torch.device("cuda", 1)) == precision
+    assert asked == [torch.device("cuda", 1)]  # the run's GPU, not the current one

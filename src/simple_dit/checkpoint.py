@@ -16,6 +16,7 @@ import torch
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write
+from .runtime import rng_state, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
@@ -41,6 +42,10 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -54,9 +59,11 @@ def save_checkpoint(
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
     tensors |= opt_tensors
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    # The generators the run draws from: the CPU's, and its own GPU's (not cuda:0's, and no CUDA
+    # context for a CPU run on a GPU machine).
+    tensors["rng.cpu"], device_rng = rng_state(_device_of(model))
+    if device_rng is not None:
+        tensors["rng.cuda"] = device_rng
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {
         "format": "simple-dit/1",
@@ -144,9 +151,10 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
     _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
     try:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        device = _device_of(model)
+        # A run moved from a GPU to the CPU leaves the GPU's state behind; one moved onto a GPU
+        # starts that GPU's generator where it is.
+        set_rng_state((rng["cpu"], rng.get("cuda") if device.type == "cuda" else None), device)
     except (KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} has a damaged RNG state ({e}); restore it or train again") from None
     return meta["train_state"]

@@ -125,12 +125,21 @@ class GaussianDiffusion(_Process):
         # Square roots taken in float64: sqrt(1 - alpha_bar) near t = 0 loses digits in float32.
         self.sqrt_alpha_bars = self.alpha_bars.sqrt()
         self.sqrt_one_minus_alpha_bars = (1 - self.alpha_bars).sqrt()
+        self._tables_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(device=like.device)[t].float().view(-1, *([1] * (like.ndim - 1)))
+    def _q_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar) and sqrt(1 - alpha_bar) in float32 on ``device``, copied there once: a copy
+        per training step is a host-to-device transfer, and inside a compiled step a CPU input that
+        keeps the step out of CUDA graphs."""
+        key = str(device)
+        if key not in self._tables_on:
+            self._tables_on[key] = (self.sqrt_alpha_bars.float().to(device), self.sqrt_one_minus_alpha_bars.float().to(device))
+        return self._tables_on[key]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._gather(self.sqrt_alpha_bars, t, x0) * x0 + self._gather(self.sqrt_one_minus_alpha_bars, t, x0) * noise
+        sqrt_alpha_bars, sqrt_one_minus_alpha_bars = self._q_tables(x0.device)
+        shape = (-1, *([1] * (x0.ndim - 1)))  # one value per image, broadcast over its pixels
+        return sqrt_alpha_bars[t].view(shape) * x0 + sqrt_one_minus_alpha_bars[t].view(shape) * noise
 
     def training_draws(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A uniformly drawn timestep per sample, and the noise."""

@@ -71,7 +71,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # Tensor-core bf16 (Ampere, compute capability 8.0, and later). is_bf16_supported() alone
+        # also says yes where bf16 is only emulated (a T4, a V100), and asks the current GPU, not
+        # ``device``.
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 

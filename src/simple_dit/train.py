@@ -289,7 +289,8 @@ def init_distributed() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL for CUDA tensors, gloo for CPU ones: a CPU run on a GPU machine still needs gloo.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -323,6 +324,10 @@ def train(
     if world > 1 and device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
     device = parse_device(device)
+    if world > 1 and device.type == "cuda":
+        if device.index is None:  # `--device cuda` under torchrun: each process its own GPU, not all GPU 0
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
     precision = training_precision(tc.precision, device)
