@@ -25,6 +25,15 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def _cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first processor's ``name`` line of /proc/cpuinfo ("flags", "model name"); "" where there is none."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name) and ":" in line), "")
+    except OSError:
+        return ""
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """Which unit multiplies bf16 matrices in hardware on this CPU: "AMX-BF16", "AVX512-BF16" or None.
@@ -33,11 +42,7 @@ def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     (BENCHMARKS.md), so ``auto`` must not pick bf16 there. AMX is ~10x fp32, AVX512-BF16 (e.g. AMD
     Zen 4) ~2x: both are worth it, but the same run sees very different speeds on the two.
     """
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return None
+    flags = _cpuinfo_field("flags", cpuinfo).split()
     if "amx_bf16" in flags:
         return "AMX-BF16"
     if "avx512_bf16" in flags:
@@ -54,15 +59,9 @@ def device_name(device: torch.device) -> str:
     (the difference between a 10x, a 2x and a 40x-slower bf16)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
     import platform
 
-    return f"{model or platform.machine()} ({cpu_bf16_unit() or 'no hardware bf16'})"
+    return f"{_cpuinfo_field('model name') or platform.machine()} ({cpu_bf16_unit() or 'no hardware bf16'})"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

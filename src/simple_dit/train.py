@@ -321,11 +321,9 @@ def train(
     out_dir, tc = Path(out_dir), config.train
     rank, world, local_rank = init_distributed()
     is_main = rank == 0
-    if world > 1 and device is None and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
     device = parse_device(device)
     if world > 1 and device.type == "cuda":
-        if device.index is None:  # `--device cuda` under torchrun: each process its own GPU, not all GPU 0
+        if device.index is None:  # under torchrun, each process its own GPU (not all GPU 0)
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if tc.batch_size % world:
