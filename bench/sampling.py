@@ -1,12 +1,14 @@
-"""Sampling speed against quality for a trained run: each (sampler, steps) draws the same n
-class-cycled images (same seed), timed, then scored with the evaluation metrics. The row with the
-most steps is the reference that the others' FID is compared with.
+"""Sampling speed against quality for a trained run: each (sampler, steps[, guidance interval])
+draws the same n class-cycled images (same seed), timed, then scored with the evaluation metrics.
+The row with the most steps is the reference that the others' FID is compared with.
 
-    .venv/bin/python bench/sampling.py RUN_DIR [--n 1000] [--guidance 3] [--batch-size 500] \
-        [--configs euler:5,euler:10,heun:5,euler:20,euler:50] [--device cuda]
+    .venv/bin/python bench/sampling.py RUN_DIR|default [--n 1000] [--guidance 3] [--batch-size 500] \
+        [--configs euler:5,euler:10,heun:5,euler:20,euler:50,euler:4:0-1] [--seed 0] [--device cuda]
 
-Prints a markdown table (seconds for n images, the projection to 10,000, FID, FID / reference FID,
-label accuracy) and, last, one JSON object with every row.
+A config's optional third part LO-HI is the guidance interval (default: the objective's). Prints a
+markdown table (seconds for n images, the projection to 10,000, FID, FID / reference FID, label
+accuracy, precision, recall, and "grey": the fraction of pixels between 10% and 90% ink, a blur
+check that the classifier's features may not see) and, last, one JSON object with every row.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import time
 from simple_dit import Pipeline
 from simple_dit.diffusion import DEFAULT_GUIDANCE
 from simple_dit.evaluate import QualityMeter
+from simple_dit.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -25,30 +28,41 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default="euler:5,euler:10,heun:5,euler:20,euler:50", help="sampler:steps, comma-separated")
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does: without it glibc returns and re-faults every batch's memory
     pipe = Pipeline.from_pretrained(args.run, device=args.device)
     meter = QualityMeter(pipe.config.train.dataset, progress=False)
     labels = pipe.cycled_labels(args.n)
-    configs = [(name, int(steps)) for name, steps in (c.split(":") for c in args.configs.split(","))]
     rows = []
-    for sampler, steps in configs:
+    for config in args.configs.split(","):
+        sampler, steps, *interval = config.split(":")
+        steps = int(steps)
+        interval = tuple(float(v) for v in interval[0].split("-")) if interval else pipe.diffusion.default_guidance_interval
         start = time.perf_counter()
-        images = pipe(labels, sampler=sampler, steps=steps, guidance=args.guidance, seed=0, batch_size=args.batch_size)
+        images = pipe(labels, sampler=sampler, steps=steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
+                      batch_size=args.batch_size)  # fmt: skip
         seconds = time.perf_counter() - start
         scores = meter.score(images, labels)
+        grey = ((images > 0.1 * 255) & (images < 0.9 * 255)).float().mean().item()
         evals = 2 * steps - 1 if sampler == "heun" else steps  # Heun's last step is a plain Euler step
-        rows.append({"sampler": sampler, "steps": steps, "evals_per_image": evals, "seconds": seconds,
-                     "seconds_per_10k": seconds * 10_000 / args.n, "fid": scores.fid, "label_accuracy": scores.label_accuracy})  # fmt: skip
-        print(f"{sampler}:{steps} done in {seconds:.0f} s: FID {scores.fid:.3f}, label accuracy {scores.label_accuracy:.3f}", flush=True)
+        rows.append({"sampler": sampler, "steps": steps, "guidance_interval": interval, "evals_per_image": evals, "seconds": seconds,
+                     "seconds_per_10k": seconds * 10_000 / args.n, "fid": scores.fid, "label_accuracy": scores.label_accuracy,
+                     "precision": scores.precision, "recall": scores.recall, "grey": grey})  # fmt: skip
+        print(f"{config} done in {seconds:.0f} s: FID {scores.fid:.3f}, label accuracy {scores.label_accuracy:.4f}", flush=True)
     reference = max(rows, key=lambda r: r["evals_per_image"])
-    print(f"\nn={args.n}, guidance {args.guidance:g} (2 denoiser evaluations per step), batch {args.batch_size}; reference: {reference['sampler']} {reference['steps']} steps\n")
-    print("| sampler | steps | evaluations / image | seconds (n images) | seconds for 10,000 | FID | FID / reference | label acc. |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nn={args.n}, guidance {args.guidance:g} (2 denoiser evaluations per guided step), batch {args.batch_size}, seed {args.seed}; "
+          f"reference: {reference['sampler']} {reference['steps']} steps\n")  # fmt: skip
+    print("| sampler | steps | guided where t in | evaluations / image | seconds (n images) | seconds for 10,000 | FID | FID / reference "
+          "| label acc. | precision | recall | grey |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["fid_over_reference"] = r["fid"] / reference["fid"]
-        print(f"| {r['sampler']} | {r['steps']} | {r['evals_per_image']} | {r['seconds']:.1f} | {r['seconds_per_10k']:.0f} "
-              f"| {r['fid']:.3f} | {r['fid_over_reference']:.2f} | {r['label_accuracy']:.3f} |")  # fmt: skip
+        lo, hi = r["guidance_interval"]
+        print(f"| {r['sampler']} | {r['steps']} | [{lo:g}, {hi:g}] | {r['evals_per_image']} | {r['seconds']:.1f} | {r['seconds_per_10k']:.0f} "
+              f"| {r['fid']:.3f} | {r['fid_over_reference']:.2f} | {r['label_accuracy']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} "
+              f"| {r['grey']:.4f} |")  # fmt: skip
     print(json.dumps({"run": args.run, "n": args.n, "guidance": args.guidance, "batch_size": args.batch_size, "rows": rows}))
 
 

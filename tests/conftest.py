@@ -41,6 +41,14 @@ devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # several steps.
 RESUME_TOLERANCE = {"cpu": 0.0, "cuda": 2e-3}
 
+
+def largest_weight_difference(run_a: Path, run_b: Path, *, use_ema: bool = False) -> float:
+    """The largest absolute difference between the weights (and buffers) two runs checkpointed."""
+    from simple_dit.checkpoint import load_weights
+
+    a, b = load_weights(run_a, use_ema=use_ema)[1], load_weights(run_b, use_ema=use_ema)[1]
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = (
     "train-images-idx3-ubyte.gz",

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import RESUME_TOLERANCE, devices
+import torch
+from conftest import RESUME_TOLERANCE, devices, largest_weight_difference
 
 from simple_dit.batched import train_together
 from simple_dit.checkpoint import load_weights
@@ -48,9 +49,15 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
         records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
         assert all(r["trained_together"] == 2 for r in records if "loss" in r)
         assert load_weights(b)[2]["step"] == 6
-    if precision == "fp32" and preset.startswith("dit"):  # no convolution: the same arithmetic, batched
+    if preset.startswith("unet"):  # BatchNorm's running statistics reach each run's own model
         a, b = load_weights(alone[0], use_ema=False)[1], load_weights(together[0], use_ema=False)[1]
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        stats = [k for k in a if "running_" in k or "num_batches_tracked" in k]
+        assert stats and all(int(a[k]) == int(b[k]) == 6 for k in stats if "num_batches_tracked" in k)
+        for k in (k for k in stats if "running_" in k):
+            initial = 0.0 if "running_mean" in k else 1.0
+            assert (b[k] - initial).abs().max() > 1e-3 and torch.allclose(b[k], a[k], rtol=5e-2, atol=3e-2), k  # bf16 weights drift apart a little
+    if precision == "fp32" and preset.startswith("dit"):  # no convolution: the same arithmetic, batched
+        assert largest_weight_difference(alone[0], together[0]) < 1e-5
     # Different seeds and learning rates give different runs: nothing leaked between them.
     assert _losses(together[0]) != _losses(together[1])
 
@@ -67,9 +74,7 @@ def test_runs_trained_together_resume_exactly(preset, precision, device, tmp_pat
     train_together(runs(8, "resumed", True), device=device)
     for k in range(2):
         for use_ema in (False, True):
-            a = load_weights(tmp_path / f"straight{k}", use_ema=use_ema)[1]
-            b = load_weights(tmp_path / f"resumed{k}", use_ema=use_ema)[1]
-            worst = max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+            worst = largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"resumed{k}", use_ema=use_ema)
             assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}, run {k}: resumed weights differ by up to {worst}"
 
 
@@ -141,5 +146,4 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
     monkeypatch.setattr(batched, "update_ema", update_ema)
     train_together(runs("stopped", True))
     for k in range(2):
-        a, b = load_weights(tmp_path / f"straight{k}", use_ema=False)[1], load_weights(tmp_path / f"stopped{k}", use_ema=False)[1]
-        assert max((a[name].float() - b[name].float()).abs().max().item() for name in a) == 0.0
+        assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0

@@ -517,9 +517,17 @@ def test_final_n_confirms_each_run_on_fresh_samples_once(sweep, tmp_path):
     out = tmp_path / "report"
     shutil.copytree(sweep["out"], out)
     kwargs = dict(sweep["kwargs"], final_n=40)
+    from simple_dit.diffusion import GUIDE_EVERY_STEP
+    from simple_dit.sample import Pipeline
+
+    sampled, draw = [], Pipeline.__call__
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(Pipeline, "__call__", lambda pipe, *a, **k: (sampled.append((pipe.config.diffusion.objective, k.get("guidance_interval"))),
+                                                                 draw(pipe, *a, **k))[1])  # fmt: skip
         results = C.compare("dit-tiny", "320-images", out, **kwargs)
+    # Both objectives are scored alike: guided at every step, though flow models default to less.
+    assert {objective for objective, _ in sampled} == {"eps", "flow"} and {i for _, i in sampled} == {GUIDE_EVERY_STEP}
     for entry in results["presets"]:
         confirmations = []
         for run in entry["runs"]:

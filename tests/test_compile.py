@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import RESUME_TOLERANCE, devices
+from conftest import RESUME_TOLERANCE, devices, largest_weight_difference
 
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset, validate_config
@@ -46,9 +46,7 @@ def test_compiled_run_trains_the_eager_steps_and_resumes_exactly(preset, precisi
     straight_losses = _losses(straight)  # bit for bit on the CPU; on CUDA see RESUME_TOLERANCE
     assert _losses(resumed) == (straight_losses if device == "cpu" else pytest.approx(straight_losses, rel=1e-2))
     for use_ema in (False, True):
-        _, a, _ = load_weights(straight, use_ema=use_ema)
-        _, b, _ = load_weights(resumed, use_ema=use_ema)
-        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        worst = largest_weight_difference(straight, resumed, use_ema=use_ema)
         assert worst <= RESUME_TOLERANCE[device], f"compiled {preset} {precision} on {device}: resumed weights differ by up to {worst}"
 
     compiles = [r for r in read_jsonl(straight / "metrics.jsonl") if "compile_seconds" in r]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESUME_TOLERANCE, assert_user_error, devices, run_cli, snapshot
+from conftest import RESUME_TOLERANCE, assert_user_error, devices, largest_weight_difference, run_cli, snapshot
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.io import DirectoryLock
@@ -94,9 +94,7 @@ def test_resume_equals_straight_for_every_family_and_precision(preset, precision
     train(config(6), resumed_dir, progress=False, device=device, final_samples=False)
     train(config(12), resumed_dir, resume=True, progress=False, device=device, final_samples=False)
     for use_ema in (False, True):
-        _, a, _ = load_weights(straight_dir, use_ema=use_ema)
-        _, b, _ = load_weights(resumed_dir, use_ema=use_ema)
-        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        worst = largest_weight_difference(straight_dir, resumed_dir, use_ema=use_ema)
         assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
 
 

@@ -89,7 +89,9 @@ class _Run:
 
 class BatchedLoss:
     """The training losses of K networks of one architecture in one pass: their parameters and
-    buffers stacked along a leading dimension of size K, every input too. Returns the K losses."""
+    buffers stacked along a leading dimension of size K, every input too. Returns the K losses and
+    the buffers as the pass left them (BatchNorm's running statistics), as new tensors: a compiled
+    step that changed its inputs in place would be kept out of CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, diffusion):
         self.diffusion = diffusion
@@ -103,14 +105,16 @@ class BatchedLoss:
             # Stacked weights are ordinary contiguous tensors, and vmap cannot query channels-last.
             self.network.memory_format = torch.contiguous_format
 
-    def __call__(self, params: dict, buffers: dict, x0, y, t, noise) -> torch.Tensor:
+    def __call__(self, params: dict, buffers: dict, x0, y, t, noise) -> tuple[torch.Tensor, dict]:
         from torch.func import functional_call, vmap
 
         def one(params, buffers, x0, y, t, noise):
+            buffers = {name: buffer.clone() for name, buffer in buffers.items()}  # what the forward pass updates
+
             def network(*inputs):
                 return functional_call(self.network, (params, buffers), inputs)
 
-            return self.diffusion.loss_at(network, x0, y, t, noise)
+            return self.diffusion.loss_at(network, x0, y, t, noise), buffers
 
         return vmap(one)(params, buffers, x0, y, t, noise)
 
@@ -138,8 +142,8 @@ def train_step_together(
             group["lr"] = lr
     params, buffers = stacked(models)
     with autocast(x0.device, precision):
-        losses = batched_loss(params, buffers, x0, y, t, noise)
-    with torch.no_grad():  # BatchNorm's running statistics were updated in the stacked copies
+        losses, buffers = batched_loss(params, buffers, x0, y, t, noise)
+    with torch.no_grad():  # BatchNorm's running statistics, as the step left them
         own = [b for model in models for b in model.buffers()]
         torch._foreach_copy_(own, [buffers[name][k] for k, model in enumerate(models) for name, _ in model.named_buffers()])
     losses.sum().backward()  # each model's loss reaches only its own slice of the stack

@@ -65,8 +65,10 @@ def _add_sample(sub) -> None:
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m and euler, 10 heun)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m, 4 euler, 10 heun)")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (1 = none; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only where the path's time (0 = data, 1 = noise) is in [LO, HI] "
+                   "(default: 0.3,1 for flow models, where guidance near the data changes little; 0,1 for eps models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
@@ -227,6 +229,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .diffusion import check_guidance_interval
     from .io import ensure_writable_dir
     from .sample import Pipeline, save_gif, save_npz
 
@@ -234,6 +237,7 @@ def cmd_sample(args) -> None:
         raise UserError("--steps must be positive")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval.split(","), "--guidance-interval")
     pipe = Pipeline.from_pretrained(args.run_dir, use_ema=not args.no_ema, device=args.device, precision=args.precision, compile=args.compile)
     k = pipe.num_classes
     if args.labels is not None:
@@ -254,7 +258,7 @@ def cmd_sample(args) -> None:
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
     ensure_writable_dir(out.parent)
     trajectory: list | None = None if args.no_gif else []
-    images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
                   batch_size=args.batch_size, trajectory=trajectory, progress=True)  # fmt: skip
     written = [pipe.save_grid(images, labels, out.with_name(out.name + ".png")), save_npz(images, labels, out.with_name(out.name + ".npz"))]
     if trajectory:

@@ -21,6 +21,7 @@ from .errors import UserError
 # Classifier-free guidance scale of every sampling entry point, chosen on the 10-minute dit-mini
 # (BENCHMARKS.md).
 DEFAULT_GUIDANCE = 3.0
+GUIDE_EVERY_STEP = (0.0, 1.0)  # the guidance interval that covers the whole path
 
 
 @dataclass
@@ -62,6 +63,16 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
     return uncond + guidance * (cond - uncond)
 
 
+def check_guidance_interval(interval, name: str = "the guidance interval") -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be two numbers LO,HI, got {interval!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise UserError(f"{name} must satisfy 0 <= LO < HI <= 1 (times from the data, 0, to pure noise, 1), got {lo:g},{hi:g}")
+    return lo, hi
+
+
 def check_sampler(process, sampler: str | None) -> str:
     if sampler is None:
         return process.samplers[0]
@@ -79,6 +90,10 @@ class _Process:
     of the successive states x from pure noise to the sample."""
 
     samplers: tuple[str, ...] = ()
+    # Classifier-free guidance is applied where the path's time, as a fraction of it (0 = data,
+    # 1 = pure noise), lies in [lo, hi]; elsewhere the conditional prediction alone, one forward
+    # pass instead of two (the guidance interval of Kynkaanniemi et al. 2024).
+    default_guidance_interval: tuple[float, float] = GUIDE_EVERY_STEP
 
     def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The objective's MSE at a time and noise drawn from the global RNG."""
@@ -93,6 +108,7 @@ class _Process:
         sampler: str | None = None,
         steps: int | None = None,
         guidance: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         null_class: int,
         generator: torch.Generator | None = None,
         image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -100,10 +116,13 @@ class _Process:
     ) -> torch.Tensor:
         """Images in [-1, 1] for ``labels``; ``on_step(i, x)`` sees the state after each step."""
         sampler = check_sampler(self, sampler)
+        lo, hi = check_guidance_interval(self.default_guidance_interval if guidance_interval is None else guidance_interval)
         x = torch.randn((labels.shape[0], *image_shape), generator=generator, device=labels.device)
 
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_prediction(model, x, t, labels, guidance, null_class).float()
+        def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
+            """The prediction at model time t (a number in 0..T-1, the same for the whole batch)."""
+            g = guidance if lo <= t / (self.num_timesteps - 1) <= hi else 1.0
+            return guided_prediction(model, x, torch.full((x.shape[0],), t, device=x.device), labels, g, null_class).float()
 
         for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), generator)):
             if on_step is not None:
@@ -167,7 +186,7 @@ class GaussianDiffusion(_Process):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             abar = self.alpha_bars[t].item()
             abar_prev = self.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
-            eps = denoise(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+            eps = denoise(x, t)
             if sampler == "ddpm":
                 beta = 1 - abar / abar_prev
                 mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
@@ -217,12 +236,17 @@ class RectifiedFlow(_Process):
     """
 
     samplers = ("euler", "heun")
+    # Near the data guidance changes little and still costs a second forward pass: on the default
+    # model, guiding only where t >= 0.3 scores FID, label accuracy, precision and recall as well as
+    # guiding every step, for 4, 10 and 20 Euler steps and two seeds (BENCHMARKS.md), and spares
+    # one of the eight forward passes of the default 4-step sampler.
+    default_guidance_interval = (0.3, 1.0)
 
     def __init__(self, config: DiffusionConfig):
         self.config = config
         self.num_timesteps = config.num_timesteps
 
-    def _model_time(self, t: torch.Tensor) -> torch.Tensor:
+    def _model_time(self, t: torch.Tensor | float) -> torch.Tensor | float:
         return t * (self.num_timesteps - 1)
 
     def training_draws(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +274,7 @@ class RectifiedFlow(_Process):
         ts = self.timesteps(steps)
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            return denoise(x, self._model_time(torch.full((x.shape[0],), t, device=x.device)))
+            return denoise(x, self._model_time(t))
 
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]

@@ -90,6 +90,7 @@ class Pipeline:
         sampler: str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         seed: int = 0,
         batch_size: int = 250,
         trajectory: list | None = None,
@@ -97,8 +98,10 @@ class Pipeline:
     ) -> torch.Tensor:
         """uint8 images (N, C, H, W) for ``labels``, drawn ``batch_size`` at a time.
 
-        The same arguments and seed give the same images. If ``trajectory`` is a list, it receives
-        uint8 frames of the first batch's denoising (at most GIF_FRAMES of them).
+        The same arguments and seed give the same images. Guidance applies where the path's time
+        (0 = data, 1 = noise) lies in ``guidance_interval`` [lo, hi]; default: the objective's. If
+        ``trajectory`` is a list, it receives uint8 frames of the first batch's denoising (at most
+        GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
         guidance = self.guidance if guidance is None else guidance
@@ -123,7 +126,8 @@ class Pipeline:
                 with autocast(self.device, self.precision):
                     x = self.diffusion.sample(
                         model, batch_labels.to(self.device), sampler=sampler, steps=n_steps, guidance=guidance,
-                        null_class=self.num_classes, generator=generator, image_shape=(c, s, s), on_step=on_step,
+                        guidance_interval=guidance_interval, null_class=self.num_classes, generator=generator,
+                        image_shape=(c, s, s), on_step=on_step,
                     )  # fmt: skip
                 if not bool(torch.isfinite(x).all()):
                     raise UserError("the model produced non-finite values (NaN or inf): its weights are damaged or diverged")

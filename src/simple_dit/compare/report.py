@@ -261,12 +261,14 @@ def _sample_grid(out_dir: Path, entry: dict, results: dict) -> Path | None:
     if best["final"].get("grid") and src.is_file():
         shutil.copyfile(src, dest)
         return dest
+    from ..diffusion import GUIDE_EVERY_STEP
     from ..sample import Pipeline
 
     s = results["settings"]
     pipe = Pipeline.from_pretrained(run_dir, precision=s["precision"])
     labels = pipe.cycled_labels(min(s["eval_n"], GRID_PER_CLASS * pipe.num_classes))
-    images = pipe(labels, sampler=s["sampler"], steps=s["steps"], guidance=entry["best_guidance"], seed=best["seed"])
+    images = pipe(labels, sampler=s["sampler"], steps=s["steps"], guidance=entry["best_guidance"],
+                  guidance_interval=GUIDE_EVERY_STEP, seed=best["seed"])
     return pipe.save_grid(images, labels, dest)
 
 
@@ -460,7 +462,7 @@ def _settings_line(results: dict) -> str:
         f"Budget {s['budget']['text']} per run; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])}; "
         f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run); "
         f"scored at {', '.join(f'{f:.0%}' for f in s['fractions'])} of the budget on {s['eval_n']} samples "
-        f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])}, EMA weights) against the "
+        f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])} at every step, EMA weights) against the "
         f"{s['dataset']} test split; trained on {_machines(results) or m['device']} with {threads}, precision {s['precision']}."
     )
 

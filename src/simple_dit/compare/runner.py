@@ -174,7 +174,7 @@ def _evaluate(
     all. Save a grid of the picked scale's first few per class to ``grid_path`` (if given)."""
     from dataclasses import asdict
 
-    from ..diffusion import check_sampler
+    from ..diffusion import GUIDE_EVERY_STEP, check_sampler
     from ..sample import Pipeline
 
     start = time.perf_counter()
@@ -184,7 +184,8 @@ def _evaluate(
     sampler = check_sampler(pipe.diffusion, settings.sampler)
     rows, images = [], {}
     for g in guidances or settings.guidances:
-        images[g] = pipe(labels, sampler=sampler, steps=settings.steps, guidance=g, seed=seed)
+        # Every step guided, for both objectives alike (flow models default to a shorter interval).
+        images[g] = pipe(labels, sampler=sampler, steps=settings.steps, guidance=g, guidance_interval=GUIDE_EVERY_STEP, seed=seed)
         rows.append({"guidance": g, **{k: v for k, v in asdict(meter.score(images[g], labels)).items() if v is not None}})
     picked = pick_guidance(rows)
     if grid_path is not None:
