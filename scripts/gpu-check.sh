@@ -20,7 +20,8 @@
 # DIR), which resumes from its records in docs/verdict-600k-gpu; stopped at the budget (not a
 # failure), it saves them, and DIR/verdict-600k-gpu receives a copy to commit.
 # Exit status 0 when every step passed or was skipped for a recorded reason (no pytest, no
-# diffusers, no MNIST), 1 otherwise.
+# diffusers, no MNIST), 1 otherwise; a step whose log says torch.compile failed (the step then
+# ran eager) counts as failed.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3; the package is run from
 # src/ through PYTHONPATH, so it need not be installed); SIMPLE_DIT_DATA (the MNIST IDX directory;
@@ -32,7 +33,7 @@
 set -uo pipefail
 
 usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"  # the comment block above
 }
 
 mode=gpu
@@ -328,6 +329,14 @@ def numbers(kind, log):
     return None
 
 
+def compile_fallback(log):
+    """The line saying torch.compile failed and the step went on eager, if the step's log has one."""
+    if not os.path.isfile(log):
+        return None
+    with open(log, errors="replace") as f:
+        return next((line.strip() for line in f if "torch.compile failed" in line), None)
+
+
 steps = []
 for line in open(os.path.join(out, "steps.tsv")):
     name, kind, status, rc, secs, reason = line.rstrip("\n").split("\t")
@@ -340,6 +349,9 @@ for line in open(os.path.join(out, "steps.tsv")):
     result = numbers(kind, log)
     if result is not None:
         step["result"] = result
+    fell_back = compile_fallback(log)
+    if fell_back and status == "ok":  # it asked for the compiler and quietly trained eager instead
+        step["status"], step["reason"] = "failed", fell_back
     steps.append(step)
 failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
 summary = {"check": "gpu-check", "mode": mode, "ok": not failed, "failed": failed, "seconds": int(seconds),

@@ -43,7 +43,8 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
     for config, run_dir in zip(configs, alone):
         train(config, run_dir, progress=False, device=device, final_samples=False)
     assert train_together([(c, d, False) for c, d in zip(configs, together)], device=device) == {}
-    rtol = 1e-5 if precision == "fp32" else 2e-3
+    # On a GPU, TF32 and bf16 kernels of the batched shapes round differently from the single ones.
+    rtol = 2e-2 if device != "cpu" else 1e-5 if precision == "fp32" else 2e-3
     for a, b in zip(alone, together):
         assert _losses(b) == pytest.approx(_losses(a), rel=rtol)
         records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
@@ -55,8 +56,9 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
         assert stats and all(int(a[k]) == int(b[k]) == 6 for k in stats if "num_batches_tracked" in k)
         for k in (k for k in stats if "running_" in k):
             initial = 0.0 if "running_mean" in k else 1.0
-            assert (b[k] - initial).abs().max() > 1e-3 and torch.allclose(b[k], a[k], rtol=5e-2, atol=3e-2), k  # bf16 weights drift apart a little
-    if precision == "fp32" and preset.startswith("dit"):  # no convolution: the same arithmetic, batched
+            # bf16 weights drift apart a little
+            assert (b[k] - initial).abs().max() > 1e-3 and torch.allclose(b[k], a[k], rtol=5e-2, atol=3e-2), k
+    if precision == "fp32" and preset.startswith("dit") and device == "cpu":  # the same arithmetic, batched
         assert largest_weight_difference(alone[0], together[0]) < 1e-5
     # Different seeds and learning rates give different runs: nothing leaked between them.
     assert _losses(together[0]) != _losses(together[1])
@@ -129,7 +131,7 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
     def runs(name: str, resume: bool):
         return [(_config("unet-tiny", lr=lr, seed=seed, steps=6), tmp_path / f"{name}{k}", resume) for k, (lr, seed) in enumerate(RECIPES)]
 
-    train_together(runs("straight", False))
+    train_together(runs("straight", False), device="cpu")  # bit-exact resume holds on the CPU only
     calls, update_ema = [], batched.update_ema
 
     def signalling_update_ema(*args):
@@ -140,10 +142,41 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
 
     monkeypatch.setattr(batched, "update_ema", signalling_update_ema)
     with pytest.raises(Interrupted) as stopped:
-        train_together(runs("stopped", False))
+        train_together(runs("stopped", False), device="cpu")
     assert stopped.value.signum == signal.SIGTERM
     assert [load_weights(tmp_path / f"stopped{k}")[2]["step"] for k in range(2)] == [3, 3]
     monkeypatch.setattr(batched, "update_ema", update_ema)
-    train_together(runs("stopped", True))
+    train_together(runs("stopped", True), device="cpu")
     for k in range(2):
         assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0
+
+
+def test_runs_trained_together_compiled_train_the_eager_steps(tmp_path, mnist_dir, monkeypatch, capsys):
+    """With --compile the batched step is warmed up and used, not quietly replaced by the eager one,
+    and trains what the eager one trains. The aot_eager backend stands in for inductor: the same
+    tracing, functionalisation of BatchNorm's updates and warm-up, in seconds rather than a minute."""
+    import simple_dit.batched as batched
+
+    compilations = []
+    monkeypatch.setattr(batched, "_BATCHED_LOSSES", {})
+    monkeypatch.setattr(batched, "compile_model", lambda fn, device: compilations.append(1) or torch.compile(fn, backend="aot_eager"))
+
+    def runs(name: str, compile: bool, steps: int = 4, resume: bool = False):
+        group = []
+        for k, (lr, seed) in enumerate(RECIPES):
+            config = _config("unet-tiny", lr=lr, seed=seed, steps=steps)
+            config.train.compile = compile
+            group.append((config, tmp_path / f"{name}{k}", resume))
+        return group
+
+    train_together(runs("eager", False), device="cpu")
+    train_together(runs("compiled", True, steps=2), device="cpu")  # as compare trains: a segment per evaluation point
+    train_together(runs("compiled", True, resume=True), device="cpu")
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert len(compilations) == 1  # the second segment reuses the first one's compiled loss
+    for k in range(2):
+        records = [json.loads(line) for line in (tmp_path / f"compiled{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("compile_seconds", 0) > 0 for r in records)
+        # Losses, not weights: the conv biases before BatchNorm get gradients of pure rounding,
+        # which Adam's normalised steps turn into differences of about lr.
+        assert _losses(tmp_path / f"compiled{k}") == pytest.approx(_losses(tmp_path / f"eager{k}"), rel=1e-5)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import perturb_
+from conftest import devices, perturb_
 from simple_dit.config import get_preset
-from simple_dit.diffusion import DiffusionConfig, GaussianDiffusion, guided_prediction, make_betas
+from simple_dit.diffusion import DiffusionConfig, GaussianDiffusion, guided_prediction, make_betas, make_process
 from simple_dit.errors import UserError
 from simple_dit.models import build_model
 
@@ -287,3 +287,13 @@ def test_guidance_combines_both_predictions_in_one_batched_call(random_dit, guid
     assert counting.batch_sizes == [6]  # once, with the batch doubled
     assert sorted(counting.labels[0].tolist()) == sorted(y.tolist() + [10, 10, 10])
     torch.testing.assert_close(out, eps_u + guidance * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_the_training_tables_are_on_the_device_before_the_first_step(device):
+    """A compiled training step must find q_sample's tables on its device, not copy them there."""
+    process = make_process(DiffusionConfig()).ready_for(device)
+    x0 = torch.zeros(2, 1, 28, 28, device=device)
+    before = dict(process._tables_on)
+    process.q_sample(x0, torch.tensor([0, 999], device=device), torch.randn_like(x0))
+    assert process._tables_on == before and all(t.device == x0.device for pair in before.values() for t in pair)

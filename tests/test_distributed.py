@@ -1,4 +1,6 @@
-"""DistributedDataParallel on CPU: two gloo processes train, and the checkpoint resumes with one."""
+"""DistributedDataParallel on CPU: two gloo processes train, and the checkpoint resumes with one
+(on the CPU even where a GPU is present: the test is of gloo, and two processes on a one-GPU
+machine would need a second GPU)."""
 
 import json
 import os
@@ -13,7 +15,7 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     first = subprocess.run([*torchrun, "-m", "simple_dit.cli", "train", "--preset", "dit-tiny", "--out", str(out),
-                            "--max-steps", "6", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            "--max-steps", "6", "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     config, _, state = load_weights(out)
     assert state["step"] == 6 and state["images_seen"] == 6 * config.train.batch_size  # the batch is global
@@ -21,6 +23,6 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     assert [r["step"] for r in records] == [5, 6]  # rank 0 alone logs
 
     second = subprocess.run([sys.executable, "-m", "simple_dit.cli", "train", "--out", str(out), "--resume",
-                             "--max-steps", "10", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                             "--max-steps", "10", "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert second.returncode == 0, second.stderr[-2000:]
     assert load_weights(out)[2]["step"] == 10

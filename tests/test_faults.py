@@ -28,7 +28,11 @@ from simple_dit.train import train
 pytestmark = pytest.mark.faults
 
 STEPS = 40
-TRAIN = ["train", "--preset", "dit-tiny", "--checkpoint-every", "10", "--sample-every", "0", "--precision", "fp32", "--no-progress"]
+# On the CPU even where a GPU is present: these tests are of faults and need bit-exact resume, which
+# holds on the CPU only (CUDA's atomics-based backward kernels round differently from run to run).
+TRAIN = ["train", "--preset", "dit-tiny", "--checkpoint-every", "10", "--sample-every", "0", "--precision", "fp32", "--no-progress",
+         "--device", "cpu"]  # fmt: skip
+RESUME = ["train", "--resume", "--no-progress", "--device", "cpu"]
 
 
 def cli(*args) -> list[str]:
@@ -133,7 +137,7 @@ def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
         if checkpoint_step(out) >= STEPS:
             break
         if checkpoint_step(out) >= 0:
-            proc = start("train", "--resume", "--out", out, "--max-steps", STEPS, "--no-progress")
+            proc = start(*RESUME, "--out", out, "--max-steps", STEPS)
         else:  # killed before its first checkpoint: the run starts again
             proc = start(*TRAIN, "--out", out, "--max-steps", STEPS, "--checkpoint-every", 5)
         if kills < 7:
@@ -159,7 +163,7 @@ def test_a_second_process_on_the_same_run_fails_at_once_naming_the_holder(tmp_pa
         second = run_cli(*TRAIN, "--out", out, "--max-steps", 10)
         assert time.monotonic() - began < 30
         assert_user_error(second, "in use", f"pid {first.pid}")
-        resumed = run_cli("train", "--resume", "--out", out, "--max-steps", 10, "--no-progress")
+        resumed = run_cli(*RESUME, "--out", out, "--max-steps", 10)
         assert_user_error(resumed, "in use", f"pid {first.pid}")
     finally:
         first.kill()
@@ -206,7 +210,7 @@ def test_signal_checkpoints_the_current_step_and_resume_is_exact(sig, code, tmp_
     assert "Traceback" not in stderr and "checkpoint saved" in stderr
     stopped_at = checkpoint_step(out)
     assert stopped_at > 0
-    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", stopped_at + 10, "--no-progress")
+    resumed = run_cli(*RESUME, "--out", out, "--max-steps", stopped_at + 10)
     assert resumed.returncode == 0, resumed.stderr
     straight = run_cli(*TRAIN, "--out", tmp_path / "straight", "--max-steps", stopped_at + 10)
     assert straight.returncode == 0, straight.stderr
@@ -227,7 +231,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(straigh
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run(cli("train", "--resume", "--out", out, "--max-steps", STEPS + 10, "--no-progress"),
+    result = subprocess.run(cli(*RESUME, "--out", out, "--max-steps", STEPS + 10),
                             capture_output=True, text=True, env=os.environ.copy(), preexec_fn=small_files, timeout=120)  # fmt: skip
     assert_user_error(result, "File too large")
     after = snapshot(out)
@@ -272,7 +276,7 @@ def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, t
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
     _damage(out / name, how)
-    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", STEPS + 5, "--no-progress")
+    resumed = run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5)
     if name == "checkpoint.safetensors":
         assert_user_error(resumed, "checkpoint")
         assert_user_error(run_cli("sample", out, "--out", tmp_path / "s", "--per-class", 1, "--steps", 2, "--no-gif"), "checkpoint")
@@ -288,7 +292,7 @@ def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, t
 # ---- compare: kill -9 and run again ------------------------------------------------------------
 
 COMPARE = ["compare", "--presets", "dit-tiny", "--budget", "640-images", "--lrs", "3e-3", "--eval-every-frac", "0.5",
-           "--eval-n", "10", "--steps", "2", "--precision", "fp32"]  # fmt: skip
+           "--eval-n", "10", "--steps", "2", "--precision", "fp32", "--device", "cpu"]  # fmt: skip
 
 
 def test_compare_killed_at_random_moments_resumes_to_the_straight_result(tmp_path):

@@ -136,6 +136,21 @@ def test_a_step_past_its_limit_is_stopped_and_the_others_still_run(stub_python, 
     assert steps["compare-article"]["status"] == "ok" and result.returncode == 1
 
 
+def test_a_step_whose_compiler_fell_back_to_eager_fails(stub_python, tmp_path, mnist_dir):
+    """`--compile` quietly training eager (one stderr line, exit 0) is no measurement of the compiler."""
+    fallback = tmp_path / "fallback-python"
+    line = "simple-dit: torch.compile failed (AttributeError: 'tuple' object has no attribute 'sum'); training eager"
+    fallback.write_text(STUB.replace('*" bench "*) echo', f'*" bench "*"--compile"*) echo "{line}" >&2; exit 0 ;;\n  *" bench "*) echo'))
+    fallback.chmod(0o755)
+    result = gpu_check("--cpu-dry-run", "--out", tmp_path / "check", env={"PYTHON": str(fallback), "SIMPLE_DIT_DATA": str(mnist_dir)})
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    compiled = [s for s in summary["steps"] if "compile" in s["name"] and s["name"].startswith("bench")]
+    assert compiled and all(s["status"] == "failed" and s["reason"] == line for s in compiled)
+    assert set(summary["failed"]) >= {s["name"] for s in compiled} and result.returncode == 1
+    assert all(s["status"] == "ok" for s in summary["steps"] if s["name"].startswith("bench") and "compile" not in s["name"]
+               and "reference" not in s["name"])  # fmt: skip
+
+
 def test_no_mnist_skips_the_steps_that_need_it(stub_python, tmp_path):
     result = gpu_check("--cpu-dry-run", "--out", tmp_path / "check", env={"PYTHON": str(stub_python), "SIMPLE_DIT_DATA": str(tmp_path / "nowhere")})
     steps = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["steps"]}

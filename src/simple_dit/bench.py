@@ -142,7 +142,7 @@ def run_bench(
         raise UserError("--batch-size must be positive")
     torch.manual_seed(0)
     model = (reference_model if reference else build_model)(config.model).to(dev)
-    diffusion = make_process(config.diffusion)
+    diffusion = make_process(config.diffusion).ready_for(dev)
     c, s = config.model.in_channels, config.model.input_size
     x = torch.randn(batch_size, c, s, s, device=dev)
     y = torch.randint(0, config.model.num_classes, (batch_size,), device=dev)

@@ -95,6 +95,11 @@ class _Process:
     # pass instead of two (the guidance interval of Kynkaanniemi et al. 2024).
     default_guidance_interval: tuple[float, float] = GUIDE_EVERY_STEP
 
+    def ready_for(self, device: torch.device | str) -> "_Process":
+        """This process with the tables its training step reads already on ``device``: copied there
+        inside a compiled step, they would be CPU inputs (no CUDA graphs) and cost a recompile."""
+        return self
+
     def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The objective's MSE at a time and noise drawn from the global RNG."""
         return self.loss_at(model, x0, y, *self.training_draws(x0))
@@ -145,6 +150,13 @@ class GaussianDiffusion(_Process):
         self.sqrt_alpha_bars = self.alpha_bars.sqrt()
         self.sqrt_one_minus_alpha_bars = (1 - self.alpha_bars).sqrt()
         self._tables_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ready_for(self, device: torch.device | str) -> "GaussianDiffusion":
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the key a tensor's own device will give
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._q_tables(device)
+        return self
 
     def _q_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar) and sqrt(1 - alpha_bar) in float32 on ``device``, copied there once: a copy

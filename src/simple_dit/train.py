@@ -325,6 +325,9 @@ def train(
     if world > 1 and device.type == "cuda":
         if device.index is None:  # under torchrun, each process its own GPU (not all GPU 0)
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"process {local_rank} of torchrun has no GPU {device.index}: this machine has {torch.cuda.device_count()}; "
+                            "start at most that many processes per node, or train with --device cpu")  # fmt: skip
         torch.cuda.set_device(device)
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
@@ -337,7 +340,7 @@ def train(
         max_steps = planned_steps(tc, len(dataset))
 
         model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main)
-        diffusion = make_process(config.diffusion)
+        diffusion = make_process(config.diffusion).ready_for(device)
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
             torch.manual_seed(tc.seed + 1_000_003 * rank + state.step)
