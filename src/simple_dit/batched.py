@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import signal
 import time
 from dataclasses import dataclass
@@ -120,27 +119,6 @@ class BatchedLoss:
         return vmap(one)(params, buffers, x0, y, t, noise)
 
 
-# The batched loss of each network and objective on each device, with its compiled form, made once
-# per process: `compare` trains a group at every evaluation point, and compiling afresh for each
-# would cost a compilation each (about a minute on a GPU) and soon reach dynamo's recompile limit
-# for BatchedLoss.__call__, past which it runs eager without a word.
-_BATCHED_LOSSES: dict[tuple, list] = {}
-
-
-def _batched_loss(config: RunConfig, model: torch.nn.Module, diffusion, device: torch.device, *,
-                  compile: bool) -> tuple[BatchedLoss, torch.nn.Module | None]:  # fmt: skip
-    """The batched loss of ``config``'s network and objective on ``device``, and with ``compile``
-    its compiled form (else None)."""
-    d = config.to_dict()
-    key = (json.dumps(d["model"], sort_keys=True), json.dumps(d["diffusion"], sort_keys=True), str(device))
-    if key not in _BATCHED_LOSSES:
-        _BATCHED_LOSSES[key] = [BatchedLoss(model, diffusion), None]
-    entry = _BATCHED_LOSSES[key]
-    if compile and entry[1] is None:
-        entry[1] = compile_model(entry[0], device)
-    return entry[0], entry[1] if compile else None
-
-
 def stacked(models: list[torch.nn.Module]) -> tuple[dict, dict]:
     """The parameters and buffers of ``models`` (one architecture), each stacked along a new
     leading dimension; gradients flow back to each model's own parameters."""
@@ -225,7 +203,8 @@ def train_together(
                                 rng_state(device), state.step if resume else None))  # fmt: skip
         signals = cleanup.enter_context(StopSignals())
         diffusion = make_process(configs[0].diffusion).ready_for(device)
-        loss_fn, compiled = _batched_loss(configs[0], members[0].model, diffusion, device, compile=tc0.compile)
+        loss_fn = BatchedLoss(members[0].model, diffusion)
+        compiled = compile_model(loss_fn, device) if tc0.compile else None
         embedder = _label_embedder(members[0].model)
         resident = dataset.to(device)
 
@@ -246,8 +225,8 @@ def train_together(
         while active := [m for m in members if m.state.step < m.max_steps and m.out_dir not in diverged]:
             models = [run.model for run in active]
             if compiled is not None and warmed_for != len(active):
-                # A new number of runs (one finished or diverged) is a new shape: compiled, or
-                # found compiled, and warmed up before the clock.
+                # A new number of runs (one finished or diverged) is a new shape: compiled and
+                # warmed up before the clock.
                 x0, y, t, noise = draws(active, own=False)
 
                 def warm_up_loss():
