@@ -237,7 +237,7 @@ def cmd_sample(args) -> None:
         raise UserError("--steps must be positive")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval.split(","), "--guidance-interval")
+    interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval, "--guidance-interval")
     pipe = Pipeline.from_pretrained(args.run_dir, use_ema=not args.no_ema, device=args.device, precision=args.precision, compile=args.compile)
     k = pipe.num_classes
     if args.labels is not None:

@@ -64,8 +64,9 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
 
 
 def check_guidance_interval(interval, name: str = "the guidance interval") -> tuple[float, float]:
+    """(lo, hi) from two numbers or the text "LO,HI"; a UserError unless 0 <= lo < hi <= 1."""
     try:
-        lo, hi = (float(v) for v in interval)
+        lo, hi = (float(v) for v in (interval.split(",") if isinstance(interval, str) else interval))
     except (TypeError, ValueError):
         raise UserError(f"{name} must be two numbers LO,HI, got {interval!r}") from None
     if not 0.0 <= lo < hi <= 1.0:
