@@ -18,18 +18,28 @@ from simple_dit.errors import UserError
 from simple_dit.train import train
 
 
-def _config(preset: str, *, lr: float, seed: int, steps: int, precision: str = "fp32"):
+def _config(preset: str, *, lr: float, seed: int, steps: int, precision: str = "fp32", compile: bool = False):
     c = get_preset(preset)
-    c.train.lr, c.train.seed, c.train.max_steps, c.train.precision = lr, seed, steps, precision
+    c.train.lr, c.train.seed, c.train.max_steps, c.train.precision, c.train.compile = lr, seed, steps, precision, compile
     c.train.batch_size, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = 16, 0, 0, 2
     return c
 
 
+def _records(run_dir) -> list[dict]:
+    """Every line of the run's metrics.jsonl, each of which must be JSON."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run_dir) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in _records(run_dir) if "loss" in r]
 
 
 RECIPES = [(1e-3, 0), (3e-4, 1)]  # two learning rates, two seeds
+
+
+def _group(preset: str, root, name: str, *, steps: int, resume: bool = False, **config) -> list:
+    """The (config, out_dir, resume) of one run per recipe, in root/name0, root/name1."""
+    return [(_config(preset, lr=lr, seed=seed, steps=steps, **config), root / f"{name}{k}", resume) for k, (lr, seed) in enumerate(RECIPES)]
 
 
 @pytest.mark.parametrize("device", devices)
@@ -47,8 +57,7 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
     rtol = 2e-2 if device != "cpu" else 1e-5 if precision == "fp32" else 2e-3
     for a, b in zip(alone, together):
         assert _losses(b) == pytest.approx(_losses(a), rel=rtol)
-        records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
-        assert all(r["trained_together"] == 2 for r in records if "loss" in r)
+        assert all(r["trained_together"] == 2 for r in _records(b) if "loss" in r)
         assert load_weights(b)[2]["step"] == 6
     if preset.startswith("unet"):  # BatchNorm's running statistics reach each run's own model
         a, b = load_weights(alone[0], use_ema=False)[1], load_weights(together[0], use_ema=False)[1]
@@ -67,13 +76,9 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("preset,precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
 def test_runs_trained_together_resume_exactly(preset, precision, device, tmp_path, mnist_dir):
-    def runs(steps: int, name: str, resume: bool):
-        return [(_config(preset, lr=lr, seed=seed, steps=steps, precision=precision), tmp_path / f"{name}{k}", resume)
-                for k, (lr, seed) in enumerate(RECIPES)]  # fmt: skip
-
-    train_together(runs(8, "straight", False), device=device)
-    train_together(runs(4, "resumed", False), device=device)
-    train_together(runs(8, "resumed", True), device=device)
+    train_together(_group(preset, tmp_path, "straight", steps=8, precision=precision), device=device)
+    train_together(_group(preset, tmp_path, "resumed", steps=4, precision=precision), device=device)
+    train_together(_group(preset, tmp_path, "resumed", steps=8, precision=precision, resume=True), device=device)
     for k in range(2):
         for use_ema in (False, True):
             worst = largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"resumed{k}", use_ema=use_ema)
@@ -128,10 +133,7 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
     import simple_dit.batched as batched
     from simple_dit.errors import Interrupted
 
-    def runs(name: str, resume: bool):
-        return [(_config("unet-tiny", lr=lr, seed=seed, steps=6), tmp_path / f"{name}{k}", resume) for k, (lr, seed) in enumerate(RECIPES)]
-
-    train_together(runs("straight", False), device="cpu")  # bit-exact resume holds on the CPU only
+    train_together(_group("unet-tiny", tmp_path, "straight", steps=6), device="cpu")  # bit-exact resume holds on the CPU only
     calls, update_ema = [], batched.update_ema
 
     def signalling_update_ema(*args):
@@ -142,11 +144,11 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
 
     monkeypatch.setattr(batched, "update_ema", signalling_update_ema)
     with pytest.raises(Interrupted) as stopped:
-        train_together(runs("stopped", False), device="cpu")
+        train_together(_group("unet-tiny", tmp_path, "stopped", steps=6), device="cpu")
     assert stopped.value.signum == signal.SIGTERM
     assert [load_weights(tmp_path / f"stopped{k}")[2]["step"] for k in range(2)] == [3, 3]
     monkeypatch.setattr(batched, "update_ema", update_ema)
-    train_together(runs("stopped", True), device="cpu")
+    train_together(_group("unet-tiny", tmp_path, "stopped", steps=6, resume=True), device="cpu")
     for k in range(2):
         assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0
 
@@ -159,21 +161,13 @@ def test_runs_trained_together_compiled_train_the_eager_steps(tmp_path, mnist_di
 
     monkeypatch.setattr(batched, "compile_model", lambda fn, device: torch.compile(fn, backend="aot_eager"))
 
-    def runs(name: str, compile: bool, steps: int = 4, resume: bool = False):
-        group = []
-        for k, (lr, seed) in enumerate(RECIPES):
-            config = _config("unet-tiny", lr=lr, seed=seed, steps=steps)
-            config.train.compile = compile
-            group.append((config, tmp_path / f"{name}{k}", resume))
-        return group
-
-    train_together(runs("eager", False), device="cpu")
-    train_together(runs("compiled", True, steps=2), device="cpu")  # as compare trains: a segment per evaluation point
-    train_together(runs("compiled", True, resume=True), device="cpu")
+    train_together(_group("unet-tiny", tmp_path, "eager", steps=4), device="cpu")
+    # As compare trains: a segment per evaluation point.
+    train_together(_group("unet-tiny", tmp_path, "compiled", steps=2, compile=True), device="cpu")
+    train_together(_group("unet-tiny", tmp_path, "compiled", steps=4, compile=True, resume=True), device="cpu")
     assert "torch.compile failed" not in capsys.readouterr().err
     for k in range(2):
-        records = [json.loads(line) for line in (tmp_path / f"compiled{k}" / "metrics.jsonl").read_text().splitlines()]
-        assert any(r.get("compile_seconds", 0) > 0 for r in records)
+        assert any(r.get("compile_seconds", 0) > 0 for r in _records(tmp_path / f"compiled{k}"))
         # Losses, not weights: the conv biases before BatchNorm get gradients of pure rounding,
         # which Adam's normalised steps turn into differences of about lr.
         assert _losses(tmp_path / f"compiled{k}") == pytest.approx(_losses(tmp_path / f"eager{k}"), rel=1e-5)
@@ -187,11 +181,6 @@ def test_a_failing_compiler_leaves_runs_trained_together_eager(tmp_path, mnist_d
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(batched, "compile_model", lambda fn, device: broken)
-    group = []
-    for k, (lr, seed) in enumerate(RECIPES):
-        config = _config("dit-tiny", lr=lr, seed=seed, steps=4)
-        config.train.compile = True
-        group.append((config, tmp_path / f"run{k}", False))
-    assert train_together(group, device="cpu") == {}
+    assert train_together(_group("dit-tiny", tmp_path, "run", steps=4, compile=True), device="cpu") == {}
     assert capsys.readouterr().err.count("torch.compile failed (RuntimeError: no C++ compiler); training eager") == 1
     assert all(load_weights(tmp_path / f"run{k}")[2]["step"] == 4 for k in range(2))
