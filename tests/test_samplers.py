@@ -85,11 +85,11 @@ def test_guidance_runs_only_inside_its_interval(interval, expected):
 
 def test_eps_models_are_guided_at_every_step_by_default():
     process = GaussianDiffusion()
-    sizes = []
+    exact, sizes = ExactEps(process), []
 
     def model(x, t, y):
         sizes.append(x.shape[0])
-        return ExactEps(process)(x, t, y)
+        return exact(x, t, y)
 
     process.sample(model, torch.zeros(4, dtype=torch.long), steps=10, guidance=3.0, null_class=10)
     assert sizes == [8] * 10
