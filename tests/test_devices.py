@@ -3,6 +3,7 @@ between devices, resuming on another device, FLOP counting and `simple-dit bench
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -11,13 +12,16 @@ import pytest
 import torch
 
 from conftest import devices, tiny_config
+from simple_dit.batched import BatchedLoss, train_step_together
 from simple_dit.bench import run_bench
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
+from simple_dit.data import ImageDataset
+from simple_dit.diffusion import make_process
 from simple_dit.models import build_model, forward_gflops
 from simple_dit.runtime import cpu_bf16_unit, resolve_precision
 from simple_dit.sample import Pipeline
-from simple_dit.train import train
+from simple_dit.train import EpochOrder, make_optimizer, train, train_step, update_ema
 
 PRESETS = ("dit-tiny", "unet-tiny")
 STEPS = 4
@@ -99,6 +103,39 @@ def test_flops_are_counted_on_a_device_that_is_not_the_cpu(preset):
     model = build_model(get_preset(preset).model)
     on_cpu = forward_gflops(model)
     assert forward_gflops(model.to("meta")) == pytest.approx(on_cpu, rel=0.1)  # meta counts attention a bit differently
+
+
+@pytest.mark.parametrize("objective", ["eps", "flow"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_training_and_sampling_steps_stay_on_a_device_that_is_not_the_cpu(preset, objective):
+    """The steps that run on a GPU, on the meta device: a tensor that one of them makes on the CPU
+    (the bug that first crashed `bench` on a GPU) fails here on every machine, not only on one
+    with CUDA. Meta tensors hold no values, so this checks placement, not arithmetic."""
+    meta = torch.device("meta")
+    config = tiny_config(preset)
+    config.diffusion.objective = objective
+    model = build_model(config.model).to(meta)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    diffusion = make_process(config.diffusion).ready_for(meta)
+    optimizer = make_optimizer(model, config, meta)
+    x0, y = ImageDataset("mnist", "train", torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                         tuple("0123456789")).to(meta).batch(EpochOrder(8, 0, 4, meta).indices(0))  # fmt: skip
+    loss, grad_norm = train_step(model, diffusion, optimizer, x0, y, precision="fp32", grad_clip=1.0)
+    update_ema(ema, model, 0.5)
+    assert {loss.device, grad_norm.device} == {meta}
+    assert {p.device for p in [*model.parameters(), *ema.parameters(), *model.buffers()]} == {meta}
+
+    models = [model, build_model(config.model).to(meta)]
+    optimizers = [optimizer, make_optimizer(models[1], config, meta)]
+    t, noise = (torch.stack(column) for column in zip(*(diffusion.training_draws(x0) for _ in models)))
+    losses, grad_norms = train_step_together(BatchedLoss(model, diffusion), models, optimizers, x0.expand(2, *x0.shape),
+                                             y.expand(2, *y.shape), t, noise, lrs=[1e-3, 3e-4], precision="fp32", grad_clips=[1.0, 0.0])  # fmt: skip
+    assert losses.device == meta and {g.device for g in grad_norms} == {meta}
+
+    ema.eval()
+    for sampler in diffusion.samplers:
+        images = diffusion.sample(ema, y, sampler=sampler, steps=3, guidance=2.0, null_class=config.model.num_classes)
+        assert images.shape == x0.shape and images.device == meta
 
 
 @pytest.mark.parametrize("precision, reference", [("fp32", False), ("bf16", False), ("fp32", True)], ids=["fp32", "bf16", "reference"])
