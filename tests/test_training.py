@@ -303,3 +303,29 @@ def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path
         train(tiny_config(max_steps=1), straight_run, progress=False, device="cpu")
     with pytest.raises(UserError, match="no checkpoint"):
         train(tiny_config(max_steps=1), tmp_path / "empty", resume=True, progress=False, device="cpu")
+
+
+def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A step that ends well past the budget (routine for the seed presets on a CPU) used to crash
+    the progress bar (tqdm drops a total that the count has run past) before the final
+    checkpoint; so did resuming a run whose clock is already past a smaller budget."""
+    import time
+
+    import simple_dit.train
+
+    def slow_step(*args, **kwargs):
+        time.sleep(1.0)
+        return real_step(*args, **kwargs)
+
+    real_step = simple_dit.train.train_step
+    monkeypatch.setattr(simple_dit.train, "train_step", slow_step)
+    config = tiny_config(max_steps=0)
+    config.train.minutes = 0.005  # 0.3 s: the first step ends 0.7 s past it
+    run = tmp_path / "run"
+    train(config, run, progress=True, final_samples=False)
+    _, _, state = load_weights(run)
+    assert state["step"] == 1 and state["train_seconds"] >= 1.0
+    config.train.minutes = 0.002
+    train(config, run, resume=True, progress=True, final_samples=False)
+    assert load_weights(run)[2]["step"] == 1
+    assert "s of training" in capsys.readouterr().err

@@ -417,7 +417,7 @@ def train(
             seconds = time.perf_counter() - step_start
             state.train_seconds += seconds
             window.seconds += seconds
-            bar.update(seconds if tc.minutes and not max_steps else 1)
+            bar.update(_budget_seconds(bar, seconds) if tc.minutes and not max_steps else 1)
 
             if due(tc.log_every):
                 log_window()
@@ -467,6 +467,13 @@ def _progress_bar(max_steps: int, minutes: float, state: TrainState, enabled: bo
     if max_steps or not minutes:
         return tqdm(total=max_steps or None, initial=state.step, disable=not enabled, unit="step", dynamic_ncols=True)
     return tqdm(
-        total=round(minutes * 60, 1), initial=round(state.train_seconds, 1), disable=not enabled, unit="s", dynamic_ncols=True,
+        total=round(minutes * 60, 1), initial=min(round(state.train_seconds, 1), round(minutes * 60, 1)), disable=not enabled, unit="s", dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}<{remaining}{postfix}]",
     )  # fmt: skip
+
+
+def _budget_seconds(bar, seconds: float) -> float:
+    """What to add to a time budget's bar: the last step ends past the budget, and tqdm drops the
+    total of a bar run past it (its format then fails, and the run with it), so the bar stops at
+    the budget."""
+    return max(0.0, min(seconds, bar.total - bar.n))
