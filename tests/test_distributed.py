@@ -21,6 +21,7 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     assert state["step"] == 6 and state["images_seen"] == 6 * config.train.batch_size  # the batch is global
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 6]  # rank 0 alone logs
+    assert first.stdout.count("checkpoint: ") == 1  # and says where it wrote
 
     second = subprocess.run([sys.executable, "-m", "simple_dit.cli", "train", "--out", str(out), "--resume",
                              "--max-steps", "10", "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def cmd_train(args) -> None:
         require("wandb", "wandb", "--wandb")  # before any data is read
     path = train(validate_config(config), args.out, resume=args.resume, data_dir=args.data_dir, device=args.device,
                  progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
-    print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote them
+        print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
 
 
 def cmd_sample(args) -> None:
