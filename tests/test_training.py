@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -303,6 +304,36 @@ def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path
         train(tiny_config(max_steps=1), straight_run, progress=False, device="cpu")
     with pytest.raises(UserError, match="no checkpoint"):
         train(tiny_config(max_steps=1), tmp_path / "empty", resume=True, progress=False, device="cpu")
+
+
+def _digests(directory) -> dict:
+    import hashlib
+
+    return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_starts_over_only_an_attempt_that_never_checkpointed(straight_run, tmp_path):
+    """A directory that is not a killed early attempt (a run whose checkpoint was deleted, an
+    export, someone's own files) is refused and left as it was; an early attempt is started over."""
+    no_checkpoint = tmp_path / "no-checkpoint"
+    shutil.copytree(straight_run, no_checkpoint, ignore=shutil.ignore_patterns(CHECKPOINT_NAME))
+    own_files = tmp_path / "own"
+    own_files.mkdir()
+    (own_files / CONFIG_NAME).write_text('{"learning_rate": 0.1}')
+    (own_files / "metrics.jsonl").write_text("mine\n")
+    for directory in (no_checkpoint, own_files):
+        before = _digests(directory)
+        with pytest.raises(UserError, match="not empty and holds no checkpoint"):
+            train(tiny_config(max_steps=1), directory, progress=False, device="cpu")
+        assert _digests(directory) == before
+
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copyfile(straight_run / CONFIG_NAME, early / CONFIG_NAME)
+    (early / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (early / ".checkpoint.safetensors.abc.tmp").write_bytes(b"half")
+    train(tiny_config(max_steps=2), early, progress=False, device="cpu", final_samples=False)
+    assert load_weights(early)[2]["step"] == 2
 
 
 def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, monkeypatch, capsys):

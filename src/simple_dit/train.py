@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -29,8 +30,8 @@ from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
-from .io import DirectoryLock, ensure_writable_dir, write_json
-from .logger import RunLogger, WandbOptions, truncate_metrics
+from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, write_json
+from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize
 
@@ -269,6 +270,8 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
             raise UserError(f"--resume: no checkpoint in {out_dir}")
         if not resume and (out_dir / CHECKPOINT_NAME).exists():
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if not resume:
+            _check_only_an_unfinished_attempt(out_dir)
 
     check()  # before the lock, so that a refused command leaves the directory untouched
     ensure_writable_dir(out_dir)
@@ -279,6 +282,29 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
         lock.release()
         raise
     return lock
+
+
+# What a run leaves before its first checkpoint; a new run may start over in a directory holding
+# only these (a run killed early is started again, not resumed). Names ending in .tmp are
+# unfinished atomic writes.
+_UNFINISHED_ATTEMPT = {CONFIG_NAME, METRICS_NAME, "tb", "samples", LOCK_NAME, "wandb", WANDB_RUN_NAME}
+
+
+def _check_only_an_unfinished_attempt(out_dir: Path) -> None:
+    """Refuse to start a new run over anything else: a run whose checkpoint is gone (its records
+    and grids), an export, or files that are not a run's."""
+    if not out_dir.is_dir():
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in _UNFINISHED_ATTEMPT and not p.name.endswith(".tmp"))
+    config_is_a_runs = True
+    if (out_dir / CONFIG_NAME).is_file():
+        try:
+            RunConfig.from_dict(json.loads((out_dir / CONFIG_NAME).read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError, UserError):
+            config_is_a_runs = False
+    if others or not config_is_a_runs:
+        what = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "") if others else f"a {CONFIG_NAME} that is not a run's"
+        raise UserError(f"{out_dir} is not empty and holds no checkpoint to resume ({what}); choose another --out")
 
 
 def init_distributed() -> tuple[int, int, int]:

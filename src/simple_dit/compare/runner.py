@@ -290,8 +290,9 @@ def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if todo and not (run_dir / CHECKPOINT_NAME).is_file():
-        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME):
+        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME, "samples.png"):
             (run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "eval_samples", ignore_errors=True)
     return todo
 
 
