@@ -275,16 +275,70 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["train", "--resume", "--out", "{run}", "--lr", "0.1"], "--lr"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--ema-decay", "1", "--max-steps", "1"], "--ema-decay must be in [0, 1)"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--warmup-steps", "-1", "--max-steps", "1"], "--warmup-steps must be 0"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--guidance", "nan"], "guidance must be finite and at least 0"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--guidance", "-5"], "guidance must be finite and at least 0"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--seed", str(2**64)], "seed must be an integer from 0 to"),
+        (["sample", "{run}", "--out", "{tmp}", "--n", "2"], "not a directory"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--seed", str(2**40), "--max-steps", "1"], "--seed must be an integer"),
+        (["train", "--resume", "--out", "{run}", "--preset", "unet-tiny"], "drop --preset"),
+        (["train", "--resume", "--out", "{run}", "--max-steps", "1", "--no-progress"], "past the requested stop (step 1)"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "1", "--device", "meta"], "unsupported device 'meta'"),
+        (["eval", "{run}", "--n", "6", "--steps", "0"], "--steps must be positive"),
+        (["bench", "--preset", "dit-tiny", "--device", "mps"], "unsupported device 'mps'"),
+        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--seeds", "0,-1", "--out", "{tmp}/c"], "each seed in --seeds"),
+        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--eval-every-frac", "1e-9", "--out", "{tmp}/c"], "at most 1000 evaluations"),
+        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--out", "{run}"], "holds a training run"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "1", "--data-dir", "{run}/config.json"], "is not a directory"),
     ],
 )
 def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
-    before = snapshot(cli_run["run"])
+    def files():  # but .lock, which names the last process to take the run
+        return {name: digest for name, digest in snapshot(cli_run["run"]).items() if name != ".lock"}
+
+    before = files()
     argv = [a.format(run=cli_run["run"], tmp=tmp_path) for a in argv]
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("simple-dit: error:") and fragment in err[-1], err
-    assert snapshot(cli_run["run"]) == before
+    assert files() == before
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_export_never_writes_over_a_run(cli_run, tmp_path, capsys):
+    other = tmp_path / "other-run"
+    shutil.copytree(cli_run["run"], other)
+    before = snapshot(other)
+    assert main(["export", str(cli_run["run"]), "--out", str(other)]) == 2
+    assert "holds a training run" in capsys.readouterr().err and snapshot(other) == before
+
+
+@pytest.mark.parametrize("argv,fragment", [(["train", "--out", ""], "argument --out: a path must not be empty"),
+                                           (["train", "--out", "r", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+                                           (["sample", "--out", "x", "--precision", "fp16"], "argument --precision: invalid choice")])
+def test_a_malformed_argument_is_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
+
+
+def test_running_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    import simple_dit.cli
+
+    def allocate(args):  # what PyTorch's CPU allocator raises for a batch that does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 4799999999952 bytes")
+
+    monkeypatch.setattr(simple_dit.cli, "cmd_bench", allocate)
+    assert main(["bench", "--preset", "dit-tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["simple-dit: error: out of memory; ask for less at a time (--batch-size, --n, --bootstrap)"]
+
+    def bug(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(simple_dit.cli, "cmd_bench", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["bench", "--preset", "dit-tiny"])
 
 
 def test_a_missing_extra_is_a_one_line_hint(monkeypatch, tmp_path, capsys):

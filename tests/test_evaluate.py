@@ -118,6 +118,31 @@ def test_eval_cli_rejects_a_bad_npz(tmp_path):
     assert out.stderr.startswith("simple-dit: error:") and "Traceback" not in out.stderr
 
 
+def _bad_npz_files(tmp_path) -> dict:
+    images = np.zeros((10, 28, 28, 1), np.uint8)
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=images, labels=np.arange(10))
+    files = {"empty": b"", "truncated": good.read_bytes()[:500]}
+    for name, data in files.items():
+        (tmp_path / f"{name}.npz").write_bytes(data)
+    for name, labels in {"fewer-labels": np.arange(3), "2-d-labels": np.arange(10).reshape(2, 5),
+                         "string-labels": np.array(list("abcdefghij")), "float-labels": np.arange(10) + 0.5}.items():  # fmt: skip
+        np.savez(tmp_path / f"{name}.npz", arr_0=images, labels=labels)
+    np.save(tmp_path / "lone-array.npy", images)
+    return {name: tmp_path / f"{name}.npz" for name in [*files, "fewer-labels", "2-d-labels", "string-labels", "float-labels"]} | {
+        "lone-array": tmp_path / "lone-array.npy"}
+
+
+@pytest.mark.parametrize("name", ["empty", "truncated", "fewer-labels", "2-d-labels", "string-labels", "float-labels", "lone-array"])
+def test_a_malformed_npz_is_one_line(tmp_path, name, capsys):
+    from simple_dit.cli import main
+
+    path = _bad_npz_files(tmp_path)[name]
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and str(path) in err[0], err
+
+
 def test_training_logs_quality_scores_with_the_loss(tmp_path):
     from simple_dit import get_preset
     from simple_dit.train import train

@@ -19,10 +19,23 @@ from .runtime import PRECISIONS, keep_freed_memory
 
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (argparse's own print the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"simple-dit: error: {message} (see {self.prog} --help)\n")
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a path must not be empty")
+    return Path(text)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run directory")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
-    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    p.add_argument("--preset", help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
+    p.add_argument("--out", required=True, type=_path, help="run directory (created)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--epochs", type=float, help="passes over the training set")
     stop.add_argument("--max-steps", type=int, help="total optimiser steps")
@@ -59,8 +72,8 @@ def _add_wandb(p, what: str) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a trained run, an export, or the shipped default model")
-    p.add_argument("run_dir", type=Path, nargs="?", help="a run directory or an exported one (default: the dit-mini shipped with the package)")
-    p.add_argument("--out", required=True, type=Path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
+    p.add_argument("run_dir", type=_path, nargs="?", help="a run directory or an exported one (default: the dit-mini shipped with the package)")
+    p.add_argument("--out", required=True, type=_path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
     count = p.add_mutually_exclusive_group()
     count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
     count.add_argument("--per-class", type=int, help="images per class (default 10)")
@@ -82,7 +95,7 @@ def _add_sample(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
-    p.add_argument("source", type=Path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
+    p.add_argument("source", type=_path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
     p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
@@ -93,15 +106,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
     p.add_argument("--data-dir")
     p.add_argument("--device")
-    p.add_argument("--plot", type=Path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
+    p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run's EMA weights and config in the Hugging Face layout")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="directory for model.safetensors and config.json (created)")
+    p.add_argument("run_dir", type=_path)
+    p.add_argument("--out", required=True, type=_path, help="directory for model.safetensors and config.json (created)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: how the weights are stored; loading casts them to fp32")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hugging Face model repository (needs the hub extra)")
 
@@ -127,7 +140,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--presets", help="comma-separated presets, e.g. unet-seed,dit-seed (required unless --report-only)")
     p.add_argument("--budget", help="per run: training time (90s, 10m, 1h), images (200k-images) or FLOPs (1e15-flops) (required unless --report-only)")
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="comma-separated learning rates (default 1e-4,3e-4,1e-3)")
-    p.add_argument("--out", required=True, type=Path, help="report directory (created; rerun with the same --out to resume)")
+    p.add_argument("--out", required=True, type=_path, help="report directory (created; rerun with the same --out to resume)")
     p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
     p.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation (default 1000)")
     p.add_argument("--steps", "--sample-steps", dest="steps", type=int, default=20, help="sampler steps of the evaluation samples (default 20)")
@@ -154,7 +167,7 @@ def _add_compare(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web page to sample a run and see its training curves, or to show a compare report")
-    p.add_argument("run_dir", type=Path, nargs="?", help="a run directory, an export, or a `simple-dit compare` output directory "
+    p.add_argument("run_dir", type=_path, nargs="?", help="a run directory, an export, or a `simple-dit compare` output directory "
                    "(shows its report); default: the model shipped in the package")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -162,7 +175,7 @@ def _add_serve(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simple-dit", description=__doc__)
+    parser = _Parser(prog="simple-dit", description=__doc__)
     parser.add_argument("--list-presets", action="store_true", help="print the presets with parameters and GFLOPs")
     sub = parser.add_subparsers(dest="command")
     _add_train(sub)
@@ -206,11 +219,13 @@ def cmd_train(args) -> None:
     if args.objective is not None:
         overrides["objective"] = args.objective
     if args.resume:
+        if args.preset is not None:
+            overrides["preset"] = args.preset
         config = load_config(args.out)
         if overrides:
             raise UserError(f"--resume continues the saved recipe; drop {', '.join('--' + k.replace('_', '-') for k in overrides)}")
     else:
-        config = get_preset(args.preset)
+        config = get_preset(args.preset or DEFAULT_PRESET)
         if "objective" in overrides:
             config.diffusion.objective = overrides.pop("objective")
         config.train = dataclasses.replace(config.train, **overrides)
@@ -235,6 +250,8 @@ def cmd_sample(args) -> None:
     from .io import ensure_writable_dir
     from .sample import Pipeline, save_gif, save_npz
 
+    if args.out.is_dir():
+        raise UserError(f"--out names the files to write (FILE gives FILE.png, FILE.npz, FILE.gif), not a directory: {args.out}")
     if args.steps is not None and args.steps <= 0:
         raise UserError("--steps must be positive")
     if args.batch_size <= 0:
@@ -274,6 +291,8 @@ def cmd_eval(args) -> None:
     from .evaluate import GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
     from .evaluate import load_npz, pick_guidance, report, write_guidance
 
+    if args.steps is not None and args.steps <= 0:
+        raise UserError("--steps must be positive")
     guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
     bootstrap = args.bootstrap  # None: the meter's default
     if bootstrap is not None and bootstrap < 0:
@@ -440,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simple-dit: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        # PyTorch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError
+        # too); every other error is a bug and keeps its traceback.
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        print("simple-dit: error: out of memory; ask for less at a time (--batch-size, --n, --bootstrap)", file=sys.stderr)
+        return 1
     return 0
 
 

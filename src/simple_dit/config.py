@@ -156,7 +156,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     value is a one-line ``UserError`` naming the option."""
     from .data import DATASETS
     from .diffusion import OBJECTIVES
-    from .runtime import PRECISIONS
+    from .runtime import PRECISIONS, check_seed
 
     tc, m, d = config.train, config.model, config.diffusion
 
@@ -175,6 +175,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
     for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
         check(isinstance(getattr(tc, name), int), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+    check_seed(tc.seed)
     check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
     check(tc.eval_n >= 6, "--eval-n must be at least 6")

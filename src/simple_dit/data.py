@@ -181,6 +181,8 @@ def _locate_and_read(spec: DatasetSpec, file: IdxFile, data_dir, download: bool)
         where = data_dir or os.environ.get("SIMPLE_DIT_DATA") or default_cache_dir()
         raise UserError(f"{file.name} (md5 {file.gz_md5}) of {spec.name} is missing; put it in {where}")
     target = Path(data_dir) if data_dir is not None else default_cache_dir() / spec.name
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} is not a directory: --data-dir names the directory of the dataset's files")
     return _read_verified(_download(spec, file, target), file)
 
 

@@ -63,6 +63,13 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
     return uncond + guidance * (cond - uncond)
 
 
+def check_guidance(guidance, name: str = "guidance") -> float:
+    """A classifier-free guidance scale: finite and at least 0 (1 = none, 0 = unconditional)."""
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"{name} must be finite and at least 0 (1 = no guidance), got {guidance!r}")
+    return float(guidance)
+
+
 def check_guidance_interval(interval, name: str = "the guidance interval") -> tuple[float, float]:
     """(lo, hi) from two numbers or the text "LO,HI"; a UserError unless 0 <= lo < hi <= 1."""
     try:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -409,13 +410,18 @@ class QualityMeter:
 def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (N, C, H, W) uint8 and labels (or None) from an ADM-style npz."""
     try:
-        with np.load(path) as f:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone array (.npy)
+            raise ValueError("not an .npz archive")
+        with loaded as f:
             arr = f["arr_0"]
             labels = f["labels"] if "labels" in f.files else None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read {path} as an ADM-style npz with arr_0: {e}") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise UserError(f"{path}: arr_0 must be uint8 of shape (N, H, W, C), got {arr.dtype} {arr.shape}")
+    if labels is not None and (labels.shape != arr.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(f"{path}: labels must be integers of shape ({arr.shape[0]},), one per image, got {labels.dtype} {labels.shape}")
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return images, (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
 

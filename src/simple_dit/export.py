@@ -51,6 +51,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     source = run_dir if run_dir.is_dir() else run_dir.parent
     if out_dir.resolve() == source.resolve():
         raise UserError(f"--out {out_dir} is the run directory itself; choose another directory")
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"--out {out_dir} holds a training run; choose another directory")
     ensure_writable_dir(out_dir)
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     meta = {

@@ -20,9 +20,22 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} requested but CUDA is not available")
     return device
+
+
+# Seeds are offset and scaled (per epoch, per process, per confirmation) before they seed a
+# generator, which takes 64 bits: 32 leave room for that.
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{name} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed!r}")
+    return seed
 
 
 def _cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:

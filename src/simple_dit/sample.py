@@ -16,10 +16,10 @@ import torch
 from .io import atomic_write
 from .config import RunConfig
 from .data import DATASETS, to_uint8
-from .diffusion import DEFAULT_GUIDANCE, check_sampler, make_process
+from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
 from .models import build_model
-from .runtime import autocast, parse_device, resolve_precision
+from .runtime import autocast, check_seed, parse_device, resolve_precision
 
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
@@ -104,8 +104,8 @@ class Pipeline:
         GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
-        guidance = self.guidance if guidance is None else guidance
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        guidance = self.guidance if guidance is None else check_guidance(guidance)
+        generator = torch.Generator(device=self.device).manual_seed(check_seed(seed, "seed"))
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = steps or self.diffusion.default_steps(sampler)

@@ -244,9 +244,11 @@ def load_training_set(config: RunConfig, data_dir: str | None):
     return dataset
 
 
-def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, write: bool = True):
+def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, write: bool = True, stop_step: int = 0):
     """The run's model, EMA, optimiser and ``TrainState``: new ones from its seed, or its
-    checkpoint's (which also restores the global RNG). ``write`` brings ``out_dir`` in line."""
+    checkpoint's (which also restores the global RNG). ``write`` brings ``out_dir`` in line. A
+    resumed run whose checkpoint is past ``stop_step`` (0: no step limit) is refused before
+    anything is written."""
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -254,6 +256,9 @@ def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.d
     state = TrainState()
     if resume:
         state = TrainState(**load_training_state(out_dir, model, ema, optimizer))
+        if stop_step and state.step > stop_step:
+            raise UserError(f"{out_dir} is at step {state.step}, past the requested stop (step {stop_step}); "
+                            "--resume with a later one continues it")  # fmt: skip
     if write:
         # Records past the checkpoint (for a new run: of an attempt that never checkpointed) are
         # about to be redone; config.json is rewritten on resume too, which records a new
@@ -365,7 +370,7 @@ def train(
         dataset = load_training_set(config, data_dir)
         max_steps = planned_steps(tc, len(dataset))
 
-        model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main)
+        model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main, stop_step=max_steps)
         diffusion = make_process(config.diffusion).ready_for(device)
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.

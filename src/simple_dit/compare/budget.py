@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import UserError
+from ..runtime import check_seed
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 
@@ -110,9 +111,7 @@ def parse_seeds(text: str | int | Sequence[int], flag: str = "--seeds") -> list[
     def seed(v) -> int:
         if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
             raise ValueError
-        if int(v) < 0:
-            raise UserError(f"seed {int(v)} in {flag} must be a non-negative integer")
-        return int(v)
+        return check_seed(int(v), f"each seed in {flag}")
 
     return _parse_list(text, flag, seed, "comma-separated non-negative integers, e.g. 0,1,2")
 
@@ -120,10 +119,9 @@ def parse_seeds(text: str | int | Sequence[int], flag: str = "--seeds") -> list[
 def parse_guidances(text: str | float | Sequence[float], flag: str = "--guidances") -> list[float]:
     """``1,1.5,2,3,4`` (or one value): classifier-free guidance scales, each finite and >= 0."""
     values = _parse_list(text, flag, float, "comma-separated guidance scales, e.g. 1,1.5,2,3,4")
-    for g in values:
-        if not math.isfinite(g) or g < 0:
-            raise UserError(f"guidance {g:g} in {flag} must be finite and at least 0 (1 = no guidance)")
-    return values
+    from ..diffusion import check_guidance
+
+    return [check_guidance(g, f"each guidance in {flag}") for g in values]
 
 
 def parse_objectives(text: str | Sequence[str] | None) -> list[str] | None:
@@ -153,10 +151,13 @@ def parse_presets(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+MIN_EVAL_EVERY_FRAC = 1e-3  # each evaluation samples and scores --eval-n images: more than 1000 a run is never meant (1e-9 would plan a billion)
+
+
 def eval_fractions(every: float) -> list[float]:
     """Evaluation points as fractions of the budget: every 0.25 -> 0.25, 0.5, 0.75, 1."""
-    if not (isinstance(every, (int, float)) and math.isfinite(every) and 0 < every <= 1):
-        raise UserError(f"--eval-every-frac must be in (0, 1], got {every}")
+    if not (isinstance(every, (int, float)) and math.isfinite(every) and MIN_EVAL_EVERY_FRAC <= every <= 1):
+        raise UserError(f"--eval-every-frac must be in [{MIN_EVAL_EVERY_FRAC:g}, 1] (at most {round(1 / MIN_EVAL_EVERY_FRAC)} evaluations per run), got {every}")
     n = math.ceil(1 / every - 1e-9)
     return [min(1.0, round(k * every, 12)) for k in range(1, n + 1)]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..checkpoint import CHECKPOINT_NAME
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
 from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
@@ -141,7 +142,7 @@ def _wandb_evaluation(run_dir: Path, config, wandb, record: dict, grid: Path) ->
 
 def _train_state(run_dir: Path) -> dict | None:
     """step, train_seconds and images_seen of the run's checkpoint (None before the first)."""
-    from ..checkpoint import CHECKPOINT_NAME, load_weights
+    from ..checkpoint import load_weights
 
     if not (run_dir / CHECKPOINT_NAME).is_file():
         return None
@@ -282,8 +283,6 @@ def _run_one(
 def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
     """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with no
     checkpoint starts over: its other files are from an attempt that never checkpointed."""
-    from ..checkpoint import CHECKPOINT_NAME
-
     records = read_jsonl(run_dir / EVALS_NAME, repair=True)
     if any(rec.get("diverged") for rec in records):
         return None
@@ -371,7 +370,6 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
     picked, on ``final_n`` fresh samples (into confirm.jsonl). Done as soon as the run finishes,
     while its weights are on disk: a comparison that outlives its checkpoints (records kept in git
     across machines) still has every confirmation."""
-    from ..checkpoint import CHECKPOINT_NAME
 
     final = _final_record(run_dir, targets)
     if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_jsonl(run_dir / CONFIRM_NAME)}):
@@ -481,6 +479,8 @@ def compare(
     device = parse_device(device)
     settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile), final_n)
     out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"{out_dir} holds a training run; a comparison needs a directory of its own (--out)")
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
         ensure_writable_dir(out_dir / "runs")
@@ -551,7 +551,7 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
 def _run_config_on_disk(run_dir: Path):
     """The run's config: its checkpoint's, or the config.json its training wrote (a finished run
     kept without its weights)."""
-    from ..checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_config
+    from ..checkpoint import CONFIG_NAME, load_config
     from ..config import RunConfig
 
     if (run_dir / CHECKPOINT_NAME).is_file():
