@@ -20,6 +20,7 @@ import torch
 from conftest import MNIST_FILES, assert_user_error, run_cli, snapshot
 from simple_dit.cli import main
 from simple_dit.config import PRESETS
+from simple_dit.errors import UserError
 
 MAX_STEPS = 30
 
@@ -239,6 +240,19 @@ def test_unwritable_output(cli_run, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("simple-dit: error:") and str(blocker / "sub") in err[0], err
     assert blocker.read_text() == "a regular file, not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_eval_of_several_guidances_fails_before_sampling_where_it_cannot_record_the_pick(cli_run, monkeypatch, capsys):
+    import simple_dit.io
+    from simple_dit.sample import Pipeline
+
+    def read_only(directory):
+        raise UserError(f"cannot write to {directory}: Read-only file system")
+
+    monkeypatch.setattr(simple_dit.io, "ensure_writable_dir", read_only)
+    monkeypatch.setattr(Pipeline, "__call__", lambda *a, **k: pytest.fail("sampled before checking where to write"))
+    assert main(["eval", str(cli_run["run"]), "--n", "6", "--guidance", "1,2"]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
 
 
 def test_training_into_an_existing_run_needs_resume(run_copy):

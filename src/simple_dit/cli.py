@@ -290,6 +290,7 @@ def cmd_eval(args) -> None:
     from .diffusion import check_sampler
     from .evaluate import GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
     from .evaluate import load_npz, pick_guidance, report, write_guidance
+    from .io import ensure_writable_dir
 
     if args.steps is not None and args.steps <= 0:
         raise UserError("--steps must be positive")
@@ -307,6 +308,8 @@ def cmd_eval(args) -> None:
         if args.n < 6:
             raise UserError("--n must be at least 6")
         pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
+        if guidances is not None and len(guidances) > 1:
+            ensure_writable_dir(args.source)  # for the pick's guidance.json: fail before sampling, not after
         guidances = guidances or [pipe.guidance]
         dataset = pipe.config.train.dataset
         labels = pipe.cycled_labels(args.n)
