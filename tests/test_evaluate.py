@@ -143,6 +143,18 @@ def test_a_malformed_npz_is_one_line(tmp_path, name, capsys):
     assert len(err) == 1 and err[0].startswith("simple-dit: error:") and str(path) in err[0], err
 
 
+def test_score_and_floor_refuse_labels_and_sizes_that_do_not_fit(meter):
+    from simple_dit.errors import UserError
+
+    images, labels = meter.train_set.images[:20], meter.train_set.labels[:20]
+    for bad in (labels[:19], labels.float(), labels.view(4, 5), labels.tolist()):
+        with pytest.raises(UserError, match="labels must be a tensor of 20 integer class indices"):
+            meter.score(images, bad)
+    for n in (-5, 0, 2.5, len(meter.train_set) + 1):
+        with pytest.raises(UserError, match="the real-data floor takes"):
+            meter.floor(n)
+
+
 def test_training_logs_quality_scores_with_the_loss(tmp_path):
     from simple_dit import get_preset
     from simple_dit.train import train

@@ -26,6 +26,7 @@ from PIL import Image
 from conftest import tiny_config
 from simple_dit import serve as serve_mod
 from simple_dit.cli import main
+from simple_dit.runtime import SEED_LIMIT
 from simple_dit.sample import Pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -147,7 +148,7 @@ def test_page_info_and_static_files(server):
     assert info["num_classes"] == 10 and info["class_names"] == [str(k) for k in range(10)]
     assert info["samplers"] == ["ddim", "ddpm", "dpm++2m"]  # dit-tiny is an epsilon model
     assert info["default_steps"] == {"ddim": 50, "ddpm": 200, "dpm++2m": 20}  # ddpm's 1000 capped at the limit
-    assert info["limits"] == {"images": 100, "steps": 200, "guidance": [0.0, 20.0], "seed": [0, 2**63 - 1]}
+    assert info["limits"] == {"images": 100, "steps": 200, "guidance": [0.0, 20.0], "seed": [0, SEED_LIMIT - 1]}  # every seed the pipeline takes
 
 
 def test_generate_streams_the_denoising_then_the_images_the_pipeline_draws(server, run_dir):

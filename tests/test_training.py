@@ -297,6 +297,12 @@ def test_pipeline_rejects_bad_labels(straight_run):
         pipe([-1], steps=2)
     with pytest.raises(UserError, match="no labels"):
         pipe([], steps=2)
+    for labels in ([1.5], [[1], [2]], ["3"], [float("nan")], [2**70], torch.tensor([True])):
+        with pytest.raises(UserError, match="labels must be"):
+            pipe(labels, steps=2)
+    for bad in ({"steps": 0}, {"steps": 2.0}, {"batch_size": 0}, {"batch_size": True}, {"seed": -1}, {"guidance": float("inf")}):
+        with pytest.raises(UserError, match="|".join(bad)):
+            pipe([1], **({"steps": 2} | bad))
 
 
 def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path):

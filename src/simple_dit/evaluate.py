@@ -395,6 +395,9 @@ class QualityMeter:
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
         if images_uint8.shape[0] < 2 * PR_NEIGHBOURS:
             raise UserError(f"need at least {2 * PR_NEIGHBOURS} images to score, got {images_uint8.shape[0]}")
+        if labels is not None and not (isinstance(labels, torch.Tensor) and labels.shape == images_uint8.shape[:1]
+                                       and not labels.is_floating_point() and labels.dtype != torch.bool):  # fmt: skip
+            raise UserError(f"labels must be a tensor of {images_uint8.shape[0]} integer class indices, one per image")
         if labels is not None and ((labels < 0) | (labels >= self.num_classes)).any():
             raise UserError(f"labels fall outside the dataset's classes 0..{self.num_classes - 1}")
         features, logits = _run(self.model, images_uint8)
@@ -403,6 +406,8 @@ class QualityMeter:
 
     def floor(self, n: int, seed: int = 0, **kwargs) -> Scores:
         """The same scores for ``n`` real training images with their true labels (``kwargs`` as for ``score``)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(self.train_set):
+            raise UserError(f"the real-data floor takes 1 to {len(self.train_set)} images, got {n!r}")
         idx = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))[:n]
         return self.score(self.train_set.images[idx], self.train_set.labels[idx], **kwargs)
 

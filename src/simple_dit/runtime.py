@@ -1,4 +1,4 @@
-"""Device and numeric-precision choices shared by training, sampling and benchmarks."""
+"""Device, numeric-precision and seed choices shared by training, sampling and benchmarks."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 # Seeds are offset and scaled (per epoch, per process, per confirmation) before they seed a
 # generator, which takes 64 bits: 32 leave room for that.
 SEED_LIMIT = 2**32
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_seed(seed, name: str = "--seed") -> int:

@@ -19,7 +19,7 @@ from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
 from .models import build_model
-from .runtime import autocast, check_seed, parse_device, resolve_precision
+from .runtime import autocast, check_positive_int, check_seed, parse_device, resolve_precision
 
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
@@ -74,9 +74,16 @@ class Pipeline:
         return torch.arange(n) % self.num_classes
 
     def validate_labels(self, labels) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        """``labels`` as a 1-D long tensor on the CPU; anything but class indices is a UserError."""
+        try:
+            labels = torch.as_tensor(labels, device="cpu")
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise UserError(f"labels must be class indices (a list, array or tensor of integers): {str(e).splitlines()[0]}") from None
         if labels.numel() == 0:
             raise UserError("no labels to sample")
+        if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise UserError(f"labels must be a 1-D sequence of integer class indices, got {labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long().flatten()
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
             raise UserError(f"label {int(bad[0])} is out of range: classes are 0..{self.num_classes - 1}")
@@ -108,7 +115,8 @@ class Pipeline:
         generator = torch.Generator(device=self.device).manual_seed(check_seed(seed, "seed"))
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
-        n_steps = steps or self.diffusion.default_steps(sampler)
+        n_steps = self.diffusion.default_steps(sampler) if steps is None else check_positive_int(steps, "steps")
+        check_positive_int(batch_size, "batch_size")
         record_every = max(1, n_steps // GIF_FRAMES)
         from tqdm import tqdm
 

@@ -30,7 +30,7 @@ Endpoints (errors are ``{"error": "..."}`` with a 4xx status):
                           image as a PNG data URI with its label) or "error".
 
 Limits: at most MAX_IMAGES images and MAX_STEPS steps a request, guidance in [0, MAX_GUIDANCE],
-a seed in [0, 2**63), classes within the model's; at most MAX_WAITING requests queue for the model
+a seed in [0, 2**32), classes within the model's; at most MAX_WAITING requests queue for the model
 (more get 503).
 """
 
@@ -56,7 +56,7 @@ from .errors import UserError
 MAX_IMAGES = 100
 MAX_STEPS = 200
 MAX_GUIDANCE = 20.0
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**32 - 1  # the seeds the pipeline takes (runtime.SEED_LIMIT); torch is not imported here
 MAX_BODY = 16 * 1024  # bytes of a request body; a full request is well under 1 KB
 MAX_WAITING = 64  # requests waiting for (or holding) the model; more are refused with 503
 MAX_CURVE_POINTS = 1000  # per series sent to the page; longer records are thinned evenly
