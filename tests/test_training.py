@@ -366,3 +366,45 @@ def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, mo
     train(config, run, resume=True, progress=True, final_samples=False)
     assert load_weights(run)[2]["step"] == 1
     assert "s of training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "preset,change,fragment",
+    [
+        ("dit-tiny", {"model.arch": "foo"}, "model.arch 'foo' does not match"),
+        ("unet-tiny", {"model.arch": "dit"}, "model.arch 'dit' does not match"),
+        ("dit-tiny", {"model.patch_size": 0}, "model.patch_size must be a positive integer"),
+        ("dit-tiny", {"model.depth": 2.5}, "model.depth must be a positive integer"),
+        ("dit-tiny", {"model.class_dropout_prob": 1.5}, "class_dropout_prob must be in [0, 1)"),
+        ("dit-tiny", {"model.mlp_ratio": -1}, "model.mlp_ratio must be a positive number"),
+        ("unet-tiny", {"model.channels": (8, 16)}, "model.channels must be three positive integers"),
+        ("unet-tiny", {"model.in_channels": 3}, "has images of shape (1, 28, 28) but the model expects (3, 28, 28)"),
+        ("unet-tiny", {"model.input_size": 32}, "but the model expects (1, 32, 32)"),
+        ("dit-tiny", {"diffusion.beta_end": 2.0}, "0 < beta_start <= beta_end < 1"),
+        ("dit-tiny", {"diffusion.num_timesteps": 0}, "num_timesteps must be an integer of at least 2"),
+        ("dit-tiny", {"model.num_classes": 5}, "mnist has 10 classes but the model expects 5"),
+    ],
+)
+def test_a_recipe_that_cannot_train_is_refused_before_the_run_directory_exists(tmp_path, preset, change, fragment):
+    config = tiny_config(preset, max_steps=1)
+    for path, value in change.items():
+        part, name = path.split(".")
+        setattr(getattr(config, part), name, value)
+    with pytest.raises(UserError) as error:
+        train(config, tmp_path / "run", progress=False, device="cpu")
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_python_api_resumes_only_the_recipe_it_saved(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    before = _digests(run)
+    for part, name, value in (("diffusion", "objective", "flow"), ("train", "lr", 0.5), ("train", "seed", 7), ("model", "depth", 3)):
+        config = load_config(run)
+        config.train.max_steps = 100
+        setattr(getattr(config, part), name, value)
+        with pytest.raises(UserError, match=f"different recipe \\({part}"):
+            train(config, run, resume=True, progress=False, device="cpu")
+    assert {k: v for k, v in _digests(run).items() if k.name != ".lock"} == {k: v for k, v in before.items() if k.name != ".lock"}
+

@@ -152,10 +152,31 @@ class DirectoryLock:
         except OSError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out") from None
+            raise self.in_use(directory, holder) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         remove_stale_temporaries(directory)
+
+    @staticmethod
+    def in_use(directory: Path, holder: str) -> UserError:
+        return UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out")
+
+    @staticmethod
+    def check_free(directory: Path) -> None:
+        """Raise ``in_use`` where another process holds ``directory``, touching nothing: what is in
+        a directory that another process is writing says nothing yet."""
+        import fcntl
+
+        try:
+            fd = os.open(Path(directory) / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise DirectoryLock.in_use(directory, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+        finally:
+            os.close(fd)  # and with it the probe's shared lock
 
     def release(self) -> None:
         if self.fd is not None:

@@ -239,9 +239,31 @@ def load_training_set(config: RunConfig, data_dir: str | None):
     dataset = load_dataset(tc.dataset, "train", data_dir)
     if dataset.num_classes != config.model.num_classes:
         raise UserError(f"{tc.dataset} has {dataset.num_classes} classes but the model expects {config.model.num_classes}")
+    m = config.model
+    if tuple(dataset.images.shape[1:]) != (m.in_channels, m.input_size, m.input_size):
+        raise UserError(f"{tc.dataset} has images of shape {tuple(dataset.images.shape[1:])} but the model expects "
+                        f"({m.in_channels}, {m.input_size}, {m.input_size})")  # fmt: skip
     if len(dataset) < tc.batch_size:
         raise UserError(f"--batch-size {tc.batch_size} is larger than the dataset ({len(dataset)} images)")
     return dataset
+
+
+# What a resumed run must share with its checkpoint: what it trains, on what, and how. How long
+# (epochs, max_steps, minutes) and how it is run and watched (precision, compile, logging) may change.
+RESUME_FIXED = ("dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "seed")
+
+
+def check_resumable(config: RunConfig, out_dir: Path) -> None:
+    """``config`` continues the run in ``out_dir`` (the CLI takes the saved recipe; the Python API
+    is given one)."""
+    from .checkpoint import load_config
+
+    saved = load_config(out_dir)
+    changed = [part for part in ("model", "diffusion") if getattr(saved, part) != getattr(config, part)]
+    changed += [f"train.{name}" for name in RESUME_FIXED if getattr(saved.train, name) != getattr(config.train, name)]
+    if changed:
+        raise UserError(f"cannot resume {out_dir} with a different recipe ({', '.join(changed)}); resume with the saved one "
+                        "(simple_dit.checkpoint.load_config) or train a new run")  # fmt: skip
 
 
 def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, write: bool = True, stop_step: int = 0):
@@ -278,7 +300,11 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
         if not resume:
             _check_only_an_unfinished_attempt(out_dir)
 
-    check()  # before the lock, so that a refused command leaves the directory untouched
+    try:
+        check()  # before the lock, so that a refused command leaves the directory untouched
+    except UserError:
+        DirectoryLock.check_free(out_dir)
+        raise
     ensure_writable_dir(out_dir)
     lock = DirectoryLock(out_dir)
     try:
@@ -365,9 +391,11 @@ def train(
     precision = training_precision(tc.precision, device)
 
     with contextlib.ExitStack() as cleanup:
+        dataset = load_training_set(config, data_dir)  # a recipe that does not fit the data is refused before --out is touched
         if is_main:
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
-        dataset = load_training_set(config, data_dir)
+        if resume:
+            check_resumable(config, out_dir)
         max_steps = planned_steps(tc, len(dataset))
 
         model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main, stop_step=max_steps)
