@@ -96,6 +96,28 @@ def test_export_copies_the_guidance_picked_for_the_run(run, tmp_path):
     assert Pipeline.from_pretrained(tmp_path / "exported").guidance == 1.5
 
 
+def test_an_export_replaces_an_earlier_export_and_nothing_else(run, tmp_path):
+    from simple_dit.errors import UserError
+
+    picked = shutil.copytree(run, tmp_path / "picked")
+    (picked / "guidance.json").write_text(json.dumps({"guidance": 1.5}))
+    out = tmp_path / "exported"
+    export(picked, out)
+    export(run, out)  # a run without a pick: the export samples at the default, not at the replaced one's pick
+    assert Pipeline.from_pretrained(out).guidance == Pipeline.from_pretrained(run).guidance
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text("{}")
+    (own / "notes.txt").write_text("mine")
+    for metadata, where in ((None, own), ({"a": 1}, tmp_path / "m1"), ({"format": "x"}, tmp_path / "m2")):
+        with pytest.raises(UserError):
+            export(run, where, metadata=metadata)
+    assert (own / "config.json").read_text() == "{}" and not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+    for source in (5, "", ["a"]):
+        with pytest.raises(UserError, match="a model source is"):
+            Pipeline.from_pretrained(source)
+
+
 def test_bad_input_is_one_line(run, tmp_path, cli):
     assert_user_error(cli("export", tmp_path / "missing", "--out", tmp_path / "x"), "no checkpoint", str(tmp_path / "missing"))
     assert_user_error(cli("export", run, "--out", tmp_path / "x", "--dtype", "int8"), "--dtype 'int8'", "fp32, fp16, bf16")

@@ -34,6 +34,7 @@ MODEL_NAME = "model.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MODEL = "default"  # Pipeline.from_pretrained("default"): the model shipped in the package
 DEFAULT_ASSET = "default-dit-mini.safetensors"
+RESERVED_METADATA = ("format", "config", "dtype", "weights", "source_run", "train_state", "exported")  # what loading reads
 
 
 def default_model_path() -> Path:
@@ -44,6 +45,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     """Write ``run_dir``'s EMA weights as ``out_dir/model.safetensors`` in ``dtype`` and its
     config as ``out_dir/config.json``; ``metadata`` adds entries to the weights file's metadata.
     Returns the weights file."""
+    from .evaluate import GUIDANCE_NAME
+
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -53,6 +56,13 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"--out {out_dir} is the run directory itself; choose another directory")
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"--out {out_dir} holds a training run; choose another directory")
+    if out_dir.is_dir():  # an earlier export is replaced; anything else is not an export's to overwrite
+        held = {p.name for p in out_dir.iterdir() if not p.name.endswith(".tmp")}
+        if held and (MODEL_NAME not in held or held - {MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME}):
+            raise UserError(f"--out {out_dir} holds files that are not an export ({', '.join(sorted(held)[:3])}); choose another directory")
+    for key, value in (metadata or {}).items():
+        if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
+            raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")
     ensure_writable_dir(out_dir)
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     meta = {
@@ -63,11 +73,11 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     path = out_dir / MODEL_NAME
     atomic_write(path, lambda tmp: _save_file(tensors, tmp, meta))
     write_json(out_dir / CONFIG_NAME, config.to_dict())
-    from .evaluate import GUIDANCE_NAME
-
     guidance = source / GUIDANCE_NAME  # the guidance picked for the run: an export samples as its run does
     if guidance.is_file():
         atomic_write(out_dir / GUIDANCE_NAME, lambda tmp: shutil.copyfile(guidance, tmp))
+    else:  # not the pick of an export this one replaces
+        (out_dir / GUIDANCE_NAME).unlink(missing_ok=True)
     return path
 
 
@@ -79,6 +89,8 @@ def resolve_pretrained(source: str | os.PathLike | None) -> Path:
         if not path.is_file():
             raise UserError(f"the default model {path} is missing from this installation; reinstall simple-dit or give a run directory")
         return path
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise UserError(f"a model source is a run directory, an export or a checkpoint file, got {source!r}")
     return Path(source)
 
 

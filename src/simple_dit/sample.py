@@ -23,6 +23,7 @@ from .runtime import autocast, check_positive_int, check_seed, parse_device, res
 
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
+MAX_SANE_GUIDANCE = 100.0  # far past any useful scale (the web page allows 20); where sampling overflows, a likelier cause than the weights
 
 
 class Pipeline:
@@ -138,7 +139,8 @@ class Pipeline:
                         image_shape=(c, s, s), on_step=on_step,
                     )  # fmt: skip
                 if not bool(torch.isfinite(x).all()):
-                    raise UserError("the model produced non-finite values (NaN or inf): its weights are damaged or diverged")
+                    raise UserError(f"sampling produced non-finite values (NaN or inf): the weights are damaged or diverged"
+                                    f"{f', or guidance {guidance:g} is too large' if guidance > MAX_SANE_GUIDANCE else ''}")  # fmt: skip
                 out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
