@@ -153,6 +153,9 @@ def test_score_and_floor_refuse_labels_and_sizes_that_do_not_fit(meter):
     for n in (-5, 0, 2.5, len(meter.train_set) + 1):
         with pytest.raises(UserError, match="the real-data floor takes"):
             meter.floor(n)
+    for options, fragment in (({"bootstrap": 2.5}, "bootstrap must be"), ({"level": 1.5}, "confidence level"), ({"seed": 2.5}, "bootstrap seed")):
+        with pytest.raises(UserError, match=fragment):
+            meter.score(images, labels, **options)
 
 
 def test_training_logs_quality_scores_with_the_loss(tmp_path):

@@ -300,9 +300,16 @@ def test_pipeline_rejects_bad_labels(straight_run):
     for labels in ([1.5], [[1], [2]], ["3"], [float("nan")], [2**70], torch.tensor([True])):
         with pytest.raises(UserError, match="labels must be"):
             pipe(labels, steps=2)
-    for bad in ({"steps": 0}, {"steps": 2.0}, {"batch_size": 0}, {"batch_size": True}, {"seed": -1}, {"guidance": float("inf")}):
-        with pytest.raises(UserError, match="|".join(bad)):
+    for bad, fragment in (({"steps": 0}, "steps must be"), ({"steps": 2.0}, "steps must be"), ({"batch_size": 0}, "batch_size must be"),
+                          ({"batch_size": True}, "batch_size must be"), ({"seed": -1}, "seed must be"), ({"guidance": float("inf")}, "guidance must be"),
+                          ({"trajectory": "abc"}, "trajectory must be"), ({"guidance_interval": {0: 1, 1: 2}}, "guidance interval must be"),
+                          ({"guidance_interval": (True, 1)}, "guidance interval must be")):  # fmt: skip
+        with pytest.raises(UserError, match=fragment):
             pipe([1], **({"steps": 2} | bad))
+    with pytest.raises(UserError, match="one label per image"):
+        pipe.grid(pipe([1, 2, 3], steps=2), [1, 2])
+    with pytest.raises(UserError, match="use_ema must be True or False"):
+        Pipeline.from_pretrained(straight_run, use_ema="no")
 
 
 def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path):

@@ -72,8 +72,11 @@ def check_guidance(guidance, name: str = "guidance") -> float:
 
 def check_guidance_interval(interval, name: str = "the guidance interval") -> tuple[float, float]:
     """(lo, hi) from two numbers or the text "LO,HI"; a UserError unless 0 <= lo < hi <= 1."""
+    values = interval.split(",") if isinstance(interval, str) else interval
     try:
-        lo, hi = (float(v) for v in (interval.split(",") if isinstance(interval, str) else interval))
+        if not isinstance(values, (list, tuple)) or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        lo, hi = (float(v) for v in values)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be two numbers LO,HI, got {interval!r}") from None
     if not 0.0 <= lo < hi <= 1.0:

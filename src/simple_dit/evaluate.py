@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .data import default_cache_dir, load_dataset, to_model_range
 from .errors import UserError
+from .runtime import check_seed
 
 EVALUATOR_EPOCHS = 6
 EVALUATOR_SEED = 0
@@ -393,6 +394,12 @@ class QualityMeter:
         confidence intervals over ``bootstrap`` resamples (default ``self.bootstrap``; 0: none)."""
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1:] != (1, 28, 28):
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
+        bootstrap = self.bootstrap if bootstrap is None else bootstrap
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+            raise UserError(f"bootstrap must be 0 (no intervals) or a positive number of resamples, got {bootstrap!r}")
+        if not (isinstance(level, float) and 0 < level < 1):
+            raise UserError(f"the confidence level must be a number in (0, 1), got {level!r}")
+        check_seed(seed, "the bootstrap seed")
         if images_uint8.shape[0] < 2 * PR_NEIGHBOURS:
             raise UserError(f"need at least {2 * PR_NEIGHBOURS} images to score, got {images_uint8.shape[0]}")
         if labels is not None and not (isinstance(labels, torch.Tensor) and labels.shape == images_uint8.shape[:1]
@@ -402,7 +409,7 @@ class QualityMeter:
             raise UserError(f"labels fall outside the dataset's classes 0..{self.num_classes - 1}")
         features, logits = _run(self.model, images_uint8)
         return score_features(features, logits.argmax(1), labels, self.test_features, self.num_classes, self.test_radii,
-                              bootstrap=self.bootstrap if bootstrap is None else bootstrap, level=level, seed=seed)  # fmt: skip
+                              bootstrap=bootstrap, level=level, seed=seed)  # fmt: skip
 
     def floor(self, n: int, seed: int = 0, **kwargs) -> Scores:
         """The same scores for ``n`` real training images with their true labels (``kwargs`` as for ``score``)."""

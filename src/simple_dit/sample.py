@@ -58,6 +58,8 @@ class Pipeline:
         no argument or the name "default", the dit-mini shipped in the package."""
         from .export import load_pretrained
 
+        if not isinstance(use_ema, bool):
+            raise UserError(f"use_ema must be True or False, got {use_ema!r}")
         config, weights, directory = load_pretrained(run_dir, use_ema=use_ema)
         model = build_model(config.model)
         try:
@@ -112,6 +114,8 @@ class Pipeline:
         GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
+        if trajectory is not None and not isinstance(trajectory, list):
+            raise UserError(f"trajectory must be a list (it receives the frames) or None, got {type(trajectory).__name__}")
         guidance = self.guidance if guidance is None else check_guidance(guidance)
         generator = torch.Generator(device=self.device).manual_seed(check_seed(seed, "seed"))
         c, s = self.model.in_channels, self.config.model.input_size
@@ -174,7 +178,11 @@ class Pipeline:
     # ---- files ---------------------------------------------------------------------------------
 
     def grid(self, images: torch.Tensor, labels, max_per_row: int = 16):
-        return labelled_grid(images, self.validate_labels(labels), self.class_names, max_per_row)
+        labels = self.validate_labels(labels)
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)):
+            raise UserError(f"a grid takes uint8 images (N, C, H, W) and one label per image, got {getattr(images, 'dtype', type(images))} "
+                            f"{tuple(getattr(images, 'shape', ()))} and {len(labels)} labels")  # fmt: skip
+        return labelled_grid(images, labels, self.class_names, max_per_row)
 
     def save_grid(self, images: torch.Tensor, labels, path: str | Path) -> Path:
         return save_png(self.grid(images, labels), path)

@@ -375,6 +375,8 @@ def train(
     from .sample import Pipeline
 
     validate_config(config)
+    if wandb is not None and not isinstance(wandb, (str, WandbOptions)):
+        raise UserError(f"wandb must be a W&B project name or WandbOptions, got {wandb!r}")
     out_dir, tc = Path(out_dir), config.train
     rank, world, local_rank = init_distributed()
     is_main = rank == 0
