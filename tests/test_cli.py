@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -363,3 +364,24 @@ def test_a_missing_extra_is_a_one_line_hint(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("simple-dit: error:") and "simple-dit[report]" in err[-1]
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    """The entry point imports nothing heavy itself, so a Ctrl-C while the CLI (and PyTorch) is
+    being imported lands in its handler."""
+    import importlib.abc
+
+    from simple_dit import launch
+
+    class InterruptedImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "simple_dit.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "simple_dit.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    assert launch.main() == 130
+    assert capsys.readouterr().err == "simple-dit: interrupted\n"
+    started = subprocess.run([sys.executable, "-c", "import sys, simple_dit.launch; print('torch' in sys.modules)"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert started.stdout.strip() == "False", started.stderr

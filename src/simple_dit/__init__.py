@@ -1,21 +1,21 @@
 """simple-dit: class-conditional DiT and UNet diffusion models on MNIST-scale images."""
 
-from .config import PRESETS, DiTConfig, RunConfig, TrainConfig, UNetConfig, get_preset
-from .diffusion import DiffusionConfig, GaussianDiffusion
-from .errors import UserError
-from .models import build_model
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "PRESETS", "DiTConfig", "DiffusionConfig", "GaussianDiffusion", "Pipeline", "RunConfig",
-    "TrainConfig", "UNetConfig", "UserError", "build_model", "get_preset",
-]
+
+# Every public name, and the module that defines it. They are imported on first use, so that
+# `import simple_dit` (and the command line's entry point, simple_dit.launch) does not import
+# PyTorch, which takes a second or more.
+_PUBLIC = {
+    "PRESETS": "config", "DiTConfig": "config", "RunConfig": "config", "TrainConfig": "config", "UNetConfig": "config",
+    "get_preset": "config", "DiffusionConfig": "diffusion", "GaussianDiffusion": "diffusion", "UserError": "errors",
+    "build_model": "models", "Pipeline": "sample",
+}  # fmt: skip
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    # Imported lazily so that `import simple_dit` stays cheap for the CLI's argument parsing.
-    if name == "Pipeline":
-        from .sample import Pipeline
-
-        return Pipeline
-    raise AttributeError(name)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
