@@ -294,6 +294,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["sample", "{run}", "--out", "{tmp}/x", "--guidance", "-5"], "guidance must be finite and at least 0"),
         (["sample", "{run}", "--out", "{tmp}/x", "--seed", str(2**64)], "seed must be an integer from 0 to"),
         (["sample", "{run}", "--out", "{tmp}", "--n", "2"], "not a directory"),
+        (["sample", "{run}", "--out", "{tmp}/x.jpg", "--n", "2"], "sample writes PNG, NPZ and GIF files"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--seed", str(2**40), "--max-steps", "1"], "--seed must be an integer"),
         (["train", "--resume", "--out", "{run}", "--preset", "unet-tiny"], "drop --preset"),
         (["train", "--resume", "--out", "{run}", "--max-steps", "1", "--no-progress"], "past the requested stop (step 1)"),

@@ -252,6 +252,8 @@ def cmd_sample(args) -> None:
 
     if args.out.is_dir():
         raise UserError(f"--out names the files to write (FILE gives FILE.png, FILE.npz, FILE.gif), not a directory: {args.out}")
+    if args.out.suffix.lower() in (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".pt"):
+        raise UserError(f"sample writes PNG, NPZ and GIF files: --out {args.out} would give {args.out}.png; name them without {args.out.suffix}")
     if args.steps is not None and args.steps <= 0:
         raise UserError("--steps must be positive")
     if args.batch_size <= 0:
