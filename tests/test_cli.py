@@ -256,6 +256,17 @@ def test_eval_of_several_guidances_fails_before_sampling_where_it_cannot_record_
     assert "Read-only file system" in capsys.readouterr().err
 
 
+def test_resume_takes_the_command_that_started_the_run(run_copy):
+    assert main(["train", "--preset", "dit-tiny", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 2), "--no-progress"]) == 0
+
+
+def test_the_package_lists_and_loads_its_public_names_and_modules_on_first_use():
+    code = ("import sys, simple_dit; assert 'torch' not in sys.modules; assert {'Pipeline', 'get_preset'} <= set(dir(simple_dit)); "
+            "assert simple_dit.config.get_preset('dit-tiny').preset == 'dit-tiny' and simple_dit.Pipeline.__name__ == 'Pipeline'")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_training_into_an_existing_run_needs_resume(run_copy):
     before = snapshot(run_copy)
     result = run_cli("train", "--preset", "dit-tiny", "--out", run_copy, "--max-steps", 5, "--no-progress")

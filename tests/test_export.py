@@ -105,10 +105,12 @@ def test_an_export_replaces_an_earlier_export_and_nothing_else(run, tmp_path):
     export(picked, out)
     export(run, out)  # a run without a pick: the export samples at the default, not at the replaced one's pick
     assert Pipeline.from_pretrained(out).guidance == Pipeline.from_pretrained(run).guidance
+    (out / "README.md").write_text("a model card")  # e.g. a Hugging Face clone: other files stay
+    export(run, out)
+    assert (out / "README.md").read_text() == "a model card"
     own = tmp_path / "own"
     own.mkdir()
     (own / "config.json").write_text("{}")
-    (own / "notes.txt").write_text("mine")
     for metadata, where in ((None, own), ({"a": 1}, tmp_path / "m1"), ({"format": "x"}, tmp_path / "m2")):
         with pytest.raises(UserError):
             export(run, where, metadata=metadata)

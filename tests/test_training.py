@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,6 +311,9 @@ def test_pipeline_rejects_bad_labels(straight_run):
         pipe.grid(pipe([1, 2, 3], steps=2), [1, 2])
     with pytest.raises(UserError, match="use_ema must be True or False"):
         Pipeline.from_pretrained(straight_run, use_ema="no")
+    # NumPy's numbers are numbers: the same images as Python's.
+    expected = pipe([3, 7], steps=2, guidance=2.0, seed=3)
+    assert torch.equal(pipe(np.array([3, 7]), steps=np.int64(2), guidance=np.float32(2.0), seed=np.int64(3)), expected)
 
 
 def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path):

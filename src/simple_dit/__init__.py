@@ -1,6 +1,7 @@
 """simple-dit: class-conditional DiT and UNet diffusion models on MNIST-scale images."""
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,10 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name):
     if name in _PUBLIC:
         return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # simple_dit.config etc. after a bare `import simple_dit`
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

@@ -219,9 +219,9 @@ def cmd_train(args) -> None:
     if args.objective is not None:
         overrides["objective"] = args.objective
     if args.resume:
-        if args.preset is not None:
-            overrides["preset"] = args.preset
         config = load_config(args.out)
+        if args.preset is not None and args.preset != config.preset:  # the command that started the run, plus --resume, is fine
+            overrides["preset"] = args.preset
         if overrides:
             raise UserError(f"--resume continues the saved recipe; drop {', '.join('--' + k.replace('_', '-') for k in overrides)}")
     else:
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simple-dit: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("simple-dit: interrupted; the last checkpoint is intact", file=sys.stderr)
+        print("simple-dit: interrupted; files it had written are intact", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         # PyTorch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError

@@ -10,9 +10,11 @@ article's sampler.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +67,7 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
 
 def check_guidance(guidance, name: str = "guidance") -> float:
     """A classifier-free guidance scale: finite and at least 0 (1 = none, 0 = unconditional)."""
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+    if isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) or guidance < 0:
         raise UserError(f"{name} must be finite and at least 0 (1 = no guidance), got {guidance!r}")
     return float(guidance)
 

@@ -56,10 +56,12 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"--out {out_dir} is the run directory itself; choose another directory")
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"--out {out_dir} holds a training run; choose another directory")
-    if out_dir.is_dir():  # an earlier export is replaced; anything else is not an export's to overwrite
-        held = {p.name for p in out_dir.iterdir() if not p.name.endswith(".tmp")}
-        if held and (MODEL_NAME not in held or held - {MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME}):
-            raise UserError(f"--out {out_dir} holds files that are not an export ({', '.join(sorted(held)[:3])}); choose another directory")
+    # An earlier export's files are replaced, and files of other names (a model card, samples, a
+    # clone's .git) left alone; files of an export's names that are not an export's are refused.
+    if not is_export(out_dir / MODEL_NAME):
+        theirs = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).exists()]
+        if theirs:
+            raise UserError(f"--out {out_dir} holds {', '.join(theirs)} of no simple-dit export; choose another directory")
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
             raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -32,16 +34,21 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 SEED_LIMIT = 2**32
 
 
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_integer(value) or value <= 0:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_seed(seed, name: str = "--seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
         raise UserError(f"{name} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def _cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
