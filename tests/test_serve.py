@@ -195,6 +195,14 @@ def test_run_record_and_files(server, run_dir):
     assert status == 200 and json.loads(body)["preset"] == "dit-tiny"
 
 
+def test_a_null_field_is_its_default(server):
+    """As for sampler and guidance: per_class and seed given as null (a 500 or a mid-stream error before)."""
+    with_nulls = generate(server, classes=[1], per_class=None, seed=None, steps=2, sampler=None, guidance=None)
+    assert [name for name, _ in with_nulls][-1] == "done"
+    without = generate(server, classes=[1], steps=2)
+    assert {k: v for k, v in with_nulls[-1][1].items() if k != "seconds"} == {k: v for k, v in without[-1][1].items() if k != "seconds"}
+
+
 def test_long_records_are_thinned_evenly():
     records = [{"step": i} for i in range(5000)]
     thinned = serve_mod._thin(records)
@@ -222,7 +230,7 @@ BAD_BODIES = [
     (b'{"classes": [1], "guidance": 1e308}', "guidance"), (b'{"classes": [1], "guidance": "3"}', "guidance"),
     (b'{"classes": [1], "guidance": false}', "guidance"), (b'{"classes": [1], "guidance": {}}', "guidance"),
     (b'{"classes": [1], "seed": -1}', "seed"), (b'{"classes": [1], "seed": 9223372036854775808}', "seed"),
-    (b'{"classes": [1], "seed": 1.5}', "seed"), (b'{"classes": [1], "seed": "0"}', "seed"),
+    (b'{"classes": [1], "seed": 1.5}', "seed"), (b'{"classes": [1], "seed": "0"}', "seed"), (b'{"classes": [1], "seed": 4294967296}', "seed"),
     (b'{"classes": [1], "sampler": "euler"}', "sampler"), (b'{"classes": [1], "sampler": "../../etc/passwd"}', "sampler"),
     (b'{"classes": [1], "sampler": 3}', "sampler"), (b'{"classes": [1], "n": 5}', "unknown field"),
 ]  # fmt: skip

@@ -85,9 +85,9 @@ def _is_int(v) -> bool:
 
 
 def _int_field(obj: dict, key: str, default, lo: int, hi: int):
-    v = obj.get(key, default)
-    if v is None:
-        return None
+    v = obj.get(key)
+    if v is None:  # absent or null: the default, as for sampler and guidance
+        return default
     if not _is_int(v):
         raise HTTPError(400, f"{key} must be an integer, got {json.dumps(v)[:40]}")
     if not lo <= v <= hi:
