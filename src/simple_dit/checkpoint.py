@@ -121,6 +121,12 @@ def _read(handle, path: Path, prefix: str) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); restore it or train again") from None
 
 
+def read_config_json(run_dir: str | os.PathLike) -> RunConfig:
+    """The config.json a run's training wrote beside its checkpoint (json's ValueError where it is
+    not JSON, a UserError where it is not a run's config)."""
+    return RunConfig.from_dict(json.loads((Path(run_dir) / CONFIG_NAME).read_text()))
+
+
 def load_config(run_dir_or_file) -> RunConfig:
     path = checkpoint_path(run_dir_or_file)
     _, meta = _open(path)

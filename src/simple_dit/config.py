@@ -162,13 +162,20 @@ def validate_config(config: RunConfig) -> RunConfig:
         if not ok:
             raise UserError(message)
 
+    # The plain Python numbers a config holds (it is saved as JSON); a bool is not one.
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
           and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
     tc, m, d = config.train, config.model, config.diffusion
 
     def number(name: str) -> float:
         value = getattr(tc, name)
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
+        check(is_number(value) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
         return value
 
     for name in ("lr", "batch_size", "epochs", "eval_n", "log_every"):
@@ -189,22 +196,19 @@ def validate_config(config: RunConfig) -> RunConfig:
     sizes = ("input_size", "in_channels", "num_classes") + (("patch_size", "hidden_size", "depth", "num_heads") if isinstance(m, DiTConfig) else ("time_embed_dim",))
     for name in sizes:
         value = getattr(m, name)
-        check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+        check(is_int(value) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
     p = m.class_dropout_prob
-    check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
+    check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, UNetConfig):
-        check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3
-              and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in m.channels),
+        check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3 and all(is_int(c) and c > 0 for c in m.channels),
               f"model.channels must be three positive integers, got {m.channels!r}")  # fmt: skip
     else:
-        check(isinstance(m.mlp_ratio, (int, float)) and not isinstance(m.mlp_ratio, bool) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio),
-              f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")  # fmt: skip
+        check(is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
     # The diffusion process.
-    check(isinstance(d.num_timesteps, int) and not isinstance(d.num_timesteps, bool) and d.num_timesteps >= 2,
-          f"diffusion.num_timesteps must be an integer of at least 2, got {d.num_timesteps!r}")  # fmt: skip
+    check(is_int(d.num_timesteps) and d.num_timesteps >= 2, f"diffusion.num_timesteps must be an integer of at least 2, got {d.num_timesteps!r}")
     check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
-        check(all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (d.beta_start, d.beta_end)) and 0 < d.beta_start <= d.beta_end < 1,
+        check(is_number(d.beta_start) and is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
               f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
     if isinstance(m, DiTConfig):
         check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")

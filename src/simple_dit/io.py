@@ -150,15 +150,17 @@ class DirectoryLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            error = self.in_use(directory, self.fd)
             os.close(self.fd)
-            raise self.in_use(directory, holder) from None
+            raise error from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         remove_stale_temporaries(directory)
 
     @staticmethod
-    def in_use(directory: Path, holder: str) -> UserError:
+    def in_use(directory: Path, lock_fd: int) -> UserError:
+        """The error for ``directory``, naming the pid its holder wrote into the lock file."""
+        holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
         return UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out")
 
     @staticmethod
@@ -174,7 +176,7 @@ class DirectoryLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            raise DirectoryLock.in_use(directory, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+            raise DirectoryLock.in_use(directory, fd) from None
         finally:
             os.close(fd)  # and with it the probe's shared lock
 

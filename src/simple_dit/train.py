@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_training_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_training_state, read_config_json, save_checkpoint
 from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
@@ -330,7 +329,7 @@ def _check_only_an_unfinished_attempt(out_dir: Path) -> None:
     config_is_a_runs = True
     if (out_dir / CONFIG_NAME).is_file():
         try:
-            RunConfig.from_dict(json.loads((out_dir / CONFIG_NAME).read_text()))
+            read_config_json(out_dir)
         except (ValueError, TypeError, KeyError, AttributeError, UserError):
             config_is_a_runs = False
     if others or not config_is_a_runs:

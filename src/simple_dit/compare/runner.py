@@ -370,7 +370,6 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
     picked, on ``final_n`` fresh samples (into confirm.jsonl). Done as soon as the run finishes,
     while its weights are on disk: a comparison that outlives its checkpoints (records kept in git
     across machines) still has every confirmation."""
-
     final = _final_record(run_dir, targets)
     if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_jsonl(run_dir / CONFIRM_NAME)}):
         return
@@ -551,12 +550,11 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
 def _run_config_on_disk(run_dir: Path):
     """The run's config: its checkpoint's, or the config.json its training wrote (a finished run
     kept without its weights)."""
-    from ..checkpoint import CONFIG_NAME, load_config
-    from ..config import RunConfig
+    from ..checkpoint import load_config, read_config_json
 
     if (run_dir / CHECKPOINT_NAME).is_file():
         return load_config(run_dir)
-    return RunConfig.from_dict(json.loads((run_dir / CONFIG_NAME).read_text()))
+    return read_config_json(run_dir)
 
 
 def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
