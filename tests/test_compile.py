@@ -29,6 +29,8 @@ def _losses(run_dir) -> list[float]:
 
 # Each family and each precision once, on every device: a cold compile costs ~40 s of a 2-core
 # CPU per (family, precision), so the four-cell product would add minutes to the suite.
+@pytest.mark.skipif(torch.__version__ < "2.4", reason="PyTorch 2.2's inductor fails on the bf16 DiT (the run then trains "
+                    "eager, as the next test checks) and its compiled UNet does not resume bit for bit")
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("preset, precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
 def test_compiled_run_trains_the_eager_steps_and_resumes_exactly(preset, precision, device, tmp_path, mnist_dir):
@@ -71,6 +73,21 @@ def test_a_failing_compiler_leaves_an_eager_run(tmp_path, mnist_dir, monkeypatch
     _, a, _ = load_weights(tmp_path / "eager")
     _, b, _ = load_weights(tmp_path / "fallback")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_compiler_failure_names_what_the_backend_raised(tmp_path, mnist_dir, monkeypatch, capsys):
+    # How PyTorch 2.2's inductor failed on the bf16 DiT: a header line, then the error, then advice.
+    message = "backend='inductor' raised:\nAssertionError: \n\nSet TORCH_LOGS=\"+dynamo\" and TORCHDYNAMO_VERBOSE=1 for more information"
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError(message)
+
+    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device: Broken())
+    train(_config("dit-tiny", "fp32", 1, True), tmp_path / "run", progress=False, device="cpu", final_samples=False)
+    err = capsys.readouterr().err
+    assert "torch.compile failed (RuntimeError: backend='inductor' raised: AssertionError:); training eager\n" in err
+    assert "TORCH_LOGS" not in err
 
 
 def test_compile_must_be_a_boolean():

@@ -259,6 +259,20 @@ def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path):
     assert steps == list(range(5, 41, 5))
 
 
+def test_a_run_resumes_where_the_fused_adamw_is_missing(tmp_path, monkeypatch):
+    # Trained with the fused CPU AdamW (PyTorch >= 2.4), continued on a PyTorch without it, whose
+    # AdamW would fail at its first step if the checkpoint's fused=True were kept.
+    run = tmp_path / "run"
+    train(tiny_config(max_steps=5), run, progress=False, device="cpu")
+    fused = json.loads(read_checkpoint(run / CHECKPOINT_NAME)[1]["optimizer"])["param_groups"][0]["fused"]
+    assert fused is (torch.__version__ >= "2.4")
+    monkeypatch.setattr("simple_dit.train.has_fused_adamw", lambda device: False)
+    train(tiny_config(max_steps=10), run, resume=True, progress=False, device="cpu")
+    groups = json.loads(read_checkpoint(run / CHECKPOINT_NAME)[1]["optimizer"])["param_groups"]
+    assert [g["fused"] for g in groups] == [False]
+    assert json.loads(read_checkpoint(run / CHECKPOINT_NAME)[1]["train_state"])["step"] == 10
+
+
 def test_pipeline_from_pretrained_loads_and_samples(straight_run):
     pipe = Pipeline.from_pretrained(straight_run, device="cpu")
     ckpt, _ = read_checkpoint(straight_run / CHECKPOINT_NAME)

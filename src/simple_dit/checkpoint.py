@@ -150,10 +150,15 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
         ema.load_state_dict(_read(handle, path, "ema."))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
+    # Which kernel computes the update is this machine's choice, not the run's: a run trained
+    # with the fused CPU AdamW (PyTorch >= 2.4) resumes on a PyTorch without it.
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), meta["optimizer"]))
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} has an optimiser state that does not match this model ({str(e).splitlines()[0]})") from None
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
     _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
     try:

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         # PyTorch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError
         # too); every other error is a bug and keeps its traceback.
-        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+        if not (isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(e)):
             raise
         print("simple-dit: error: out of memory; ask for less at a time (--batch-size, --n, --bootstrap)", file=sys.stderr)
         return 1

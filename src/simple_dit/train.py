@@ -32,7 +32,9 @@ from .errors import Interrupted, TrainingDiverged, UserError
 from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
-from .runtime import autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize
+from .runtime import (
+    autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize, total_norm,
+)  # fmt: skip
 
 
 @dataclass
@@ -117,7 +119,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.T
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:  # still measured: a non-finite norm is how divergence shows first
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = total_norm([p.grad for p in params])
     optimizer.step()
     return grad_norm.detach()
 
@@ -154,7 +156,9 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
                 p.grad = None
         synchronize(device)
     except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        # A header such as "backend='inductor' raised:" says little without the line after it.
+        reason = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]
         print(f"simple-dit: torch.compile failed ({type(e).__name__}: {reason}); training eager", file=sys.stderr, flush=True)
         return None
     finally:
