@@ -419,15 +419,15 @@ def _browser_missing() -> str | None:
 @pytest.fixture
 def served_cli(run_dir):
     """`simple-dit serve RUN --port 0` in a subprocess; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "simple_dit.cli", "serve", str(run_dir), "--port", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())  # fmt: skip
-    try:
-        line = proc.stdout.readline()
-        assert "serving run (dit-tiny) at http://127.0.0.1:" in line, line + proc.stderr.read() if proc.poll() is not None else line
-        yield line.split(" at ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with subprocess.Popen([sys.executable, "-m", "simple_dit.cli", "serve", str(run_dir), "--port", "0", "--device", "cpu"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()) as proc:  # fmt: skip
+        try:
+            line = proc.stdout.readline()
+            assert "serving run (dit-tiny) at http://127.0.0.1:" in line, line + proc.stderr.read() if proc.poll() is not None else line
+            yield line.split(" at ")[1].split()[0]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")

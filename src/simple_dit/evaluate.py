@@ -422,12 +422,14 @@ class QualityMeter:
 def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (N, C, H, W) uint8 and labels (or None) from an ADM-style npz."""
     try:
-        loaded = np.load(path)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone array (.npy)
-            raise ValueError("not an .npz archive")
-        with loaded as f:
-            arr = f["arr_0"]
-            labels = f["labels"] if "labels" in f.files else None
+        # Opened here, not by np.load, which leaves its file open when the archive is damaged.
+        with open(path, "rb") as file:
+            loaded = np.load(file)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone array (.npy)
+                raise ValueError("not an .npz archive")
+            with loaded as f:
+                arr = f["arr_0"]
+                labels = f["labels"] if "labels" in f.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read {path} as an ADM-style npz with arr_0: {e}") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:
