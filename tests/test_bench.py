@@ -49,7 +49,7 @@ def test_bench_prints_one_json_object_last(capsys):
     assert main(["bench", "--preset", "unet-tiny", "--batch-size", "4", "--repeats", "1", "--reference"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["preset"] == "unet-tiny" and result["batch_size"] == 4 and result["reference"] is True
-    assert result["precision"] == "fp32"
+    assert result["precision"] == "fp32" and result["torch"] == torch.__version__
     for key in ("train_images_per_s", "sample_images_per_s", "peak_rss_mb"):
         assert result[key] > 0
 

@@ -150,7 +150,7 @@ def run_bench(
     forward_model = compile_model(model, dev) if compile else model
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
-        "device": device_name(dev),
+        "device": device_name(dev), "torch": torch.__version__,  # a number means little without both
         "threads": torch.get_num_threads(), "params_m": count_parameters(model) / 1e6, "gflops_per_image": gflops,
         "compiled": compile, "runs_together": together, "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
