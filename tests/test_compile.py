@@ -84,9 +84,10 @@ def test_a_compiler_failure_names_what_the_backend_raised(tmp_path, mnist_dir, m
             raise RuntimeError(message)
 
     monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device: Broken())
-    train(_config("dit-tiny", "fp32", 1, True), tmp_path / "run", progress=False, device="cpu", final_samples=False)
+    train(_config("dit-tiny", "fp32", 1, True), tmp_path / "run", progress=True, device="cpu", final_samples=False)
     err = capsys.readouterr().err
-    assert "torch.compile failed (RuntimeError: backend='inductor' raised: AssertionError:); training eager\n" in err
+    # On a line of its own: the progress bar is drawn after the compilation, not glued before it.
+    assert "\nsimple-dit: torch.compile failed (RuntimeError: backend='inductor' raised: AssertionError:); training eager\n" in "\n" + err
     assert "TORCH_LOGS" not in err
 
 

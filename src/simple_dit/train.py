@@ -417,8 +417,6 @@ def train(
         logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
         cleanup.callback(logger.close)
         signals = cleanup.enter_context(StopSignals())
-        bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
-        cleanup.callback(bar.close)
         # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
         ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
         grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
@@ -466,6 +464,10 @@ def train(
             forward_model, compile_seconds = compile_for_training(model, forward_model, diffusion, x0, y, precision=precision)
             if compile_seconds is not None:
                 logger.log({"step": state.step, "compile_seconds": compile_seconds})
+        # Drawn from here: the compilation is not a step (nor part of the ETA), and what it prints
+        # stays on lines of its own.
+        bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
+        cleanup.callback(bar.close)
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             x0, y = resident.batch(order.indices(state.step, rank * local_batch, local_batch))
