@@ -268,9 +268,9 @@ def test_a_run_resumes_where_the_fused_adamw_is_missing(tmp_path, monkeypatch):
     assert fused is (torch.__version__ >= "2.4")
     monkeypatch.setattr("simple_dit.train.has_fused_adamw", lambda device: False)
     train(tiny_config(max_steps=10), run, resume=True, progress=False, device="cpu")
-    groups = json.loads(read_checkpoint(run / CHECKPOINT_NAME)[1]["optimizer"])["param_groups"]
-    assert [g["fused"] for g in groups] == [False]
-    assert json.loads(read_checkpoint(run / CHECKPOINT_NAME)[1]["train_state"])["step"] == 10
+    _, meta = read_checkpoint(run / CHECKPOINT_NAME)
+    assert [g["fused"] for g in json.loads(meta["optimizer"])["param_groups"]] == [False]
+    assert json.loads(meta["train_state"])["step"] == 10
 
 
 def test_pipeline_from_pretrained_loads_and_samples(straight_run):
