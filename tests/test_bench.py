@@ -56,7 +56,7 @@ def test_bench_prints_one_json_object_last(capsys):
 
 def test_bench_rejects_a_bad_batch_size(capsys):
     assert main(["bench", "--preset", "dit-tiny", "--batch-size", "0"]) != 0
-    assert capsys.readouterr().err.strip().startswith("simple-dit: error: --batch-size must be positive")
+    assert capsys.readouterr().err.strip().startswith("simple-dit: error: argument --batch-size: must be positive, got 0")
 
 
 def test_interleaved_timing_calls_each_function_warmup_plus_repeats_times():

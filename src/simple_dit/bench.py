@@ -20,7 +20,7 @@ from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, compile_model, device_name, parse_device, resolve_precision, synchronize
+from .runtime import autocast, check_positive_int, compile_model, device_name, is_integer, parse_device, resolve_precision, synchronize
 from .train import make_optimizer, train_step
 
 
@@ -130,16 +130,15 @@ def run_bench(
         raise UserError("--what must be train, sample or all")
     if compile and reference:
         raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
-    if isinstance(together, bool) or not isinstance(together, int) or together < 1:
+    repeats = check_positive_int(repeats, "--repeats")
+    if not is_integer(together) or together < 1:
         raise UserError(f"--runs-together must be a positive integer, got {together}")
     if together > 1 and reference:
         raise UserError("--runs-together times our batched path; --reference is the plain one: give one of them")
     config = get_preset(preset)
     dev = parse_device(device)
     precision = "fp32" if reference else resolve_precision(precision, dev)
-    batch_size = config.train.batch_size if batch_size is None else batch_size
-    if batch_size <= 0:
-        raise UserError("--batch-size must be positive")
+    batch_size = config.train.batch_size if batch_size is None else check_positive_int(batch_size, "--batch-size")
     torch.manual_seed(0)
     model = (reference_model if reference else build_model)(config.model).to(dev)
     diffusion = make_process(config.diffusion).ready_for(dev)

@@ -32,6 +32,22 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _count(minimum: int):
+    """An argparse type for a whole number of at least ``minimum``, so that a bad count fails
+    before a model is loaded; the Python API checks the same values again for its own callers."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run directory")
     p.add_argument("--preset", help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
@@ -75,16 +91,16 @@ def _add_sample(sub) -> None:
     p.add_argument("run_dir", type=_path, nargs="?", help="a run directory or an exported one (default: the dit-mini shipped with the package)")
     p.add_argument("--out", required=True, type=_path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--n", type=int, help="number of images, classes cycled 0,1,2,...")
-    count.add_argument("--per-class", type=int, help="images per class (default 10)")
+    count.add_argument("--n", type=_count(1), help="number of images, classes cycled 0,1,2,...")
+    count.add_argument("--per-class", type=_count(1), help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m, 4 euler, 10 heun)")
+    p.add_argument("--steps", type=_count(1), help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m, 4 euler, 10 heun)")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (1 = none; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only where the path's time (0 = data, 1 = noise) is in [LO, HI] "
                    "(default: 0.3,1 for flow models, where guidance near the data changes little; 0,1 for eps models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=_count(1), default=250)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU; on a CPU its "
@@ -96,9 +112,9 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
     p.add_argument("source", type=_path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
-    p.add_argument("--n", type=int, default=5000, help="images to draw from a run (default 5000)")
+    p.add_argument("--n", type=_count(6), default=5000, help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLERS)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=_count(1))
     p.add_argument("--guidance", help="guidance scale, or a comma-separated list to score each (e.g. 1,1.5,2,3,4) and record the pick "
                    f"in RUN/guidance.json; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g}")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +123,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
+    p.add_argument("--bootstrap", type=_count(0), default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -122,11 +138,11 @@ def _add_export(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time training steps and denoiser evaluations of a preset")
     p.add_argument("--preset", default=DEFAULT_PRESET)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_count(1))
     p.add_argument("--what", choices=["train", "sample", "all"], default="all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
     p.add_argument("--runs-together", type=int, default=1, metavar="K",
                    help="time K models training together as one batched network (compare --runs-together); images/s of all K")
@@ -254,10 +270,6 @@ def cmd_sample(args) -> None:
         raise UserError(f"--out names the files to write (FILE gives FILE.png, FILE.npz, FILE.gif), not a directory: {args.out}")
     if args.out.suffix.lower() in (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".pt"):
         raise UserError(f"sample writes PNG, NPZ and GIF files: --out {args.out} would give {args.out}.png; name them without {args.out.suffix}")
-    if args.steps is not None and args.steps <= 0:
-        raise UserError("--steps must be positive")
-    if args.batch_size <= 0:
-        raise UserError("--batch-size must be positive")
     interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval, "--guidance-interval")
     pipe = Pipeline.from_pretrained(args.run_dir, use_ema=not args.no_ema, device=args.device, precision=args.precision, compile=args.compile)
     k = pipe.num_classes
@@ -267,14 +279,9 @@ def cmd_sample(args) -> None:
         except ValueError:
             raise UserError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
     elif args.n is not None:
-        if args.n <= 0:
-            raise UserError("--n must be positive")
         labels = pipe.cycled_labels(args.n)
     else:
-        per_class = 10 if args.per_class is None else args.per_class
-        if per_class <= 0:
-            raise UserError("--per-class must be positive")
-        labels = torch.arange(k).repeat_interleave(per_class)
+        labels = torch.arange(k).repeat_interleave(10 if args.per_class is None else args.per_class)
     labels = pipe.validate_labels(labels)
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
     ensure_writable_dir(out.parent)
@@ -294,12 +301,8 @@ def cmd_eval(args) -> None:
     from .evaluate import load_npz, pick_guidance, report, write_guidance
     from .io import ensure_writable_dir
 
-    if args.steps is not None and args.steps <= 0:
-        raise UserError("--steps must be positive")
     guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
     bootstrap = args.bootstrap  # None: the meter's default
-    if bootstrap is not None and bootstrap < 0:
-        raise UserError("--bootstrap must be 0 (no intervals) or a positive number of resamples")
     if args.plot is not None:
         from .compare.report import check_plot_path
 
@@ -307,8 +310,6 @@ def cmd_eval(args) -> None:
     if args.source.is_dir():
         from .sample import Pipeline
 
-        if args.n < 6:
-            raise UserError("--n must be at least 6")
         pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
         if guidances is not None and len(guidances) > 1:
             ensure_writable_dir(args.source)  # for the pick's guidance.json: fail before sampling, not after
@@ -378,8 +379,6 @@ def cmd_bench(args) -> None:
 
     from .bench import run_bench
 
-    if args.repeats <= 0:
-        raise UserError("--repeats must be positive")
     result = run_bench(args.preset, batch_size=args.batch_size, what=args.what, reference=args.reference,
                        precision=args.precision, device=args.device, repeats=args.repeats, compile=args.compile,
                        together=args.runs_together)  # fmt: skip
@@ -430,7 +429,10 @@ def cmd_serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error or --help: an exit status, so main(argv) returns in-process callers one too
+        return e.code
     keep_freed_memory()
     try:
         if args.list_presets:

@@ -183,7 +183,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     for name in ("warmup_steps", "max_steps", "minutes", "sample_every", "checkpoint_every", "eval_every", "grad_clip", "weight_decay"):
         check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
     for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
-        check(isinstance(getattr(tc, name), int), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+        check(is_int(getattr(tc, name)), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
     check_seed(tc.seed)
     check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .data import default_cache_dir, load_dataset, to_model_range
 from .errors import UserError
-from .runtime import check_seed
+from .runtime import check_seed, is_integer
 
 EVALUATOR_EPOCHS = 6
 EVALUATOR_SEED = 0
@@ -395,8 +395,9 @@ class QualityMeter:
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1:] != (1, 28, 28):
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
         bootstrap = self.bootstrap if bootstrap is None else bootstrap
-        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        if not is_integer(bootstrap) or bootstrap < 0:
             raise UserError(f"bootstrap must be 0 (no intervals) or a positive number of resamples, got {bootstrap!r}")
+        bootstrap = int(bootstrap)
         if not (isinstance(level, float) and 0 < level < 1):
             raise UserError(f"the confidence level must be a number in (0, 1), got {level!r}")
         check_seed(seed, "the bootstrap seed")
@@ -413,7 +414,7 @@ class QualityMeter:
 
     def floor(self, n: int, seed: int = 0, **kwargs) -> Scores:
         """The same scores for ``n`` real training images with their true labels (``kwargs`` as for ``score``)."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(self.train_set):
+        if not is_integer(n) or not 0 < n <= len(self.train_set):
             raise UserError(f"the real-data floor takes 1 to {len(self.train_set)} images, got {n!r}")
         idx = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))[:n]
         return self.score(self.train_set.images[idx], self.train_set.labels[idx], **kwargs)

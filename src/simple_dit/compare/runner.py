@@ -443,7 +443,7 @@ def compare(
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import check_sampler, make_process
-    from ..runtime import PRECISIONS, parse_device
+    from ..runtime import PRECISIONS, is_integer, parse_device
 
     require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
     if wandb is not None:
@@ -456,18 +456,19 @@ def compare(
     objective_list = parse_objectives(objectives)
     guidance_list = parse_guidances([guidance] if guidances is None else guidances)
     fractions = eval_fractions(eval_every_frac)
-    if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 6:
+    if not is_integer(eval_n) or eval_n < 6:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
-    if isinstance(final_n, bool) or not isinstance(final_n, int) or not (final_n == 0 or final_n >= 6):
+    if not is_integer(final_n) or not (final_n == 0 or final_n >= 6):
         raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
-    if isinstance(together, bool) or not isinstance(together, int) or together < 1:
+    if not is_integer(together) or together < 1:
         raise UserError(f"--runs-together must be a positive integer, got {together}")
     if together > 1 and wandb is not None:
         raise UserError("--wandb logs each run's training as it trains, one run at a time; it does not combine with --runs-together")
     if together > 1 and budget.kind == "seconds":
         raise UserError("--runs-together needs a budget of images or FLOPs: runs trained together share one clock, so a time budget would not be each run's")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+    if not is_integer(steps) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {steps}")
+    eval_n, final_n, together, steps = int(eval_n), int(final_n), int(together), int(steps)  # NumPy ints would not save as JSON
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if precision not in PRECISIONS:
