@@ -22,7 +22,7 @@
 # failure), it saves them, and DIR/verdict-600k-gpu receives a copy to commit.
 # Exit status 0 when every step passed or was skipped for a recorded reason (no pytest, no
 # diffusers, no MNIST), 1 otherwise; a step whose log says torch.compile failed (the step then
-# ran eager) counts as failed.
+# ran eager) or ran without CUDA graphs counts as failed.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3; the package is run from
 # src/ through PYTHONPATH, so it need not be installed); SIMPLE_DIT_DATA (the MNIST IDX directory;
@@ -335,11 +335,12 @@ def numbers(kind, log):
 
 
 def compile_fallback(log):
-    """The line saying torch.compile failed and the step went on eager, if the step's log has one."""
+    """The line saying torch.compile failed (the step went on eager) or left out the CUDA graphs,
+    if the step's log has one."""
     if not os.path.isfile(log):
         return None
     with open(log, errors="replace") as f:
-        return next((line.strip() for line in f if "torch.compile failed" in line), None)
+        return next((line.strip() for line in f if "torch.compile failed" in line or "torch.compile ran without CUDA graphs" in line), None)
 
 
 steps = []

@@ -123,3 +123,20 @@ def test_compiled_sampling_draws_the_eager_images(preset, precision, device):
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(-1.0)
+
+
+def test_graphs_compiled_without_cuda_graphs_are_reported_in_one_line(monkeypatch, capsys):
+    """Inductor leaves a graph without CUDA graphs quietly; the user (and scripts/gpu-check.sh,
+    which fails a compiled step on this line) must hear of it. Only skips since the given count
+    and only on a GPU are reported."""
+    from torch._dynamo.utils import counters
+
+    from simple_dit.runtime import cudagraph_skips, warn_cudagraphs_skipped
+
+    before = cudagraph_skips()
+    assert not warn_cudagraphs_skipped(torch.device("cuda"), before) and capsys.readouterr().err == ""
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", before + 1)
+    assert not warn_cudagraphs_skipped(torch.device("cpu"), before)
+    assert warn_cudagraphs_skipped(torch.device("cuda"), before)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: torch.compile ran without CUDA graphs")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import devices, tiny_config
 from simple_dit.checkpoint import (
     CHECKPOINT_NAME, CONFIG_NAME, load_config, load_training_state, load_weights, save_checkpoint,
 )  # fmt: skip
@@ -20,6 +20,7 @@ from simple_dit.config import RunConfig, get_preset
 from simple_dit.diffusion import GaussianDiffusion
 from simple_dit.errors import UserError
 from simple_dit.models import build_model
+from simple_dit.runtime import has_fused_adamw
 from simple_dit.sample import Pipeline
 from simple_dit.train import ema_decay_at, epoch_permutation, lr_at, train, update_ema
 
@@ -270,6 +271,22 @@ def test_a_run_resumes_where_the_fused_adamw_is_missing(tmp_path, monkeypatch):
     train(tiny_config(max_steps=10), run, resume=True, progress=False, device="cpu")
     _, meta = read_checkpoint(run / CHECKPOINT_NAME)
     assert [g["fused"] for g in json.loads(meta["optimizer"])["param_groups"]] == [False]
+    assert json.loads(meta["train_state"])["step"] == 10
+
+
+@pytest.mark.parametrize("device", devices)
+def test_a_run_trained_without_the_fused_adamw_resumes_with_it(tmp_path, monkeypatch, device):
+    # The other way round (a CPU run of PyTorch < 2.4, resumed where the fused kernel exists): the
+    # step counters must be loaded as the fused kernel wants them, on the parameters' GPU, not on
+    # the CPU where the unfused AdamW keeps them (CUDA's fused kernel refused those).
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr("simple_dit.train.has_fused_adamw", lambda device: False)
+        train(tiny_config(max_steps=5), run, progress=False, device="cpu")
+    train(tiny_config(max_steps=10), run, resume=True, progress=False, device=device)
+    _, meta = read_checkpoint(run / CHECKPOINT_NAME)
+    expected = has_fused_adamw(torch.device(device))
+    assert [g["fused"] for g in json.loads(meta["optimizer"])["param_groups"]] == [expected]
     assert json.loads(meta["train_state"])["step"] == 10
 
 

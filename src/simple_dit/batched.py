@@ -146,6 +146,9 @@ def train_step_together(
     with torch.no_grad():  # BatchNorm's running statistics, as the step left them
         own = [b for model in models for b in model.buffers()]
         torch._foreach_copy_(own, [buffers[name][k] for k, model in enumerate(models) for name, _ in model.named_buffers()])
+    # Dropped before the backward, as in the compiled warm-up: CUDA-graph trees re-record a graph
+    # when a different set of its earlier outputs is still alive.
+    del buffers
     losses.sum().backward()  # each model's loss reaches only its own slice of the stack
     return losses.detach(), [clip_and_step(optimizer, clip) for optimizer, clip in zip(optimizers, grad_clips)]
 

@@ -20,8 +20,10 @@ from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
-from .runtime import autocast, check_positive_int, compile_model, device_name, is_integer, parse_device, resolve_precision, synchronize
-from .train import make_optimizer, train_step
+from .runtime import (
+    autocast, check_positive_int, compile_model, cudagraph_skips, device_name, is_integer, parse_device, synchronize, warn_cudagraphs_skipped,
+)  # fmt: skip
+from .train import make_optimizer, train_step, training_precision
 
 
 def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -137,7 +139,8 @@ def run_bench(
         raise UserError("--runs-together times our batched path; --reference is the plain one: give one of them")
     config = get_preset(preset)
     dev = parse_device(device)
-    precision = "fp32" if reference else resolve_precision(precision, dev)
+    # Ours as training runs it (TF32 for fp32 matmuls on a GPU); the reference with PyTorch's defaults.
+    precision = "fp32" if reference else training_precision(precision, dev)
     batch_size = config.train.batch_size if batch_size is None else check_positive_int(batch_size, "--batch-size")
     torch.manual_seed(0)
     model = (reference_model if reference else build_model)(config.model).to(dev)
@@ -147,6 +150,7 @@ def run_bench(
     y = torch.randint(0, config.model.num_classes, (batch_size,), device=dev)
     gflops = forward_gflops(model, s)
     forward_model = compile_model(model, dev) if compile else model
+    skips = cudagraph_skips()
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
         "device": device_name(dev), "torch": torch.__version__,  # a number means little without both
@@ -186,6 +190,8 @@ def run_bench(
             result["sample_compile_s"] = median_seconds(denoise, dev, warmup=0, repeats=1)
         seconds = median_seconds(denoise, dev, warmup, repeats)
         result["sample_images_per_s"] = batch_size / seconds
+    if compile and dev.type == "cuda":  # a compiled number without CUDA graphs is not the one asked for
+        result["cudagraphs_skipped"] = warn_cudagraphs_skipped(dev, skips)
     result["peak_rss_mb"] = peak_memory_mb(torch.device("cpu"))
     if dev.type == "cuda":
         result["peak_gpu_mb"] = peak_memory_mb(dev)

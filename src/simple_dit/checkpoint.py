@@ -151,14 +151,18 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
     # Which kernel computes the update is this machine's choice, not the run's: a run trained
-    # with the fused CPU AdamW (PyTorch >= 2.4) resumes on a PyTorch without it.
+    # with the fused CPU AdamW (PyTorch >= 2.4) resumes on a PyTorch without it, and one trained
+    # without it resumes fused. The flags go into the saved groups before loading, because loading
+    # places each step counter by them: a counter loaded as unfused stays on the CPU, where CUDA's
+    # fused kernel refuses it.
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(_optimizer_from_flat(_read(handle, path, "optim."), meta["optimizer"]))
-    except (ValueError, KeyError, RuntimeError) as e:
+        saved = _optimizer_from_flat(_read(handle, path, "optim."), meta["optimizer"])
+        for group, kernel in zip(saved["param_groups"], kernels):
+            group.update(kernel)
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint {path} has an optimiser state that does not match this model ({str(e).splitlines()[0]})") from None
-    for group, kernel in zip(optimizer.param_groups, kernels):
-        group.update(kernel)
     _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import sys
 
 import numpy as np
 import torch
@@ -190,3 +191,22 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
     inductor_config.fallback_random = True
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor has left without CUDA graphs in this process. It does so
+    quietly (the reason goes to ``TORCH_LOGS=perf_hints``), and such a step keeps the Python
+    dispatch cost that "reduce-overhead" is there to remove."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def warn_cudagraphs_skipped(device: torch.device, skips_before: int) -> bool:
+    """Say on stderr, in one line, when graphs compiled since ``skips_before`` went without CUDA graphs."""
+    skipped = device.type == "cuda" and cudagraph_skips() > skips_before
+    if skipped:
+        print("simple-dit: torch.compile ran without CUDA graphs (TORCH_LOGS=perf_hints says why); steps keep their Python dispatch cost",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return skipped
+

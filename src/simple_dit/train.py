@@ -33,7 +33,8 @@ from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
-    autocast, compile_model, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize, total_norm,
+    autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
 
@@ -144,7 +145,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
     caller trains eager). The run's clock then counts training steps only, and the steps trained
     are those an eager run trains.
     """
-    start = time.perf_counter()
+    start, skips = time.perf_counter(), cudagraph_skips()
     rng = rng_state(device)
     buffers = [b.clone() for model in models for b in model.buffers()]
     parameters = [p for model in models for p in model.parameters()]
@@ -168,6 +169,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
             for b, saved in zip((b for model in models for b in model.buffers()), buffers):
                 b.copy_(saved)
         set_rng_state(rng, device)
+    warn_cudagraphs_skipped(device, skips)
     return time.perf_counter() - start
 
 
@@ -385,8 +387,9 @@ def train(
     is_main = rank == 0
     device = parse_device(device)
     if world > 1 and device.type == "cuda":
-        if device.index is None:  # under torchrun, each process its own GPU (not all GPU 0)
-            device = torch.device("cuda", local_rank)
+        if device.index is not None and device.index != local_rank:  # all on one GPU: NCCL refuses it
+            raise UserError(f"under torchrun each process trains on its own GPU, cuda:LOCAL_RANK; pass --device cuda, not {device}")
+        device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
             raise UserError(f"process {local_rank} of torchrun has no GPU {device.index}: this machine has {torch.cuda.device_count()}; "
                             "start at most that many processes per node, or train with --device cpu")  # fmt: skip
@@ -519,7 +522,9 @@ def _time_is_up(minutes: float, train_seconds: float, world: int, device: torch.
     if world > 1:
         import torch.distributed as dist
 
-        flag = torch.tensor([float(up)], device=device)  # on the device: NCCL cannot send CPU tensors
+        # A CPU flag goes by gloo without waiting for the GPU's queue, which would be a host sync
+        # every step; a group of NCCL alone (one the caller made) sends only CUDA tensors.
+        flag = torch.tensor([float(up)], device=device if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(flag, src=0)  # rank 0's clock decides, so every rank stops at the same step
         up = bool(flag.item())
     return up
