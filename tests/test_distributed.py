@@ -27,3 +27,10 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
                              "--max-steps", "10", "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert second.returncode == 0, second.stderr[-2000:]
     assert load_weights(out)[2]["step"] == 10
+
+    # A time budget: rank 0's clock decides, broadcast every step, so both ranks stop together.
+    third = subprocess.run([*torchrun, "-m", "simple_dit.cli", "train", "--out", str(out), "--resume", "--minutes", "0.05",
+                            "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert third.returncode == 0, third.stderr[-2000:]
+    state = load_weights(out)[2]
+    assert state["step"] > 10 and state["train_seconds"] >= 3
