@@ -259,6 +259,8 @@ def cmd_train(args) -> None:
                  progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote them
         print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # train's (under torchrun); NCCL warns at exit about a group left alive
 
 
 def cmd_sample(args) -> None:
