@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import MNIST_FILES, assert_user_error, run_cli, snapshot
+from simple_dit.checkpoint import load_weights
 from simple_dit.cli import main
 from simple_dit.config import PRESETS
 from simple_dit.errors import UserError
@@ -258,6 +259,13 @@ def test_eval_of_several_guidances_fails_before_sampling_where_it_cannot_record_
 
 def test_resume_takes_the_command_that_started_the_run(run_copy):
     assert main(["train", "--preset", "dit-tiny", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 2), "--no-progress"]) == 0
+    # The recipe given again with its saved values; how the run is watched and run may change.
+    recipe = ["--lr", "0.001", "--batch-size", "32", "--seed", "0", "--objective", "eps", "--dataset", "mnist"]
+    watch = ["--sample-every", "0", "--checkpoint-every", "3", "--precision", "fp32"]
+    assert main(["train", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 4), "--no-progress", *recipe, *watch]) == 0
+    config = json.loads((run_copy / "config.json").read_text())
+    assert config["train"]["sample_every"] == 0 and config["train"]["checkpoint_every"] == 3 and config["train"]["precision"] == "fp32"
+    assert load_weights(run_copy)[2]["step"] == MAX_STEPS + 4
 
 
 def test_the_package_lists_and_loads_its_public_names_and_modules_on_first_use():
@@ -298,7 +306,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["sample", "{run}", "--out", "{tmp}/x", "--guidance-interval", "1,0"], "0 <= LO < HI <= 1"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "0"], "--max-steps must be positive"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--lr", "-1", "--max-steps", "1"], "--lr must be positive"),
-        (["train", "--resume", "--out", "{run}", "--lr", "0.1"], "--lr"),
+        (["train", "--resume", "--out", "{run}", "--lr", "0.1"], "drop --lr (the run's is 0.001)"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--ema-decay", "1", "--max-steps", "1"], "--ema-decay must be in [0, 1)"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--warmup-steps", "-1", "--max-steps", "1"], "--warmup-steps must be 0"),
         (["sample", "{run}", "--out", "{tmp}/x", "--guidance", "nan"], "guidance must be finite and at least 0"),

@@ -612,6 +612,28 @@ def test_report_only_rewrites_the_report_from_the_runs_on_disk_and_trains_nothin
     assert "report:" in capsys.readouterr().out
 
 
+def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_path):
+    """Records kept in git rewrite their report on a machine without the dataset: the floor is the
+    last report's, scored at the same sample count and seed; with another count it is scored again."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    floor = json.loads((out / "results.json").read_text())["floor"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: pytest.fail("the floor was scored again"))
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["floor"] == floor
+    last = json.loads((out / "results.json").read_text())
+    last["floor"]["n"] += 1  # scored at another count than these settings': not this comparison's floor
+    (out / "results.json").write_text(json.dumps(last))
+    scored = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: scored.append(a) or sweep["kwargs"]["meter"])
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    assert len(scored) == 1 and json.loads((out / "results.json").read_text())["floor"] == floor
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

@@ -224,7 +224,7 @@ def list_presets() -> str:
 
 def cmd_train(args) -> None:
     from .checkpoint import load_config
-    from .train import train
+    from .train import RESUME_FIXED, train
 
     overrides = {
         k: getattr(args, k)
@@ -235,11 +235,17 @@ def cmd_train(args) -> None:
     if args.objective is not None:
         overrides["objective"] = args.objective
     if args.resume:
+        # The command that started the run, plus --resume, continues it: what it trains must match
+        # the checkpoint (train.RESUME_FIXED), how it is run and watched may change.
         config = load_config(args.out)
-        if args.preset is not None and args.preset != config.preset:  # the command that started the run, plus --resume, is fine
-            overrides["preset"] = args.preset
-        if overrides:
-            raise UserError(f"--resume continues the saved recipe; drop {', '.join('--' + k.replace('_', '-') for k in overrides)}")
+        saved = {"preset": config.preset, "objective": config.diffusion.objective} | {k: getattr(config.train, k) for k in RESUME_FIXED}
+        given = overrides | ({"preset": args.preset} if args.preset is not None else {})
+        changed = [k for k in saved if k in given and given[k] != saved[k]]
+        if changed:
+            raise UserError("--resume continues the saved recipe; drop "
+                            + ", ".join(f"--{k.replace('_', '-')} (the run's is {saved[k]})" for k in changed))  # fmt: skip
+        overrides.pop("objective", None)
+        config.train = dataclasses.replace(config.train, **overrides)
     else:
         config = get_preset(args.preset or DEFAULT_PRESET)
         if "objective" in overrides:

@@ -605,10 +605,13 @@ def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter,
     return _report(out_dir, settings, plan, stats, data_dir=data_dir, device=device, log=log, meter=meter)
 
 
-def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter) -> dict:
-    """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds."""
-    meter = meter or _Meters.get(settings.dataset, data_dir)
-    floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
+def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter,
+            floor: dict | None = None) -> dict:  # fmt: skip
+    """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floor``:
+    the real-data floor, scored here where it is not given)."""
+    if floor is None:
+        meter = meter or _Meters.get(settings.dataset, data_dir)
+        floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
@@ -619,7 +622,8 @@ def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: di
 
 def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, device=None, log: Callable[[str], None] | None = None, meter=None) -> dict:
     """Write the report of what the comparison in ``out_dir`` holds now, training and scoring
-    nothing (the real-data floor aside), under its last settings; return results.json's content.
+    nothing, under its last settings; return results.json's content. The real-data floor comes
+    from the last report where it has one (else it is scored, which needs the dataset).
     E.g. an interim report of a long grid from its records (no weights needed), while the grid
     itself goes on in another directory. Unfinished runs appear with the points they have."""
     from ..runtime import parse_device
@@ -635,7 +639,22 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
         # The runs of its settings in their usual order, then whatever else the directory holds.
         stats = {p: _model_stats(p) for p in settings.presets}
         held = [run for run in plan_runs(out_dir, settings, stats) if (run.run_dir / EVALS_NAME).is_file()]
-        return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter)
+        return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
+                       floor=_saved_floor(out_dir, settings))  # fmt: skip
+
+
+def _saved_floor(out_dir: Path, settings: Settings) -> dict | None:
+    """The real-data floor of the last report, where it was scored as ``settings`` would score it
+    (same dataset, sample count and seed): a report rewritten from records then needs no dataset."""
+    try:
+        last = json.loads((out_dir / "results.json").read_text())
+        same = all(last["settings"][key] == getattr(settings, key) for key in ("dataset", "eval_n"))
+        floor = last["floor"]
+        if same and last["settings"]["seeds"][0] == settings.seeds[0] and isinstance(floor, dict) and floor.get("n") == settings.eval_n:
+            return floor
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass  # no usable report yet: the floor is scored again
+    return None
 
 
 # ---- results -----------------------------------------------------------------------------------
