@@ -320,6 +320,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "1", "--device", "meta"], "unsupported device 'meta'"),
         (["eval", "{run}", "--n", "6", "--steps", "0"], "argument --steps: must be positive"),
         (["eval", "{run}", "--n", "5"], "argument --n: must be at least 6, got 5"),
+        (["eval", "{run}/s.npz", "--steps", "3"], "--steps says how to draw samples from a run; an .npz holds its images already"),
         (["eval", "{run}", "--n", "6", "--bootstrap", "-1"], "argument --bootstrap: must be at least 0, got -1"),
         (["sample", "{run}", "--out", "{tmp}/x", "--per-class", "0"], "argument --per-class: must be positive"),
         (["sample", "{run}", "--out", "{tmp}/x", "--batch-size", "2.5"], "argument --batch-size: must be an integer, got '2.5'"),

@@ -116,6 +116,7 @@ def test_eval_cli_rejects_a_bad_npz(tmp_path):
     out = subprocess.run([sys.executable, "-m", "simple_dit.cli", "eval", str(tmp_path / "bad.npz")], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.startswith("simple-dit: error:") and "Traceback" not in out.stderr
+    assert "not an .npz archive" in out.stderr and "pickle" not in out.stderr  # np.load's own guess is misleading
 
 
 def _bad_npz_files(tmp_path) -> dict:

@@ -289,6 +289,16 @@ def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, t
     assert steps == sorted(steps) and steps[-1] == STEPS + 5
 
 
+def test_a_garbled_line_of_metrics_loses_only_itself(tmp_path):
+    from simple_dit.logger import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (5, 10, 15, 20, 25)]
+    lines[1] = lines[1][:9] + "\x00garbage"  # step 10's record, torn in the middle of the file
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    truncate_metrics(tmp_path, 20)  # the checkpoint's step: 25 is redone
+    assert [r["step"] for r in strict_json_lines(tmp_path / "metrics.jsonl")] == [5, 15, 20]
+
+
 # ---- compare: kill -9 and run again ------------------------------------------------------------
 
 COMPARE = ["compare", "--presets", "dit-tiny", "--budget", "640-images", "--lrs", "3e-3", "--eval-every-frac", "0.5",

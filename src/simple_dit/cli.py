@@ -333,6 +333,8 @@ def cmd_eval(args) -> None:
     elif args.source.is_file():
         if (guidances is not None and len(guidances) > 1) or args.plot is not None:
             raise UserError(f"{'--plot' if args.plot is not None else 'a --guidance list'} needs a run directory to sample from, not an .npz")
+        if args.sampler is not None or args.steps is not None:
+            raise UserError(f"--{'sampler' if args.sampler is not None else 'steps'} says how to draw samples from a run; an .npz holds its images already")
         images, labels = load_npz(args.source)
         dataset = args.dataset or "mnist"
 

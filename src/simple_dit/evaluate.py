@@ -425,9 +425,11 @@ def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None
     try:
         # Opened here, not by np.load, which leaves its file open when the archive is damaged.
         with open(path, "rb") as file:
+            # Anything that is neither a zip nor a .npy, np.load takes for a pickle and says so.
+            if not zipfile.is_zipfile(file):
+                raise ValueError("not an .npz archive (a zip of .npy arrays)")
+            file.seek(0)
             loaded = np.load(file)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone array (.npy)
-                raise ValueError("not an .npz archive")
             with loaded as f:
                 arr = f["arr_0"]
                 labels = f["labels"] if "labels" in f.files else None

@@ -75,7 +75,8 @@ class RunLogger:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop the records a killed run logged after its last checkpoint: they are about to be redone."""
+    """Drop the records a killed run logged after its last checkpoint (they are about to be redone),
+    and lines that are not records (torn or garbled): the readable ones around them stay."""
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return
@@ -85,7 +86,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
-            break  # a torn or garbled line: everything after it is redone
+            continue
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
