@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import snapshot
 
 from simple_dit import compare as C
 from simple_dit.errors import UserError
@@ -610,6 +611,17 @@ def test_report_only_rewrites_the_report_from_the_runs_on_disk_and_trains_nothin
     md = (out / "report.md").read_text()
     assert "Cells: mean (min–max) over 2 seeds; one seed [its 95% bootstrap interval" in md and "1 (incomplete)" in md
     assert "report:" in capsys.readouterr().out
+
+
+def test_report_only_with_no_run_records_keeps_the_last_report(sweep, tmp_path, capsys):
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors", "runs"))
+    (out / "runs").mkdir()  # e.g. records not yet copied in
+    before = snapshot(out)
+    assert main(["compare", "--report-only", "--out", str(out)]) == 2
+    assert "holds no runs yet" in capsys.readouterr().err and snapshot(out) == before
 
 
 def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_path):

@@ -1,5 +1,6 @@
-"""The `simple-dit` command. Importing the CLI imports PyTorch, which takes a second or more; a
-Ctrl-C meanwhile ends here in one line, not in Python's KeyboardInterrupt traceback."""
+"""The `simple-dit` command. Importing the CLI imports PyTorch, and building its parser imports
+more, which takes a second or more; a Ctrl-C meanwhile ends here in one line, not in Python's
+KeyboardInterrupt traceback (the commands themselves say what they leave intact)."""
 
 import sys
 
@@ -7,7 +8,8 @@ import sys
 def main() -> int:
     try:
         from .cli import main as run
+
+        return run()
     except KeyboardInterrupt:
         print("simple-dit: interrupted", file=sys.stderr)
         return 130
-    return run()

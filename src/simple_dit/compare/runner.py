@@ -634,11 +634,11 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
     settings = settings_on_disk(out_dir)
     with DirectoryLock(out_dir):
         settings = settings_on_disk(out_dir)  # again under the lock: a comparison may have just ended
-        if not (out_dir / "runs").is_dir():
-            raise UserError(f"{out_dir} holds no runs yet")
         # The runs of its settings in their usual order, then whatever else the directory holds.
         stats = {p: _model_stats(p) for p in settings.presets}
         held = [run for run in plan_runs(out_dir, settings, stats) if (run.run_dir / EVALS_NAME).is_file()]
+        if not (out_dir / "runs").is_dir() or not (held or runs_on_disk(out_dir, settings, held, stats)):  # an empty report would replace the last one
+            raise UserError(f"{out_dir} holds no runs yet")
         return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
                        floor=_saved_floor(out_dir, settings))  # fmt: skip
 
