@@ -21,7 +21,7 @@ from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention
 from .models.unet import UNetCond, book_time_encoding
 from .runtime import (
-    autocast, check_positive_int, compile_model, cudagraph_skips, device_name, is_integer, parse_device, synchronize, warn_cudagraphs_skipped,
+    autocast, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
 )  # fmt: skip
 from .train import make_optimizer, train_step, training_precision
 
@@ -133,8 +133,7 @@ def run_bench(
     if compile and reference:
         raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
     repeats = check_positive_int(repeats, "--repeats")
-    if not is_integer(together) or together < 1:
-        raise UserError(f"--runs-together must be a positive integer, got {together}")
+    together = check_positive_int(together, "--runs-together")
     if together > 1 and reference:
         raise UserError("--runs-together times our batched path; --reference is the plain one: give one of them")
     config = get_preset(preset)

@@ -15,7 +15,7 @@ from .data import DATASETS
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
 from .extras import require
-from .runtime import PRECISIONS, keep_freed_memory
+from .runtime import MAX_COUNT, PRECISIONS, keep_freed_memory
 
 
 
@@ -43,6 +43,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
+        if value > MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value}")
         return value
 
     return parse
@@ -144,7 +146,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
-    p.add_argument("--runs-together", type=int, default=1, metavar="K",
+    p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="time K models training together as one batched network (compare --runs-together); images/s of all K")
     p.add_argument("--device")
 
@@ -158,8 +160,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="comma-separated learning rates (default 1e-4,3e-4,1e-3)")
     p.add_argument("--out", required=True, type=_path, help="report directory (created; rerun with the same --out to resume)")
     p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
-    p.add_argument("--eval-n", type=int, default=1000, help="samples per evaluation (default 1000)")
-    p.add_argument("--steps", "--sample-steps", dest="steps", type=int, default=20, help="sampler steps of the evaluation samples (default 20)")
+    p.add_argument("--eval-n", type=_count(6), default=1000, help="samples per evaluation (default 1000)")
+    p.add_argument("--steps", "--sample-steps", dest="steps", type=_count(1), default=20, help="sampler steps of the evaluation samples (default 20)")
     p.add_argument("--sampler", choices=sorted(set(SAMPLERS)), help="default: ddim for eps models, euler for flow models")
     p.add_argument("--guidances", "--guidance", dest="guidances", default=f"{DEFAULT_GUIDANCE:g}",
                    help=f"comma-separated classifier-free guidance scales, each scored at every evaluation point (default {DEFAULT_GUIDANCE:g})")
@@ -169,10 +171,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--final-n", type=int, default=0, help="score each finished run again, at the guidance it picked, on this many "
+    p.add_argument("--final-n", type=_count(0), default=0, help="score each finished run again, at the guidance it picked, on this many "
                    "fresh samples (e.g. 5000): the report's confirmed table and verdict, at each preset's best lr (default 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
-    p.add_argument("--runs-together", type=int, default=1, metavar="K",
+    p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="train up to K runs of the same preset and objective at once, as one batched network, so that small "
                    "models fill a GPU (budgets of images or FLOPs only; default 1: one run at a time)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -156,7 +156,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     value is a one-line ``UserError`` naming the option."""
     from .data import DATASETS
     from .diffusion import OBJECTIVES
-    from .runtime import PRECISIONS, check_seed
+    from .runtime import MAX_COUNT, PRECISIONS, check_seed
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -184,6 +184,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
     for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
         check(is_int(getattr(tc, name)), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+        check(name == "seed" or getattr(tc, name) <= MAX_COUNT, f"{_flag(name)} must be at most {MAX_COUNT:,}, got {getattr(tc, name)}")
     check_seed(tc.seed)
     check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
@@ -196,7 +197,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     sizes = ("input_size", "in_channels", "num_classes") + (("patch_size", "hidden_size", "depth", "num_heads") if isinstance(m, DiTConfig) else ("time_embed_dim",))
     for name in sizes:
         value = getattr(m, name)
-        check(is_int(value) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+        check(is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
     p = m.class_dropout_prob
     check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, UNetConfig):

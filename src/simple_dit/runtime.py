@@ -33,6 +33,9 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 # Seeds are offset and scaled (per epoch, per process, per confirmation) before they seed a
 # generator, which takes 64 bits: 32 leave room for that.
 SEED_LIMIT = 2**32
+# The largest count (of images, steps, samples) a command takes: far beyond any real one, and
+# within what tensor sizes and indices take without overflowing.
+MAX_COUNT = 2**31 - 1
 
 
 def is_integer(value) -> bool:
@@ -41,8 +44,8 @@ def is_integer(value) -> bool:
 
 
 def check_positive_int(value, name: str) -> int:
-    if not is_integer(value) or value <= 0:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if not is_integer(value) or not 0 < value <= MAX_COUNT:
+        raise UserError(f"{name} must be a positive integer (at most {MAX_COUNT:,}), got {value!r}")
     return int(value)
 
 

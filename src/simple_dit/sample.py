@@ -74,7 +74,7 @@ class Pipeline:
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
-        return torch.arange(n) % self.num_classes
+        return torch.arange(check_positive_int(n, "the number of images")) % self.num_classes
 
     def validate_labels(self, labels) -> torch.Tensor:
         """``labels`` as a 1-D long tensor on the CPU; anything but class indices is a UserError."""

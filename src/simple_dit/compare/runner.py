@@ -442,8 +442,8 @@ def compare(
     runs trained together share their clock)."""
     from ..config import get_preset
     from ..data import DATASETS
-    from ..diffusion import check_sampler, make_process
-    from ..runtime import PRECISIONS, is_integer, parse_device
+    from ..diffusion import GaussianDiffusion, check_sampler, make_process
+    from ..runtime import MAX_COUNT, PRECISIONS, check_positive_int, is_integer, parse_device
 
     require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
     if wandb is not None:
@@ -456,26 +456,27 @@ def compare(
     objective_list = parse_objectives(objectives)
     guidance_list = parse_guidances([guidance] if guidances is None else guidances)
     fractions = eval_fractions(eval_every_frac)
-    if not is_integer(eval_n) or eval_n < 6:
+    if not is_integer(eval_n) or not 6 <= eval_n <= MAX_COUNT:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
-    if not is_integer(final_n) or not (final_n == 0 or final_n >= 6):
+    if not is_integer(final_n) or not (final_n == 0 or 6 <= final_n <= MAX_COUNT):
         raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
-    if not is_integer(together) or together < 1:
-        raise UserError(f"--runs-together must be a positive integer, got {together}")
+    together = check_positive_int(together, "--runs-together")
     if together > 1 and wandb is not None:
         raise UserError("--wandb logs each run's training as it trains, one run at a time; it does not combine with --runs-together")
     if together > 1 and budget.kind == "seconds":
         raise UserError("--runs-together needs a budget of images or FLOPs: runs trained together share one clock, so a time budget would not be each run's")
-    if not is_integer(steps) or steps <= 0:
-        raise UserError(f"--steps must be a positive integer, got {steps}")
-    eval_n, final_n, together, steps = int(eval_n), int(final_n), int(together), int(steps)  # NumPy ints would not save as JSON
+    steps = check_positive_int(steps, "--steps")
+    eval_n, final_n = int(eval_n), int(final_n)  # NumPy ints would not save as JSON
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    for preset in preset_names:  # e.g. --sampler euler for an eps model: fail now, not after training
+    for preset in preset_names:  # e.g. --sampler euler for an eps model, or more steps than it has: fail now, not after training
         for objective in objective_list or [get_preset(preset).diffusion.objective]:
-            check_sampler(make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective)), sampler)
+            process = make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective))
+            check_sampler(process, sampler)
+            if isinstance(process, GaussianDiffusion):
+                process.timesteps(steps)
     device = parse_device(device)
     settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile), final_n)
     out_dir = Path(out_dir)
