@@ -137,6 +137,22 @@ def test_bad_input_is_one_line(run, tmp_path, cli):
     assert not list(tmp_path.glob("s.*"))
 
 
+@pytest.mark.parametrize("edit", [
+    lambda c: c["model"].update(hidden_size="32"), lambda c: c["model"].update(mlp_ratio=float("nan")),
+    lambda c: c["model"].update(num_classes=2**70), lambda c: c["diffusion"].update(num_timesteps=float("inf")),
+    lambda c: c.update(model="abc"), lambda c: c["diffusion"].update(objective="flow"), lambda c: c["diffusion"].update(num_timesteps=10),
+])  # fmt: skip
+def test_a_hand_edited_export_config_is_one_line(run, tmp_path, cli, edit):
+    """config.json is checked as a run's recipe is, and against the config the weights were
+    exported with (a valid but different one drew noise before)."""
+    out = export(run, tmp_path / "edited").parent
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    assert_user_error(cli("sample", out, "--out", tmp_path / "s", "--no-gif"), str(out / "config.json"), "export it again")
+    assert not list(tmp_path.glob("s.*"))
+
+
 def test_push_to_hub_without_huggingface_hub_is_one_line_before_writing(run, tmp_path, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` now raises ImportError
     out = tmp_path / "exported"

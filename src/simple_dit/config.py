@@ -91,7 +91,7 @@ class RunConfig:
                 preset=d.get("preset", "custom"),
                 description=d.get("description", ""),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"invalid run configuration: {e}") from None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
-from .config import RunConfig
+from .config import RunConfig, validate_config
 from .errors import UserError
 from .io import atomic_write, ensure_writable_dir, write_json
 
@@ -134,8 +134,17 @@ def load_export(path: str | os.PathLike) -> tuple[RunConfig, dict[str, torch.Ten
         raise UserError(f"{config_file or file} has no readable run config ({e}); export it again") from None
     if not isinstance(config_dict, dict):
         raise UserError(f"{config_file or file} has no readable run config; export it again")
+    try:
+        config = validate_config(RunConfig.from_dict(config_dict))
+        if config_file is not None:  # the weights were exported with a config of their own: the two must agree
+            own = RunConfig.from_dict(json.loads(meta["config"]))
+            changed = [part for part in ("model", "diffusion") if getattr(own, part) != getattr(config, part)]
+            if changed:
+                raise UserError(f"its {' and '.join(changed)} differ from those the weights were exported with")
+    except (UserError, ValueError, KeyError) as e:
+        raise UserError(f"{config_file or file} is not a usable run config ({e}); export it again") from None
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-    return RunConfig.from_dict(config_dict), weights, meta
+    return config, weights, meta
 
 
 def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> tuple[RunConfig, dict[str, torch.Tensor], Path | None]:
