@@ -356,7 +356,10 @@ def test_export_never_writes_over_a_run(cli_run, tmp_path, capsys):
     assert "holds a training run" in capsys.readouterr().err and snapshot(other) == before
 
 
-@pytest.mark.parametrize("argv,fragment", [(["train", "--out", ""], "argument --out: a path must not be empty"),
+@pytest.mark.parametrize("argv,fragment", [(["train", "--out", ""], "argument --out: must not be empty"),
+                                           (["train", "--out", "r", "--preset", ""], "argument --preset: must not be empty"),
+                                           (["sample", "--out", "x", "--device", " "], "argument --device: must not be empty"),
+                                           (["train", "--out", "r", "--data-dir", ""], "argument --data-dir: must not be empty"),
                                            (["train", "--out", "r", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
                                            (["sample", "--out", "x", "--precision", "fp16"], "argument --precision: invalid choice")])
 def test_a_malformed_argument_is_one_line(capsys, argv, fragment):

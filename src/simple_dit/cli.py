@@ -27,9 +27,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _path(text: str) -> Path:
+    return Path(_nonempty(text))
+
+
+def _nonempty(text: str) -> str:
+    """An argparse type for a name or path: an empty one (e.g. an unset shell variable) would
+    otherwise mean the default, or the current directory."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("a path must not be empty")
-    return Path(text)
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _count(minimum: int):
@@ -52,7 +58,7 @@ def _count(minimum: int):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run directory")
-    p.add_argument("--preset", help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
+    p.add_argument("--preset", type=_nonempty, help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
     p.add_argument("--out", required=True, type=_path, help="run directory (created)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--epochs", type=float, help="passes over the training set")
@@ -65,7 +71,7 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (0 = off)")
     p.add_argument("--dataset", choices=list(DATASETS))
     p.add_argument("--objective", choices=list(OBJECTIVES), help="eps: DDPM epsilon prediction; flow: rectified-flow velocity")
-    p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
+    p.add_argument("--data-dir", type=_nonempty, help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--compile", action="store_true", default=None,
@@ -74,7 +80,7 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl (0 = off)")
     p.add_argument("--eval-n", type=int, help="samples per evaluation (default 500)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=_nonempty, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     _add_wandb(p, "one W&B run per training run; --resume continues it")
     p.add_argument("--no-progress", action="store_true")
@@ -83,7 +89,7 @@ def _add_train(sub) -> None:
 def _add_wandb(p, what: str) -> None:
     from .logger import DEFAULT_WANDB_PROJECT
 
-    p.add_argument("--wandb", nargs="?", const=DEFAULT_WANDB_PROJECT, metavar="PROJECT",
+    p.add_argument("--wandb", type=_nonempty, nargs="?", const=DEFAULT_WANDB_PROJECT, metavar="PROJECT",
                    help=f"also log the config, losses, evaluations and sample grids to Weights & Biases project PROJECT "
                         f"(default {DEFAULT_WANDB_PROJECT}; {what}; WANDB_MODE=offline logs locally); needs the wandb extra")  # fmt: skip
 
@@ -107,7 +113,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU; on a CPU its "
                    "compilation costs more than it saves for up to ~10,000 samples)")
-    p.add_argument("--device")
+    p.add_argument("--device", type=_nonempty)
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
 
 
@@ -122,8 +128,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
-    p.add_argument("--data-dir")
-    p.add_argument("--device")
+    p.add_argument("--data-dir", type=_nonempty)
+    p.add_argument("--device", type=_nonempty)
     p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
     p.add_argument("--bootstrap", type=_count(0), default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -139,7 +145,7 @@ def _add_export(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time training steps and denoiser evaluations of a preset")
-    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--preset", type=_nonempty, default=DEFAULT_PRESET)
     p.add_argument("--batch-size", type=_count(1))
     p.add_argument("--what", choices=["train", "sample", "all"], default="all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
@@ -148,7 +154,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="time K models training together as one batched network (compare --runs-together); images/s of all K")
-    p.add_argument("--device")
+    p.add_argument("--device", type=_nonempty)
 
 
 def _add_compare(sub) -> None:
@@ -167,7 +173,7 @@ def _add_compare(sub) -> None:
                    help=f"comma-separated classifier-free guidance scales, each scored at every evaluation point (default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--objective", help="comma-separated objectives (eps,flow) overriding each preset's own (default: each preset's own)")
     p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
-    p.add_argument("--data-dir", help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
+    p.add_argument("--data-dir", type=_nonempty, help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -177,7 +183,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="train up to K runs of the same preset and objective at once, as one batched network, so that small "
                    "models fill a GPU (budgets of images or FLOPs only; default 1: one run at a time)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=_nonempty, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite --out's report from the runs it holds "
                    "now, under its own settings (e.g. an interim report of a grid's records while the grid goes on elsewhere)")
     _add_wandb(p, "one W&B run per training run, grouped under the name of --out")
@@ -189,7 +195,7 @@ def _add_serve(sub) -> None:
                    "(shows its report); default: the model shipped in the package")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=_nonempty, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
