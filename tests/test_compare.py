@@ -624,6 +624,22 @@ def test_report_only_with_no_run_records_keeps_the_last_report(sweep, tmp_path, 
     assert "holds no runs yet" in capsys.readouterr().err and snapshot(out) == before
 
 
+@pytest.mark.parametrize("key, value", [("lrs", "abc"), ("guidances", None), ("seeds", [-1]), ("presets", ["nope"]),
+                                        ("eval_n", "60"), ("sampler", 3), ("fractions", "x")])  # fmt: skip
+def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, capsys, key, value):
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = json.loads((out / C.SETTINGS_NAME).read_text())
+    settings[key] = value
+    (out / C.SETTINGS_NAME).write_text(json.dumps(settings))
+    before = snapshot(out)
+    assert main(["compare", "--report-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is damaged or from an older simple-dit" in err[0] and snapshot(out) == before
+
+
 def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_path):
     """Records kept in git rewrite their report on a machine without the dataset: the floor is the
     last report's, scored at the same sample count and seed; with another count it is scored again."""

@@ -71,8 +71,16 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
-        keys = ("presets", "lrs", "fractions", "eval_n", "steps", "sampler", "guidances", "dataset", "seeds", "precision")
-        return cls(**{k: d[k] for k in keys}, budget=parse_budget(d["budget"]["text"]), objectives=d.get("objectives"),
+        """Each list through the parser of its flag, so that a damaged compare.json is a one-line
+        error here, not a traceback in the middle of a report."""
+        from ..runtime import check_positive_int
+
+        if not (d["sampler"] is None or isinstance(d["sampler"], str)) or not all(isinstance(d[k], str) for k in ("dataset", "precision")):
+            raise ValueError("sampler, dataset and precision must be names")
+        return cls(presets=parse_presets(d["presets"]), lrs=parse_lrs(d["lrs"]), budget=parse_budget(d["budget"]["text"]),
+                   fractions=[float(f) for f in d["fractions"]], eval_n=check_positive_int(d["eval_n"], "eval_n"),
+                   steps=check_positive_int(d["steps"], "steps"), sampler=d["sampler"], guidances=parse_guidances(d["guidances"]),
+                   dataset=d["dataset"], seeds=parse_seeds(d["seeds"]), precision=d["precision"], objectives=parse_objectives(d.get("objectives")),
                    compile=bool(d.get("compile", False)), final_n=int(d.get("final_n", 0)))  # fmt: skip
 
 
