@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from conftest import perturb_
-from simple_dit.config import PRESETS, DiTConfig, get_preset
+from simple_dit.config import PRESETS, DiTConfig, UNetConfig, get_preset
+from simple_dit.errors import UserError
 from simple_dit.models import DiT, UNetCond, build_model, count_parameters
 from simple_dit.models.embeddings import LabelEmbedder
 
@@ -71,11 +74,6 @@ def test_unpatchify_inverts_patching(patch):
     assert torch.equal(model.unpatchify(tokens), x)
 
 
-def test_dit_rejects_patch_that_does_not_divide_image():
-    with pytest.raises(ValueError):
-        build_model(DiTConfig(patch_size=5, hidden_size=32, depth=1, num_heads=2))
-
-
 def test_label_dropout_only_in_training():
     emb = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=1.0)
     labels = torch.arange(10)
@@ -116,3 +114,17 @@ def test_reference_dit_computes_the_same_function():
     reference.load_state_dict(ours.state_dict())
     x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 3, 7, 10])
     torch.testing.assert_close(reference(x, t, y), ours(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    (None, "a model config is a DiTConfig or a UNetConfig"), ({"arch": "dit"}, "a model config is"),
+    (DiTConfig(hidden_size="32"), "model.hidden_size must be a positive integer"), (DiTConfig(patch_size=5), "does not divide"),
+    (DiTConfig(hidden_size=-32), "model.hidden_size"), (DiTConfig(mlp_ratio=float("nan")), "model.mlp_ratio"),
+    (DiTConfig(hidden_size=32, num_heads=5), "not divisible by 5 heads"), (DiTConfig(depth=0), "model.depth"),
+    (DiTConfig(num_classes=2**70), "model.num_classes"), (UNetConfig(channels=(8, 16)), "model.channels"),
+    (UNetConfig(channels=(0, 16, 32)), "model.channels"), (UNetConfig(input_size=27), "divisible by 4"),
+    (UNetConfig(arch="dit"), "does not match its UNetConfig"),
+])  # fmt: skip
+def test_build_model_refuses_a_bad_config_in_one_line(config, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        build_model(config)

@@ -151,6 +151,47 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# The plain Python numbers a config holds (it is saved as JSON); a bool is not one.
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_model_config(m: ModelConfig) -> ModelConfig:
+    """The model part of ``validate_config``, which ``build_model`` runs too: a one-line
+    ``UserError`` naming the field, not an error from deep inside a layer."""
+    from .runtime import MAX_COUNT
+
+    check, is_int, is_number = _check, _is_int, _is_number
+    check(isinstance(m, (DiTConfig, UNetConfig)), f"a model config is a DiTConfig or a UNetConfig, got {type(m).__name__}")
+    # A config of one architecture must say so (a run saved as another would not load).
+    check(m.arch == ("dit" if isinstance(m, DiTConfig) else "unet"), f"model.arch {m.arch!r} does not match its {type(m).__name__}")
+    sizes = ("input_size", "in_channels", "num_classes") + (("patch_size", "hidden_size", "depth", "num_heads") if isinstance(m, DiTConfig) else ("time_embed_dim",))
+    for name in sizes:
+        value = getattr(m, name)
+        check(is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
+    p = m.class_dropout_prob
+    check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
+    if isinstance(m, DiTConfig):
+        check(is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
+        check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
+        check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
+        check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+    else:
+        check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3 and all(is_int(c) and 0 < c <= MAX_COUNT for c in m.channels),
+              f"model.channels must be three positive integers, got {m.channels!r}")  # fmt: skip
+        check(m.input_size % 4 == 0, f"the UNet halves the image twice: its size must be divisible by 4, got {m.input_size}")
+    return m
+
+
 def validate_config(config: RunConfig) -> RunConfig:
     """The one check of a run's recipe, shared by the CLI, compare and the Python API: every bad
     value is a one-line ``UserError`` naming the option."""
@@ -158,17 +199,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     from .diffusion import OBJECTIVES
     from .runtime import MAX_COUNT, PRECISIONS, check_seed
 
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
-    # The plain Python numbers a config holds (it is saved as JSON); a bool is not one.
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
+    check, is_int, is_number = _check, _is_int, _is_number
     check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
           and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
     tc, m, d = config.train, config.model, config.diffusion
@@ -192,27 +223,11 @@ def validate_config(config: RunConfig) -> RunConfig:
     check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
     check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-    # The model: a config of one architecture must say so (a run saved as another would not load).
-    check(m.arch == ("dit" if isinstance(m, DiTConfig) else "unet"), f"model.arch {m.arch!r} does not match its {type(m).__name__}")
-    sizes = ("input_size", "in_channels", "num_classes") + (("patch_size", "hidden_size", "depth", "num_heads") if isinstance(m, DiTConfig) else ("time_embed_dim",))
-    for name in sizes:
-        value = getattr(m, name)
-        check(is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
-    p = m.class_dropout_prob
-    check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
-    if isinstance(m, UNetConfig):
-        check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3 and all(is_int(c) and c > 0 for c in m.channels),
-              f"model.channels must be three positive integers, got {m.channels!r}")  # fmt: skip
-    else:
-        check(is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
+    validate_model_config(m)
     # The diffusion process.
     check(is_int(d.num_timesteps) and d.num_timesteps >= 2, f"diffusion.num_timesteps must be an integer of at least 2, got {d.num_timesteps!r}")
     check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
         check(is_number(d.beta_start) and is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
               f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
-    if isinstance(m, DiTConfig):
-        check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
-        check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
-        check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
     return config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import DiTConfig, ModelConfig, UNetConfig
+from ..config import DiTConfig, ModelConfig, validate_model_config
 from .dit import DiT
 from .unet import UNetCond
 
@@ -13,11 +13,8 @@ __all__ = ["DiT", "UNetCond", "build_model", "count_parameters", "forward_gflops
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    if isinstance(config, DiTConfig):
-        return DiT.from_config(config)
-    if isinstance(config, UNetConfig):
-        return UNetCond.from_config(config)
-    raise TypeError(f"not a model config: {config!r}")
+    validate_model_config(config)
+    return (DiT if isinstance(config, DiTConfig) else UNetCond).from_config(config)
 
 
 def count_parameters(model: nn.Module) -> int:
