@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -297,3 +298,16 @@ def test_the_training_tables_are_on_the_device_before_the_first_step(device):
     before = dict(process._tables_on)
     process.q_sample(x0, torch.tensor([0, 999], device=device), torch.randn_like(x0))
     assert process._tables_on == before and all(t.device == x0.device for pair in before.values() for t in pair)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"num_timesteps": 10.5}, "num_timesteps must be"), ({"num_timesteps": "10"}, "num_timesteps must be"),
+    ({"num_timesteps": 2**70}, "num_timesteps must be"), ({"num_timesteps": 0}, "num_timesteps must be"),
+    ({"beta_start": -0.1}, "betas must satisfy"), ({"beta_end": 2.0}, "betas must satisfy"), ({"objective": "x0"}, "unknown objective"),
+])  # fmt: skip
+def test_a_process_refuses_a_bad_config_in_one_line(change, fragment):
+    """Built directly or through make_process: not NaN tables or an error at the first sample."""
+    config = dataclasses.replace(DiffusionConfig(), **change)
+    for build in (make_process, GaussianDiffusion):
+        with pytest.raises(UserError, match=fragment):
+            build(config)

@@ -335,13 +335,23 @@ def test_pipeline_rejects_bad_labels(straight_run):
     for bad, fragment in (({"steps": 0}, "steps must be"), ({"steps": 2.0}, "steps must be"), ({"batch_size": 0}, "batch_size must be"),
                           ({"batch_size": True}, "batch_size must be"), ({"seed": -1}, "seed must be"), ({"guidance": float("inf")}, "guidance must be"),
                           ({"trajectory": "abc"}, "trajectory must be"), ({"guidance_interval": {0: 1, 1: 2}}, "guidance interval must be"),
-                          ({"guidance_interval": (True, 1)}, "guidance interval must be")):  # fmt: skip
+                          ({"guidance_interval": (True, 1)}, "guidance interval must be"), ({"guidance": 10**400}, "guidance must be"),
+                          ({"batch_size": 2**70}, "batch_size must be")):  # fmt: skip
         with pytest.raises(UserError, match=fragment):
             pipe([1], **({"steps": 2} | bad))
     with pytest.raises(UserError, match="one label per image"):
         pipe.grid(pipe([1, 2, 3], steps=2), [1, 2])
     with pytest.raises(UserError, match="use_ema must be True or False"):
         Pipeline.from_pretrained(straight_run, use_ema="no")
+    for args, kwargs, fragment in (((None, pipe.model), {}, "a Pipeline takes a RunConfig and a torch module"),
+                                   ((pipe.config, None), {}, "a Pipeline takes a RunConfig and a torch module"),
+                                   ((pipe.config, pipe.model), {"guidance": "x"}, "guidance must be"),
+                                   ((pipe.config, pipe.model), {"class_names": ["a"]}, "class_names must name the model's 10 classes")):  # fmt: skip
+        with pytest.raises(UserError, match=fragment):
+            Pipeline(*args, **kwargs)
+    for n in (-1, 2**70, "3"):
+        with pytest.raises(UserError, match="the number of images must be"):
+            pipe.cycled_labels(n)
     # NumPy's numbers are numbers: the same images as Python's.
     expected = pipe([3, 7], steps=2, guidance=2.0, seed=3)
     assert torch.equal(pipe(np.array([3, 7]), steps=np.int64(2), guidance=np.float32(2.0), seed=np.int64(3)), expected)
@@ -423,7 +433,7 @@ def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, mo
         ("unet-tiny", {"model.in_channels": 3}, "has images of shape (1, 28, 28) but the model expects (3, 28, 28)"),
         ("unet-tiny", {"model.input_size": 32}, "but the model expects (1, 32, 32)"),
         ("dit-tiny", {"diffusion.beta_end": 2.0}, "0 < beta_start <= beta_end < 1"),
-        ("dit-tiny", {"diffusion.num_timesteps": 0}, "num_timesteps must be an integer of at least 2"),
+        ("dit-tiny", {"diffusion.num_timesteps": 0}, "num_timesteps must be an integer from 2 to 100,000"),
         ("dit-tiny", {"model.num_classes": 5}, "mnist has 10 classes but the model expects 5"),
     ],
 )

@@ -196,7 +196,6 @@ def validate_config(config: RunConfig) -> RunConfig:
     """The one check of a run's recipe, shared by the CLI, compare and the Python API: every bad
     value is a one-line ``UserError`` naming the option."""
     from .data import DATASETS
-    from .diffusion import OBJECTIVES
     from .runtime import MAX_COUNT, PRECISIONS, check_seed
 
     check, is_int, is_number = _check, _is_int, _is_number
@@ -222,12 +221,23 @@ def validate_config(config: RunConfig) -> RunConfig:
     check(tc.eval_n >= 6, "--eval-n must be at least 6")
     check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
     check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     validate_model_config(m)
-    # The diffusion process.
-    check(is_int(d.num_timesteps) and d.num_timesteps >= 2, f"diffusion.num_timesteps must be an integer of at least 2, got {d.num_timesteps!r}")
+    validate_diffusion_config(d)
+    return config
+
+
+def validate_diffusion_config(d: DiffusionConfig) -> DiffusionConfig:
+    """The diffusion part of ``validate_config``, which ``diffusion.make_process`` runs too."""
+    from .diffusion import OBJECTIVES
+
+    check, is_int, is_number = _check, _is_int, _is_number
+    check(isinstance(d, DiffusionConfig), f"a diffusion config is a DiffusionConfig, got {type(d).__name__}")
+    check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    # The process keeps tables of T float64s; 100 times DDPM's 1000 is far past any use.
+    check(is_int(d.num_timesteps) and 2 <= d.num_timesteps <= 100_000,
+          f"diffusion.num_timesteps must be an integer from 2 to 100,000, got {d.num_timesteps!r}")  # fmt: skip
     check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
         check(is_number(d.beta_start) and is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
               f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
-    return config
+    return d

@@ -36,9 +36,9 @@ class DiffusionConfig:
 
 
 def make_process(config: DiffusionConfig | None = None) -> "GaussianDiffusion | RectifiedFlow":
-    config = config or DiffusionConfig()
-    if config.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    from .config import validate_diffusion_config
+
+    config = validate_diffusion_config(config or DiffusionConfig())
     return OBJECTIVES[config.objective](config)
 
 
@@ -67,9 +67,15 @@ def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
 
 def check_guidance(guidance, name: str = "guidance") -> float:
     """A classifier-free guidance scale: finite and at least 0 (1 = none, 0 = unconditional)."""
-    if isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) or guidance < 0:
+    value = math.nan
+    if isinstance(guidance, numbers.Real) and not isinstance(guidance, (bool, np.bool_)):
+        try:
+            value = float(guidance)
+        except OverflowError:  # an int past float's range
+            value = math.inf
+    if not (math.isfinite(value) and value >= 0):
         raise UserError(f"{name} must be finite and at least 0 (1 = no guidance), got {guidance!r}")
-    return float(guidance)
+    return value
 
 
 def check_guidance_interval(interval, name: str = "the guidance interval") -> tuple[float, float]:
@@ -152,7 +158,9 @@ class GaussianDiffusion(_Process):
     samplers = ("ddim", "ddpm", "dpm++2m")  # the first is the default
 
     def __init__(self, config: DiffusionConfig | None = None):
-        self.config = config or DiffusionConfig()
+        from .config import validate_diffusion_config
+
+        self.config = validate_diffusion_config(config or DiffusionConfig())
         self.num_timesteps = self.config.num_timesteps
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
@@ -268,7 +276,9 @@ class RectifiedFlow(_Process):
     default_guidance_interval = (0.3, 1.0)
 
     def __init__(self, config: DiffusionConfig):
-        self.config = config
+        from .config import validate_diffusion_config
+
+        self.config = validate_diffusion_config(config)
         self.num_timesteps = config.num_timesteps
 
     def _model_time(self, t: torch.Tensor | float) -> torch.Tensor | float:

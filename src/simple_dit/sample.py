@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write
-from .config import RunConfig
+from .config import RunConfig, validate_model_config
 from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
@@ -38,10 +38,13 @@ class Pipeline:
         guidance: float = DEFAULT_GUIDANCE,
         compile: bool = False,
     ):
+        if not isinstance(config, RunConfig) or not isinstance(model, torch.nn.Module):
+            raise UserError(f"a Pipeline takes a RunConfig and a torch module, got {type(config).__name__} and {type(model).__name__}")
+        validate_model_config(config.model)
         self.config = config
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call
-        self.guidance = guidance  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
+        self.guidance = check_guidance(guidance)  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -49,6 +52,8 @@ class Pipeline:
         self.num_classes = config.model.num_classes
         dataset = DATASETS.get(config.train.dataset)
         self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
+        if len(self.class_names) != self.num_classes:
+            raise UserError(f"class_names must name the model's {self.num_classes} classes, got {len(self.class_names)} names")
 
     @classmethod
     def from_pretrained(
