@@ -325,6 +325,9 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["sample", "{run}", "--out", "{tmp}/x", "--per-class", "0"], "argument --per-class: must be positive"),
         (["sample", "{run}", "--out", "{tmp}/x", "--batch-size", "2.5"], "argument --batch-size: must be an integer, got '2.5'"),
         (["bench", "--preset", "dit-tiny", "--repeats", "0"], "argument --repeats: must be positive"),
+        (["bench", "--preset", "dit-tiny", "--runs-together", "2", "--what", "sample"], "--runs-together times training steps"),
+        (["--list-presets", "train", "--out", "{tmp}/r"], "--list-presets lists the presets and runs nothing"),
+        (["sample", "{run}/samples.png", "--out", "{tmp}/x"], "samples.png is not a simple-dit checkpoint or export"),
         (["sample", "{run}", "--out", "{tmp}/x", "--n", str(2**70)], "argument --n: must be at most 2,147,483,647"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--steps", "1001", "--out", "{tmp}/c"], "--steps must be between 1 and 1000"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--final-n", str(2**70), "--out", "{tmp}/c"], "argument --final-n: must be at most"),
@@ -346,6 +349,13 @@ def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
     assert err and err[-1].startswith("simple-dit: error:") and fragment in err[-1], err
     assert files() == before
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_a_comparison_given_as_a_run_says_where_its_runs_are(tmp_path, capsys):
+    (tmp_path / "compare.json").write_text("{}")
+    for argv in (["sample", str(tmp_path), "--out", str(tmp_path / "x")], ["export", str(tmp_path), "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2
+        assert f"{tmp_path} is a comparison, not a run; its runs are the directories in {tmp_path / 'runs'}" in capsys.readouterr().err
 
 
 def test_export_never_writes_over_a_run(cli_run, tmp_path, capsys):

@@ -7,12 +7,15 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from conftest import assert_user_error, run_cli, tiny_config
 
+from simple_dit.checkpoint import CHECKPOINT_NAME
 from simple_dit.cli import main
 from simple_dit.export import MODEL_NAME, default_model_path, export, load_export
 from simple_dit.sample import Pipeline
@@ -135,6 +138,26 @@ def test_bad_input_is_one_line(run, tmp_path, cli):
     (out.parent / MODEL_NAME).write_bytes(b"not a safetensors file")
     assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), "corrupt or truncated")
     assert not list(tmp_path.glob("s.*"))
+
+
+def test_an_export_that_could_not_sample_is_refused(run, tmp_path, cli):
+    from safetensors.torch import load_file, save_file
+
+    damaged = Path(shutil.copytree(run, tmp_path / "nan-run"))
+    (damaged / "guidance.json").write_text("{not json")
+    assert_user_error(cli("export", damaged, "--out", tmp_path / "x"), "guidance.json is damaged")
+    (damaged / "guidance.json").unlink()
+    path = damaged / CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["ema.final_layer.linear.weight"][0, 0] = float("nan")  # as a diverged run would leave it
+    save_file(tensors, str(path), metadata=metadata)
+    assert_user_error(cli("export", damaged, "--out", tmp_path / "x"), "not all finite")
+    tensors["ema.final_layer.linear.weight"][0, 0] = 1e6  # finite, but past fp16's 65504
+    save_file(tensors, str(path), metadata=metadata)
+    assert_user_error(cli("export", damaged, "--out", tmp_path / "x", "--dtype", "fp16"), "do not fit in fp16")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("edit", [

@@ -134,6 +134,8 @@ def run_bench(
         raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
     repeats = check_positive_int(repeats, "--repeats")
     together = check_positive_int(together, "--runs-together")
+    if together > 1 and what == "sample":
+        raise UserError("--runs-together times training steps; --what sample times one model's forward: drop one of them")
     if together > 1 and reference:
         raise UserError("--runs-together times our batched path; --reference is the plain one: give one of them")
     config = get_preset(preset)

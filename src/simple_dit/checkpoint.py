@@ -87,7 +87,11 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, 
 
 
 def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
+    from .compare.runner import SETTINGS_NAME
+
     p = Path(run_dir_or_file)
+    if p.is_dir() and (p / SETTINGS_NAME).is_file():
+        raise UserError(f"{p} is a comparison, not a run; its runs are the directories in {p / 'runs'}")
     if p.is_dir():
         p = p / CHECKPOINT_NAME
     if not p.is_file():
@@ -102,7 +106,10 @@ def _open(path: Path):
         handle = safe_open(str(path), framework="pt", device="cpu")
         meta = handle.metadata() or {}
     except Exception as e:  # safetensors raises its own error type for every kind of damage
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); restore it or train again") from None
+        reason = str(e).splitlines()[0]
+        if path.name != CHECKPOINT_NAME:  # a file named by hand: more likely not a checkpoint at all
+            raise UserError(f"{path} is not a simple-dit checkpoint or export ({reason})") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({reason}); restore it or train again") from None
     if meta.get("format") != "simple-dit/1":
         raise UserError(f"{path} is not a simple-dit checkpoint")
     try:

@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         if args.list_presets:
+            if args.command is not None:
+                raise UserError(f"--list-presets lists the presets and runs nothing; give it alone, without {args.command}")
             print(list_presets())
         elif args.command == "train":
             cmd_train(args)

@@ -45,7 +45,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     """Write ``run_dir``'s EMA weights as ``out_dir/model.safetensors`` in ``dtype`` and its
     config as ``out_dir/config.json``; ``metadata`` adds entries to the weights file's metadata.
     Returns the weights file."""
-    from .evaluate import GUIDANCE_NAME
+    from .evaluate import GUIDANCE_NAME, read_guidance
 
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -65,8 +65,13 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
             raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")
-    ensure_writable_dir(out_dir)
+    if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
+        raise UserError(f"{run_dir}'s EMA weights are not all finite (a diverged or damaged checkpoint); nothing exported")
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    if not all(v.isfinite().all() for v in tensors.values() if v.is_floating_point()):
+        raise UserError(f"{run_dir}'s weights do not fit in {dtype}; export them as bf16 or fp32")
+    read_guidance(source)  # a damaged guidance.json is refused here, not copied into an export that cannot sample
+    ensure_writable_dir(out_dir)
     meta = {
         "format": EXPORT_FORMAT, "config": json.dumps(config.to_dict()), "dtype": dtype, "weights": "ema",
         "source_run": source.resolve().name, "train_state": json.dumps(state),
