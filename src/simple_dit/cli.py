@@ -318,7 +318,6 @@ def cmd_eval(args) -> None:
     from .io import ensure_writable_dir
 
     guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
-    bootstrap = args.bootstrap  # None: the meter's default
     if args.plot is not None:
         from .compare.report import check_plot_path
 
@@ -357,8 +356,8 @@ def cmd_eval(args) -> None:
         if guidances and len(guidances) > 1:
             print(f"guidance {g:g}", file=sys.stderr, flush=True)
         images = draw(g)
-        floor = floor or meter.floor(images.shape[0], bootstrap=bootstrap)
-        scored.append(meter.score(images, labels, bootstrap=bootstrap))
+        floor = floor or meter.floor(images.shape[0], bootstrap=args.bootstrap)
+        scored.append(meter.score(images, labels, bootstrap=args.bootstrap))
         rows.append(({} if g is None else {"guidance": g}) | {k: v for k, v in dataclasses.asdict(scored[-1]).items() if v is not None})
     picked = pick_guidance(rows) if len(rows) > 1 else rows[0]
     # The picked scale's scores under the keys a single evaluation has always had.

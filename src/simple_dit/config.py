@@ -170,25 +170,24 @@ def validate_model_config(m: ModelConfig) -> ModelConfig:
     ``UserError`` naming the field, not an error from deep inside a layer."""
     from .runtime import MAX_COUNT
 
-    check, is_int, is_number = _check, _is_int, _is_number
-    check(isinstance(m, (DiTConfig, UNetConfig)), f"a model config is a DiTConfig or a UNetConfig, got {type(m).__name__}")
+    _check(isinstance(m, (DiTConfig, UNetConfig)), f"a model config is a DiTConfig or a UNetConfig, got {type(m).__name__}")
     # A config of one architecture must say so (a run saved as another would not load).
-    check(m.arch == ("dit" if isinstance(m, DiTConfig) else "unet"), f"model.arch {m.arch!r} does not match its {type(m).__name__}")
+    _check(m.arch == ("dit" if isinstance(m, DiTConfig) else "unet"), f"model.arch {m.arch!r} does not match its {type(m).__name__}")
     sizes = ("input_size", "in_channels", "num_classes") + (("patch_size", "hidden_size", "depth", "num_heads") if isinstance(m, DiTConfig) else ("time_embed_dim",))
     for name in sizes:
         value = getattr(m, name)
-        check(is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
+        _check(_is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
     p = m.class_dropout_prob
-    check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
+    _check(_is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, DiTConfig):
-        check(is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
-        check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
-        check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
-        check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        _check(_is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
+        _check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
+        _check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
+        _check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
     else:
-        check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3 and all(is_int(c) and 0 < c <= MAX_COUNT for c in m.channels),
-              f"model.channels must be three positive integers, got {m.channels!r}")  # fmt: skip
-        check(m.input_size % 4 == 0, f"the UNet halves the image twice: its size must be divisible by 4, got {m.input_size}")
+        _check(isinstance(m.channels, (tuple, list)) and len(m.channels) == 3 and all(_is_int(c) and 0 < c <= MAX_COUNT for c in m.channels),
+               f"model.channels must be three positive integers, got {m.channels!r}")  # fmt: skip
+        _check(m.input_size % 4 == 0, f"the UNet halves the image twice: its size must be divisible by 4, got {m.input_size}")
     return m
 
 
@@ -198,46 +197,44 @@ def validate_config(config: RunConfig) -> RunConfig:
     from .data import DATASETS
     from .runtime import MAX_COUNT, PRECISIONS, check_seed
 
-    check, is_int, is_number = _check, _is_int, _is_number
-    check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
-          and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
+    _check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
+           and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
     tc, m, d = config.train, config.model, config.diffusion
 
     def number(name: str) -> float:
         value = getattr(tc, name)
-        check(is_number(value) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
+        _check(_is_number(value) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
         return value
 
     for name in ("lr", "batch_size", "epochs", "eval_n", "log_every"):
-        check(number(name) > 0, f"{_flag(name)} must be positive")
+        _check(number(name) > 0, f"{_flag(name)} must be positive")
     for name in ("warmup_steps", "max_steps", "minutes", "sample_every", "checkpoint_every", "eval_every", "grad_clip", "weight_decay"):
-        check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
+        _check(number(name) >= 0, f"{_flag(name)} must be 0 (off) or positive")
     for name in ("batch_size", "max_steps", "warmup_steps", "sample_every", "checkpoint_every", "eval_every", "eval_n", "log_every", "seed"):
-        check(is_int(getattr(tc, name)), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
-        check(name == "seed" or getattr(tc, name) <= MAX_COUNT, f"{_flag(name)} must be at most {MAX_COUNT:,}, got {getattr(tc, name)}")
+        _check(_is_int(getattr(tc, name)), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
+        _check(name == "seed" or getattr(tc, name) <= MAX_COUNT, f"{_flag(name)} must be at most {MAX_COUNT:,}, got {getattr(tc, name)}")
     check_seed(tc.seed)
-    check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
-    check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
-    check(tc.eval_n >= 6, "--eval-n must be at least 6")
-    check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    _check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
+    _check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
+    _check(tc.eval_n >= 6, "--eval-n must be at least 6")
+    _check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    _check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     validate_model_config(m)
     validate_diffusion_config(d)
     return config
 
 
 def validate_diffusion_config(d: DiffusionConfig) -> DiffusionConfig:
-    """The diffusion part of ``validate_config``, which ``diffusion.make_process`` runs too."""
+    """The diffusion part of ``validate_config``, which every diffusion process runs on its config too."""
     from .diffusion import OBJECTIVES
 
-    check, is_int, is_number = _check, _is_int, _is_number
-    check(isinstance(d, DiffusionConfig), f"a diffusion config is a DiffusionConfig, got {type(d).__name__}")
-    check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    _check(isinstance(d, DiffusionConfig), f"a diffusion config is a DiffusionConfig, got {type(d).__name__}")
+    _check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     # The process keeps tables of T float64s; 100 times DDPM's 1000 is far past any use.
-    check(is_int(d.num_timesteps) and 2 <= d.num_timesteps <= 100_000,
-          f"diffusion.num_timesteps must be an integer from 2 to 100,000, got {d.num_timesteps!r}")  # fmt: skip
-    check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
+    _check(_is_int(d.num_timesteps) and 2 <= d.num_timesteps <= 100_000,
+           f"diffusion.num_timesteps must be an integer from 2 to 100,000, got {d.num_timesteps!r}")  # fmt: skip
+    _check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
-        check(is_number(d.beta_start) and is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
-              f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
+        _check(_is_number(d.beta_start) and _is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
+               f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
     return d

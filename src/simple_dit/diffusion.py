@@ -114,6 +114,12 @@ class _Process:
     # pass instead of two (the guidance interval of Kynkaanniemi et al. 2024).
     default_guidance_interval: tuple[float, float] = GUIDE_EVERY_STEP
 
+    def __init__(self, config: DiffusionConfig):
+        from .config import validate_diffusion_config
+
+        self.config = validate_diffusion_config(config)  # a bad one fails here, not as NaN tables or at the first sample
+        self.num_timesteps = config.num_timesteps
+
     def ready_for(self, device: torch.device | str) -> "_Process":
         """This process with the tables its training step reads already on ``device``: copied there
         inside a compiled step, they would be CPU inputs (no CUDA graphs) and cost a recompile."""
@@ -158,10 +164,7 @@ class GaussianDiffusion(_Process):
     samplers = ("ddim", "ddpm", "dpm++2m")  # the first is the default
 
     def __init__(self, config: DiffusionConfig | None = None):
-        from .config import validate_diffusion_config
-
-        self.config = validate_diffusion_config(config or DiffusionConfig())
-        self.num_timesteps = self.config.num_timesteps
+        super().__init__(config or DiffusionConfig())
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alpha_bars = torch.cumprod(self.alphas, dim=0)
@@ -274,12 +277,6 @@ class RectifiedFlow(_Process):
     # guiding every step, for 4, 10 and 20 Euler steps and two seeds (BENCHMARKS.md), and spares
     # one of the eight forward passes of the default 4-step sampler.
     default_guidance_interval = (0.3, 1.0)
-
-    def __init__(self, config: DiffusionConfig):
-        from .config import validate_diffusion_config
-
-        self.config = validate_diffusion_config(config)
-        self.num_timesteps = config.num_timesteps
 
     def _model_time(self, t: torch.Tensor | float) -> torch.Tensor | float:
         return t * (self.num_timesteps - 1)
