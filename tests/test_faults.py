@@ -22,7 +22,7 @@ import torch
 from conftest import RESUME_TOLERANCE, assert_user_error, devices, largest_weight_difference, run_cli, snapshot
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
-from simple_dit.io import DirectoryLock
+from simple_dit.io import DirectoryLock, is_temporary
 from simple_dit.train import train
 
 pytestmark = pytest.mark.faults
@@ -116,7 +116,7 @@ def _kill_when(proc: subprocess.Popen, run: Path, rng: random.Random) -> bool:
         if proc.poll() is not None:
             return True
         if during_write:
-            return any(p.name.endswith(".tmp") for p in run.iterdir()) if run.is_dir() else False
+            return any(is_temporary(p.name) for p in run.iterdir()) if run.is_dir() else False
         return (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0
 
     wait_for(ready, timeout=120, interval=0.0005 if during_write else 0.01)  # a small checkpoint is written in milliseconds
@@ -147,7 +147,7 @@ def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
     assert_same_weights(out, straight)
     steps = [r["step"] for r in strict_json_lines(out / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
-    stray = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    stray = [p.name for p in out.iterdir() if is_temporary(p.name)]
     assert not stray, stray
 
 
@@ -237,7 +237,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(straigh
     after = snapshot(out)
     assert after["checkpoint.safetensors"] == before["checkpoint.safetensors"]
     assert load_weights(out)[2]["step"] == STEPS
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if is_temporary(p.name)]
     strict_json_lines(out / "metrics.jsonl")
 
 

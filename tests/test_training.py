@@ -19,6 +19,7 @@ from simple_dit.checkpoint import (
 from simple_dit.config import RunConfig, get_preset
 from simple_dit.diffusion import GaussianDiffusion
 from simple_dit.errors import UserError
+from simple_dit.io import is_temporary
 from simple_dit.models import build_model
 from simple_dit.runtime import has_fused_adamw
 from simple_dit.sample import Pipeline
@@ -138,7 +139,7 @@ def saved_state(tmp_path):
 def test_checkpoint_file_holds_weights_ema_optimizer_and_rng(saved_state):
     s = saved_state
     assert s["path"] == s["dir"] / CHECKPOINT_NAME and s["path"].is_file()
-    assert not [p for p in s["dir"].iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+    assert not [p for p in s["dir"].iterdir() if is_temporary(p.name)]  # no temporary left behind
     tensors, meta = read_checkpoint(s["path"])
     assert meta["format"] == "simple-dit/1"
     for k, v in s["model"].state_dict().items():
@@ -390,8 +391,10 @@ def test_a_new_run_starts_over_only_an_attempt_that_never_checkpointed(straight_
     shutil.copyfile(straight_run / CONFIG_NAME, early / CONFIG_NAME)
     (early / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (early / ".checkpoint.safetensors.abc.tmp").write_bytes(b"half")
+    (early / ".tmpRYi5pD").write_bytes(b"half")  # safetensors' own temporary, left by a kill in the middle of a checkpoint
     train(tiny_config(max_steps=2), early, progress=False, device="cpu", final_samples=False)
     assert load_weights(early)[2]["step"] == 2
+    assert not [p.name for p in early.iterdir() if is_temporary(p.name)]
 
 
 def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, monkeypatch, capsys):

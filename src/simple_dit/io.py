@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -56,12 +57,19 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is that of an unfinished write: ``atomic_write``'s (".NAME.XXXX.tmp"),
+    or the one safetensors (0.8: Rust's tempfile, ".tmpXXXXXX") writes a file through before
+    renaming it, which a kill in the middle of a checkpoint leaves behind."""
+    return (name.startswith(".") and name.endswith(".tmp")) or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name) is not None
+
+
 def remove_stale_temporaries(directory: Path) -> None:
-    """Delete the temporary files of ``atomic_write`` calls that a killed process never finished.
-    Call it only while holding the directory's lock, when no write of another process can be in
-    flight."""
-    for tmp in Path(directory).rglob(".*.tmp"):
-        _remove(str(tmp))
+    """Delete the temporary files of writes that a killed process never finished. Call it only
+    while holding the directory's lock, when no write of another process can be in flight."""
+    for tmp in Path(directory).rglob(".*"):
+        if is_temporary(tmp.name) and tmp.is_file():
+            _remove(str(tmp))
 
 
 def _remove(path: str) -> None:

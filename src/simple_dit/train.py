@@ -29,7 +29,7 @@ from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
-from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, write_json
+from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
@@ -321,8 +321,7 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
 
 
 # What a run leaves before its first checkpoint; a new run may start over in a directory holding
-# only these (a run killed early is started again, not resumed). Names ending in .tmp are
-# unfinished atomic writes.
+# only these (a run killed early is started again, not resumed), and unfinished writes (io.is_temporary).
 _UNFINISHED_ATTEMPT = {CONFIG_NAME, METRICS_NAME, "tb", "samples", LOCK_NAME, "wandb", WANDB_RUN_NAME}
 
 
@@ -331,7 +330,7 @@ def _check_only_an_unfinished_attempt(out_dir: Path) -> None:
     and grids), an export, or files that are not a run's."""
     if not out_dir.is_dir():
         return
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in _UNFINISHED_ATTEMPT and not p.name.endswith(".tmp"))
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in _UNFINISHED_ATTEMPT and not is_temporary(p.name))
     config_is_a_runs = True
     if (out_dir / CONFIG_NAME).is_file():
         try:
