@@ -276,15 +276,21 @@ def test_a_run_resumes_where_the_fused_adamw_is_missing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("device", devices)
-def test_a_run_trained_without_the_fused_adamw_resumes_with_it(tmp_path, monkeypatch, device):
+@pytest.mark.parametrize("preset, precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
+def test_a_run_trained_without_the_fused_adamw_resumes_with_it(tmp_path, monkeypatch, device, preset, precision):
     # The other way round (a CPU run of PyTorch < 2.4, resumed where the fused kernel exists): the
     # step counters must be loaded as the fused kernel wants them, on the parameters' GPU, not on
     # the CPU where the unfused AdamW keeps them (CUDA's fused kernel refused those).
+    def config(steps: int):
+        c = tiny_config(preset, max_steps=steps)
+        c.train.precision = precision
+        return c
+
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr("simple_dit.train.has_fused_adamw", lambda device: False)
-        train(tiny_config(max_steps=5), run, progress=False, device="cpu")
-    train(tiny_config(max_steps=10), run, resume=True, progress=False, device=device)
+        train(config(5), run, progress=False, device="cpu")
+    train(config(10), run, resume=True, progress=False, device=device)
     _, meta = read_checkpoint(run / CHECKPOINT_NAME)
     expected = has_fused_adamw(torch.device(device))
     assert [g["fused"] for g in json.loads(meta["optimizer"])["param_groups"]] == [expected]
