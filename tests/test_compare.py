@@ -640,6 +640,38 @@ def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, caps
     assert len(err) == 1 and "is damaged or from an older simple-dit" in err[0] and snapshot(out) == before
 
 
+@pytest.mark.parametrize("damage", [
+    lambda r: r.pop("step"), lambda r: r.update(fid="bad", target_kind="epochs"), lambda r: r.update(fid_ci=[1.0]),
+    lambda r: r.update(by_guidance=[{}], images_seen=None),
+])  # fmt: skip
+def test_a_damaged_evaluation_record_is_skipped_and_scored_again(sweep, tmp_path, capsys, damage):
+    """A record edited by hand (or from a damaged file) is not a traceback in the report: its
+    point counts as not scored, and the next run of the comparison scores it again."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    damaged = out / "runs" / SWEEP_RUNS[0] / C.EVALS_NAME
+    records = read_jsonl(damaged)
+    damage(records[-1])
+    metrics = out / "runs" / SWEEP_RUNS[0] / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": "x", "loss": 1.0}) + "\n" + json.dumps({"step": 3, "loss": "nan"}) + "\n")
+    damaged.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: sweep["kwargs"]["meter"])
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    runs = {run["run_dir"]: run for entry in json.loads((out / "results.json").read_text())["presets"] for run in entry["runs"]}
+    assert len(runs[f"runs/{SWEEP_RUNS[0]}"]["evals"]) == len(records) - 1 and not runs[f"runs/{SWEEP_RUNS[0]}"]["complete"]
+    assert "report:" in capsys.readouterr().out
+    scored = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        evaluate = C.runner._evaluate
+        mp.setattr(C.runner, "_evaluate", lambda run_dir, *a, **k: scored.append(run_dir.name) or evaluate(run_dir, *a, **k))
+        C.compare("dit-tiny", "320-images", out, **sweep["kwargs"])
+    assert scored[0] == SWEEP_RUNS[0] and len(read_jsonl(damaged)) == len(records) + 1
+
+
 def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_path):
     """Records kept in git rewrite their report on a machine without the dataset: the floor is the
     last report's, scored at the same sample count and seed; with another count it is scored again."""

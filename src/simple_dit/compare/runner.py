@@ -25,6 +25,7 @@ from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, 
 from ..extras import require
 from ..io import DirectoryLock, append_jsonl, ensure_writable_dir, read_jsonl, write_json
 from ..logger import WandbOptions
+from ..runtime import is_integer
 from .budget import (
     DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_guidances, parse_lrs, parse_objectives, parse_presets,
     parse_seeds, run_name, schedule,
@@ -233,7 +234,7 @@ def _set_stop(config, target: Target):
 def _record_guidance(run_dir: Path, settings: Settings, targets: list[Target], seed: int) -> None:
     """With several guidance scales, a finished run records in guidance.json the scale its final
     evaluation picked, so that sample, eval and the Python API use it by default."""
-    records = read_jsonl(run_dir / EVALS_NAME)
+    records = read_evals(run_dir)
     last = next((r for r in records if (r.get("target_kind"), round(float(r.get("target", -1)), 6)) == targets[-1].key()), None)
     if len(settings.guidances) < 2 or last is None or "by_guidance" not in last:
         return
@@ -291,7 +292,7 @@ def _run_one(
 def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
     """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with no
     checkpoint starts over: its other files are from an attempt that never checkpointed."""
-    records = read_jsonl(run_dir / EVALS_NAME, repair=True)
+    records = read_evals(run_dir, repair=True)
     if any(rec.get("diverged") for rec in records):
         return None
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
@@ -369,7 +370,7 @@ def groups_together(plan: list[PlannedRun], size: int) -> list[list[PlannedRun]]
 
 def _final_record(run_dir: Path, targets: list[Target]) -> dict | None:
     """The evals.jsonl record of the run's last evaluation point (None before it, or diverged)."""
-    last = next((r for r in read_jsonl(run_dir / EVALS_NAME) if (r.get("target_kind"), round(float(r.get("target", -1)), 6)) == targets[-1].key()), None)
+    last = next((r for r in read_evals(run_dir) if (r.get("target_kind"), round(float(r.get("target", -1)), 6)) == targets[-1].key()), None)
     return None if last is None or last.get("diverged") or last.get("fid") is None else last
 
 
@@ -379,7 +380,7 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
     while its weights are on disk: a comparison that outlives its checkpoints (records kept in git
     across machines) still has every confirmation."""
     final = _final_record(run_dir, targets)
-    if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_jsonl(run_dir / CONFIRM_NAME)}):
+    if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_confirmations(run_dir)}):
         return
     state = _train_state(run_dir)
     if state is None or state["step"] != final["step"]:
@@ -451,7 +452,7 @@ def compare(
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import GaussianDiffusion, check_sampler, make_process
-    from ..runtime import MAX_COUNT, PRECISIONS, check_positive_int, is_integer, parse_device
+    from ..runtime import MAX_COUNT, PRECISIONS, check_positive_int, parse_device
 
     require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
     if wandb is not None:
@@ -687,7 +688,8 @@ def pick_best(runs: Sequence[dict]) -> dict:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The training records of metrics.jsonl (a resumed run has already dropped the records of
     steps it redid, see train._truncate_metrics)."""
-    return [rec for rec in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in rec]
+    return [rec for rec in read_jsonl(Path(run_dir) / "metrics.jsonl")
+            if is_integer(rec.get("step")) and "loss" in rec and all(rec.get(k) is None or _is_number(rec[k]) for k in ("loss", "images_per_s"))]  # fmt: skip
 
 
 def guidance_rows(record: dict, default_guidance: float | None = None) -> list[dict]:
@@ -701,6 +703,43 @@ def guidance_rows(record: dict, default_guidance: float | None = None) -> list[d
 
 
 _SCORE_KEYS = {"n", "fid", "label_accuracy", "precision", "recall", "class_balance_tv"} | {f"{m}_ci" for m in CI_METRICS}
+
+
+def read_evals(run_dir: Path, *, repair: bool = False) -> list[dict]:
+    """The evaluation records of the run's evals.jsonl. A record the report could not read (edited
+    by hand, or from a damaged file) is skipped: its point counts as not yet scored, and a rerun
+    scores it again."""
+    return [rec for rec in read_jsonl(Path(run_dir) / EVALS_NAME, repair=repair) if _is_eval_record(rec)]
+
+
+def read_confirmations(run_dir: Path) -> list[dict]:
+    """The confirmation records of the run's confirm.jsonl, skipping unreadable ones as ``read_evals`` does."""
+    return [rec for rec in read_jsonl(Path(run_dir) / CONFIRM_NAME) if _are_scores(rec) and is_integer(rec.get("step"))]
+
+
+def _is_eval_record(rec: dict) -> bool:
+    """Where the record was taken (point, target, step, images, seconds), and its scores unless it
+    records a divergence."""
+    where = (rec.get("target_kind") in ("steps", "seconds") and _is_number(rec.get("target")) and is_integer(rec.get("point"))
+             and is_integer(rec.get("step")) and _is_number(rec.get("images_seen")) and _is_number(rec.get("train_seconds")))  # fmt: skip
+    if not where or rec.get("diverged"):
+        return where
+    rows = rec.get("by_guidance", [])  # absent in records of older versions
+    return _are_scores(rec) and isinstance(rows, list) and all(_are_scores(row) and _is_number(row.get("guidance")) for row in rows)
+
+
+def _are_scores(rec) -> bool:
+    """Scores as ``evaluate.Scores`` writes them: numbers (null where not finite), intervals [lo, hi]."""
+    def interval(v) -> bool:
+        return v is None or (isinstance(v, list) and len(v) == 2 and all(x is None or _is_number(x) for x in v))
+
+    return (isinstance(rec, dict) and (rec.get("guidance") is None or _is_number(rec["guidance"]))
+            and all(rec.get(k) is None or _is_number(rec[k]) for k in _SCORE_KEYS if not k.endswith("_ci"))
+            and all(interval(rec.get(f"{m}_ci")) for m in CI_METRICS))  # fmt: skip
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def seed_stats(values: Sequence[float | None], ci: Sequence[float] | None = None) -> dict:
@@ -824,7 +863,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
             "objective_override": settings.objectives is not None, **stats[preset], "runs": [],
         })  # fmt: skip
         entry["train_flops_per_image"] = 3 * stats[preset]["gflops_per_image"] * 1e9
-        evals = sorted(read_jsonl(run.run_dir / EVALS_NAME), key=lambda r: (r["step"], r.get("point", 0)))
+        evals = sorted(read_evals(run.run_dir), key=lambda r: (r["step"], r.get("point", 0)))
         metrics = read_metrics(run.run_dir)
         speeds = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
         batch = stats[preset]["batch_size"]
@@ -839,7 +878,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
             "images_per_s": statistics.median(speeds) if speeds else None,
             "final": evals[-1] if evals else None,
             "evals": evals,
-            "confirmed": read_jsonl(run.run_dir / CONFIRM_NAME),
+            "confirmed": read_confirmations(run.run_dir),
             "loss": [{"step": m["step"], "images_seen": m["step"] * batch, "loss": m["loss"]} for m in metrics if "loss" in m],
         })  # fmt: skip
     for entry in presets.values():
