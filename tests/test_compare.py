@@ -457,6 +457,8 @@ def test_effects_separate_the_backbone_from_the_objective():
         (["--presets", "dit-tiny", "--budget", "640-images", "--guidances", "1,x"], "malformed --guidances '1,x'"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--guidances", "1,nan"], "must be finite"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--objective", "flow", "--sampler", "ddim"], "sampler 'ddim'"),
+        (["--presets", "dit-tiny", "--budget", "1e300-images"], "more than a run can take"),
+        (["--presets", "unet-tiny,dit-tiny", "--budget", "1e24-flops"], "steps at batch 32, more than a run can take"),
     ],
 )
 def test_cli_rejects_bad_input(args, fragment, tmp_path, capsys):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import UserError
-from ..runtime import check_seed
+from ..runtime import MAX_COUNT, check_seed
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 
@@ -212,6 +212,8 @@ def schedule(budget: Budget, fractions: Sequence[float], batch_size: int, gflops
     if budget.kind == "seconds":
         return [Target(k + 1, f, "seconds", round(f * budget.amount, 9)) for k, f in enumerate(fractions)]
     images = images_per_budget(budget, gflops_per_image)
+    if round(images / batch_size) > MAX_COUNT:
+        raise UserError(f"budget {budget} is {_compact(images / batch_size)} steps at batch {batch_size}, more than a run can take ({MAX_COUNT:,})")
     targets: list[Target] = []
     for f in fractions:
         steps = max(1, round(f * images / batch_size))

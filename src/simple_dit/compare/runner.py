@@ -486,6 +486,9 @@ def compare(
             check_sampler(process, sampler)
             if isinstance(process, GaussianDiffusion):
                 process.timesteps(steps)
+    stats = {p: _model_stats(p) for p in preset_names}
+    for preset in preset_names:  # a budget of more steps than a run can take
+        schedule(budget, fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
     device = parse_device(device)
     settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile), final_n)
     out_dir = Path(out_dir)
@@ -496,7 +499,7 @@ def compare(
         ensure_writable_dir(out_dir / "runs")
         _check_settings(out_dir, settings)
         wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
-        return _run_all(out_dir, settings, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
+        return _run_all(out_dir, settings, stats, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
 
 
 @dataclass(frozen=True)
@@ -595,10 +598,9 @@ def _confirmed(settings: Settings, run: dict) -> dict | None:
     return next((c for c in run.get("confirmed", []) if all(c.get(k) == v for k, v in key.items())), None)
 
 
-def _run_all(out_dir: Path, settings: Settings, *, data_dir, device, log, meter, wandb=None, together: int = 1) -> dict:
+def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device, log, meter, wandb=None, together: int = 1) -> dict:
+    """``stats``: the ``_model_stats`` of each preset of ``settings``."""
     budget, eval_n = settings.budget, settings.eval_n
-
-    stats = {p: _model_stats(p) for p in settings.presets}
     plan = plan_runs(out_dir, settings, stats)
     log(
         f"{len(plan)} run{'s' if len(plan) != 1 else ''} of {budget.describe()} each, {len(settings.fractions)} evaluation point{'s' if len(settings.fractions) != 1 else ''}, "
