@@ -289,6 +289,44 @@ def test_damaged_files_give_a_clear_error_or_are_repaired(name, how, straight, t
     assert steps == sorted(steps) and steps[-1] == STEPS + 5
 
 
+def test_resuming_a_finished_run_writes_nothing(straight, tmp_path):
+    """Rerunning the command of a run that has reached its stop is not an error, and does not
+    rewrite its checkpoint, records or grids."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    resumed = run_cli(*RESUME, "--out", out, "--max-steps", STEPS)
+    assert resumed.returncode == 0 and f"already at its stop (step {STEPS}); nothing to train" in resumed.stderr, resumed.stderr
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
+@pytest.mark.parametrize("name", ["samples", "tb", "metrics.jsonl"])
+def test_a_file_in_the_way_of_the_runs_own_is_refused_before_training(name, straight, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    subprocess.run(["rm", "-rf", str(out / name)], check=True)
+    (out / name).mkdir() if name.endswith(".jsonl") else (out / name).write_text("in the way")
+    before = snapshot(out)
+    assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), f"{out / name} is in the way")
+    assert snapshot(out) == before
+
+
+def test_a_checkpoint_with_non_finite_weights_is_damaged_not_diverged(straight, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    path = out / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path), metadata=metadata)
+    assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "holds non-finite weights: it is damaged")
+
+
 def test_a_garbled_line_of_metrics_loses_only_itself(tmp_path):
     from simple_dit.logger import truncate_metrics
 

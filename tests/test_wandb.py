@@ -176,6 +176,26 @@ def test_a_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@needs_wandb
+def test_a_resume_whose_wandb_cannot_start_leaves_the_run_as_it_was(tmp_path, mnist_dir, monkeypatch, capsys):
+    """The new stopping rule is not recorded, nor the records past the checkpoint dropped, for a
+    resume that never started."""
+    import wandb
+
+    from conftest import snapshot
+
+    run = tmp_path / "run"
+    train(tiny_config(max_steps=4), run, progress=False, device="cpu", final_samples=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 9, "loss": 1.0}) + "\n")  # a record past the checkpoint, of a killed attempt
+    before = snapshot(run)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: (_ for _ in ()).throw(wandb.errors.UsageError("api_key not configured")))
+    argv = ["train", "--resume", "--out", str(run), "--max-steps", "8", "--no-progress", "--data-dir", str(mnist_dir), "--wandb"]
+    assert main(argv) == 2
+    assert "cannot start a W&B run" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(run).items() if k not in (WANDB_RUN_NAME, ".lock")} == {k: v for k, v in before.items() if k != ".lock"}
+
+
 def test_wandb_flag_without_wandb_installed_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     out = tmp_path / "run"

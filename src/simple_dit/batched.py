@@ -35,7 +35,7 @@ from .models.embeddings import LabelEmbedder
 from .runtime import autocast, compile_model, parse_device, rng_state, set_rng_state, synchronize
 from .train import (
     EpochOrder, StopSignals, TrainState, _Window, clip_and_step, ema_decay_at, load_training_set, lr_at, planned_steps,
-    prepare_output_dir, start_run, training_precision, update_ema, warm_up_compiled,
+    prepare_output_dir, record_start, start_run, training_precision, update_ema, warm_up_compiled,
 )  # fmt: skip
 
 # What runs trained together must share; everything else (lr, seed, warm-up, EMA, clipping,
@@ -198,6 +198,7 @@ def train_together(
             out_dir, tc = Path(out_dir), config.train
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
             model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device)
+            record_start(config, out_dir, state.step)
             logger = RunLogger(out_dir, enabled=True, config=config.to_dict())
             cleanup.callback(logger.close)
             max_steps = planned_steps(tc, len(dataset))  # never 0: --minutes is refused above

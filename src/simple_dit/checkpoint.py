@@ -157,6 +157,9 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
         ema.load_state_dict(_read(handle, path, "ema."))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
+    if not all(bool(torch.isfinite(p).all()) for p in (*model.parameters(), *ema.parameters())):
+        # Training checks the loss before every save, so these are damaged weights, not a divergence.
+        raise UserError(f"checkpoint {path} holds non-finite weights: it is damaged; restore it or train again")
     # Which kernel computes the update is this machine's choice, not the run's: a run trained
     # with the fused CPU AdamW (PyTorch >= 2.4) resumes on a PyTorch without it, and one trained
     # without it resumes fused. The flags go into the saved groups before loading, because loading

@@ -38,7 +38,8 @@ class RunLogger:
         self.enabled = enabled
         # W&B first: a W&B that cannot start is a user error, raised before any file is opened.
         self.wandb = WandbSink(Path(run_dir), config or {}, wandb) if enabled and wandb else None
-        self.metrics_file = open(Path(run_dir) / METRICS_NAME, "a") if enabled else None
+        self.metrics_path = Path(run_dir) / METRICS_NAME
+        self.metrics_file = None  # opened by the first record: train.record_start may rewrite the file until then
         self.tensorboard = _tensorboard_writer(Path(run_dir) / "tb") if enabled else None
 
     def log(self, record: dict, *, scalars: dict[str, str] | None = None) -> None:
@@ -46,6 +47,8 @@ class RunLogger:
         to TensorBoard tags."""
         if not self.enabled:
             return
+        if self.metrics_file is None:
+            self.metrics_file = open(self.metrics_path, "a")
         self.metrics_file.write(dumps_strict(record) + "\n")
         self.metrics_file.flush()
         if self.tensorboard is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write
-from .config import RunConfig, validate_model_config
+from .config import RunConfig
 from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
@@ -24,6 +24,22 @@ from .runtime import autocast, check_positive_int, check_seed, parse_device, res
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
 MAX_SANE_GUIDANCE = 100.0  # far past any useful scale (the web page allows 20); where sampling overflows, a likelier cause than the weights
+
+
+def _check_model_matches(model_config, model: torch.nn.Module) -> None:
+    """``model`` is the network ``model_config`` describes (its class, and every weight's shape)."""
+    with torch.device("meta"):  # the shapes without the memory
+        expected = build_model(model_config)
+    given = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(given, type(expected)):
+        differs = f"a {type(given).__name__} for a {type(expected).__name__}"
+    else:
+        shapes = {name: tuple(t.shape) for name, t in given.state_dict().items()}
+        wanted = {name: tuple(t.shape) for name, t in expected.state_dict().items()}
+        first = next((name for name in wanted if shapes.get(name) != wanted[name]), None) or next((n for n in shapes if n not in wanted), None)
+        differs = first and f"{first} is {shapes.get(first, 'missing')}, the config's {wanted.get(first, 'absent')}"
+    if differs:
+        raise UserError(f"the model is not the network config.model describes ({differs}); build it with simple_dit.models.build_model(config.model)")
 
 
 class Pipeline:
@@ -40,7 +56,7 @@ class Pipeline:
     ):
         if not isinstance(config, RunConfig) or not isinstance(model, torch.nn.Module):
             raise UserError(f"a Pipeline takes a RunConfig and a torch module, got {type(config).__name__} and {type(model).__name__}")
-        validate_model_config(config.model)
+        _check_model_matches(config.model, model)
         self.config = config
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call

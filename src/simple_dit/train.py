@@ -271,11 +271,10 @@ def check_resumable(config: RunConfig, out_dir: Path) -> None:
                         "(simple_dit.checkpoint.load_config) or train a new run")  # fmt: skip
 
 
-def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, write: bool = True, stop_step: int = 0):
+def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.device, stop_step: int = 0):
     """The run's model, EMA, optimiser and ``TrainState``: new ones from its seed, or its
-    checkpoint's (which also restores the global RNG). ``write`` brings ``out_dir`` in line. A
-    resumed run whose checkpoint is past ``stop_step`` (0: no step limit) is refused before
-    anything is written."""
+    checkpoint's (which also restores the global RNG). A resumed run whose checkpoint is past
+    ``stop_step`` (0: no step limit) is refused. Writes nothing: ``record_start`` does."""
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -286,18 +285,25 @@ def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.d
         if stop_step and state.step > stop_step:
             raise UserError(f"{out_dir} is at step {state.step}, past the requested stop (step {stop_step}); "
                             "--resume with a later one continues it")  # fmt: skip
-    if write:
-        # Records past the checkpoint (for a new run: of an attempt that never checkpointed) are
-        # about to be redone; config.json is rewritten on resume too, which records a new
-        # stopping rule and repairs a damaged copy.
-        truncate_metrics(out_dir, state.step)
-        write_json(out_dir / CONFIG_NAME, config.to_dict())
     return model, ema, optimizer, state
+
+
+def record_start(config: RunConfig, out_dir: Path, step: int) -> None:
+    """Bring ``out_dir``'s records in line with a run (re)starting at ``step``: the records past it
+    (for a new run: of an attempt that never checkpointed) are about to be redone, and config.json
+    is rewritten on resume too, which records a new stopping rule and repairs a damaged copy."""
+    truncate_metrics(out_dir, step)
+    (out_dir / METRICS_NAME).touch()  # a run has its record from the start, empty until the first log
+    write_json(out_dir / CONFIG_NAME, config.to_dict())
 
 
 def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
     """Check ``out_dir`` against ``resume`` and lock it for this process."""
     def check() -> None:
+        for name, is_dir in ((CHECKPOINT_NAME, False), (CONFIG_NAME, False), (METRICS_NAME, False), ("samples", True), ("tb", True)):
+            if (out_dir / name).exists() and (out_dir / name).is_dir() != is_dir:
+                raise UserError(f"{out_dir / name} is in the way: the run writes its {name} there as a "
+                                f"{'directory' if is_dir else 'file'}; move it away")  # fmt: skip
         if resume and not (out_dir / CHECKPOINT_NAME).is_file():
             raise UserError(f"--resume: no checkpoint in {out_dir}")
         if not resume and (out_dir / CHECKPOINT_NAME).exists():
@@ -405,7 +411,12 @@ def train(
             check_resumable(config, out_dir)
         max_steps = planned_steps(tc, len(dataset))
 
-        model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, write=is_main, stop_step=max_steps)
+        model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, stop_step=max_steps)
+        if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
+            if is_main:  # rerunning a finished command is not an error, and must not redo its last checkpoint
+                print(f"simple-dit: {out_dir} is already at its stop (step {state.step}); nothing to train. "
+                      "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
+            return out_dir / CHECKPOINT_NAME
         diffusion = make_process(config.diffusion).ready_for(device)
         if rank > 0:
             # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
@@ -416,8 +427,11 @@ def train(
 
             forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+        # Before the records are touched: a W&B run that cannot start leaves them as they were.
         logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
         cleanup.callback(logger.close)
+        if is_main:
+            record_start(config, out_dir, state.step)
         signals = cleanup.enter_context(StopSignals())
         # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
         ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
