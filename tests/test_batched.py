@@ -184,3 +184,35 @@ def test_a_failing_compiler_leaves_runs_trained_together_eager(tmp_path, mnist_d
     assert train_together(_group("dit-tiny", tmp_path, "run", steps=4, compile=True), device="cpu") == {}
     assert capsys.readouterr().err.count("torch.compile failed (RuntimeError: no C++ compiler); training eager") == 1
     assert all(load_weights(tmp_path / f"run{k}")[2]["step"] == 4 for k in range(2))
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_the_batched_step_uses_no_kernel_that_vmap_cannot_batch_on_cuda(preset):
+    """On an H200 (PyTorch 2.11), vmap failed in BatchNorm, whose backend choice asks for the
+    input's memory format ("NYI: querying is_contiguous inside of vmap"), and in the backward of
+    the memory-efficient attention ("LSE is not correctly aligned"). The batched network computes
+    both from plain ops, on every device, so this CPU test sees the ops CUDA would run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from simple_dit.bench import step_together
+    from simple_dit.diffusion import make_process
+    from simple_dit.models import build_model
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    config = get_preset(preset)
+    diffusion = make_process(config.diffusion).ready_for(torch.device("cpu"))
+    step = step_together(build_model(config.model).train(), config, diffusion, torch.randn(4, 1, 28, 28), torch.arange(4), 2,
+                         precision="fp32", compile=False)  # fmt: skip
+    with Ops() as ops:
+        step()
+    assert "addmm" in ops.names or "convolution" in ops.names  # the mode saw the step
+    unbatchable = {name for name in ops.names if "batch_norm" in name or "attention" in name}
+    assert not unbatchable, unbatchable

@@ -31,6 +31,7 @@ from .config import RunConfig, validate_config
 from .diffusion import make_process
 from .errors import Interrupted, TrainingDiverged, UserError
 from .logger import RunLogger
+from .models.dit import Attention, plain_attention
 from .models.embeddings import LabelEmbedder
 from .runtime import autocast, compile_model, parse_device, rng_state, set_rng_state, synchronize
 from .train import (
@@ -101,6 +102,13 @@ class BatchedLoss:
         for module in self.network.modules():
             if isinstance(module, LabelEmbedder):
                 module.dropout_prob = 0.0
+            # On CUDA, vmap cannot batch two fused kernels: the memory-efficient attention's
+            # backward ("LSE is not correctly aligned") and BatchNorm, whose backend choice asks
+            # for the input's memory format ("NYI: querying is_contiguous inside of vmap").
+            elif isinstance(module, Attention):
+                module.__class__ = _VmapAttention
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.__class__ = _VmapBatchNorm2d
         if hasattr(self.network, "memory_format"):
             # Stacked weights are ordinary contiguous tensors, and vmap cannot query channels-last.
             self.network.memory_format = torch.contiguous_format
@@ -117,6 +125,32 @@ class BatchedLoss:
             return self.diffusion.loss_at(network, x0, y, t, noise), buffers
 
         return vmap(one)(params, buffers, x0, y, t, noise)
+
+
+class _VmapAttention(Attention):
+    """DiT's attention from plain ops on every device (same parameters)."""
+
+    attend = staticmethod(plain_attention)
+
+
+class _VmapBatchNorm2d(torch.nn.BatchNorm2d):
+    """``BatchNorm2d`` in training mode from plain ops (same parameters and buffers, same
+    arithmetic: normalised by the biased batch variance, running variance updated with the
+    unbiased one), the statistics in fp32 as the native kernels keep them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        else:
+            mean, var = xf.mean((0, 2, 3)), xf.var((0, 2, 3), correction=0)
+            with torch.no_grad():
+                n = xf.numel() // xf.shape[1]
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * (n / max(n - 1, 1)), self.momentum)
+                self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
 def stacked(models: list[torch.nn.Module]) -> tuple[dict, dict]:

@@ -50,7 +50,12 @@ class Attention(nn.Module):
         sequences, the three plain ops train faster than the fused CPU kernel (BENCHMARKS.md)."""
         if q.is_cuda:
             return F.scaled_dot_product_attention(q, k, v)
-        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v  # (N, h, T, T) @ (N, h, T, D/h)
+        return plain_attention(q, k, v)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v from three plain ops."""
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v  # (N, h, T, T) @ (N, h, T, D/h)
 
 
 class Mlp(nn.Module):
