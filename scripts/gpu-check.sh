@@ -96,7 +96,7 @@ if [ "$mode" = gpu ]; then
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --runs-together 3)
-  caps=(tests=240 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
+  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
 else
