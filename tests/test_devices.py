@@ -170,3 +170,14 @@ def test_auto_precision_on_a_gpu_wants_tensor_core_bf16(monkeypatch, capability,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     assert resolve_precision("auto", torch.device("cuda", 1)) == precision
     assert asked == [torch.device("cuda", 1)]  # the run's GPU, not the current one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the index is checked against the GPUs present")
+def test_a_gpu_the_machine_lacks_is_one_line():
+    """On the H200 check, `--device cuda:3` ended in "AssertionError: Invalid device id"."""
+    from simple_dit.errors import UserError
+    from simple_dit.runtime import parse_device
+
+    assert parse_device(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.device_count() - 1
+    with pytest.raises(UserError, match=f"this machine has {torch.cuda.device_count()} GPU"):
+        parse_device(f"cuda:{torch.cuda.device_count()}")

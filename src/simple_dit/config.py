@@ -191,6 +191,9 @@ def validate_model_config(m: ModelConfig) -> ModelConfig:
     return m
 
 
+MAX_MINUTES = 10**7
+
+
 def validate_config(config: RunConfig) -> RunConfig:
     """The one check of a run's recipe, shared by the CLI, compare and the Python API: every bad
     value is a one-line ``UserError`` naming the option."""
@@ -214,6 +217,7 @@ def validate_config(config: RunConfig) -> RunConfig:
         _check(_is_int(getattr(tc, name)), f"{_flag(name)} must be an integer, got {getattr(tc, name)!r}")
         _check(name == "seed" or getattr(tc, name) <= MAX_COUNT, f"{_flag(name)} must be at most {MAX_COUNT:,}, got {getattr(tc, name)}")
     check_seed(tc.seed)
+    _check(tc.minutes <= MAX_MINUTES, f"--minutes must be at most {MAX_MINUTES:,} (about 19 years), got {tc.minutes:g}")
     _check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     _check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
     _check(tc.eval_n >= 6, "--eval-n must be at least 6")

@@ -33,7 +33,7 @@ from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, wri
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
-    autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    MAX_COUNT, autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
     total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
@@ -87,7 +87,12 @@ class EpochOrder:
 def planned_steps(tc, num_examples: int) -> int:
     """The step at which training stops: ``max_steps``, else the steps of ``epochs`` (0 for a
     time budget alone)."""
-    return tc.max_steps or (0 if tc.minutes else math.ceil(tc.epochs * (num_examples // tc.batch_size)))
+    if tc.max_steps or tc.minutes:
+        return tc.max_steps
+    steps = tc.epochs * (num_examples // tc.batch_size)
+    if steps > MAX_COUNT:
+        raise UserError(f"--epochs {tc.epochs:g} is {steps:,.0f} steps at batch {tc.batch_size}, more than a run can take ({MAX_COUNT:,})")
+    return math.ceil(steps)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -405,11 +410,11 @@ def train(
 
     with contextlib.ExitStack() as cleanup:
         dataset = load_training_set(config, data_dir)  # a recipe that does not fit the data is refused before --out is touched
+        max_steps = planned_steps(tc, len(dataset))
         if is_main:
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
         if resume:
             check_resumable(config, out_dir)
-        max_steps = planned_steps(tc, len(dataset))
 
         model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, stop_step=max_steps)
         if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
@@ -463,9 +468,12 @@ def train(
             nonlocal meter
             from .evaluate import QualityMeter
 
-            meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
-            labels = ema_pipe.cycled_labels(tc.eval_n)
-            scores = dataclasses.asdict(meter.score(ema_pipe(labels=labels, steps=20, guidance=DEFAULT_GUIDANCE, seed=0), labels))
+            # Watching must not change what is trained: building the evaluator draws initial
+            # weights from the global RNG, whose state the next steps' noise comes from.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                meter = meter or QualityMeter(tc.dataset, data_dir, progress=False)
+                labels = ema_pipe.cycled_labels(tc.eval_n)
+                scores = dataclasses.asdict(meter.score(ema_pipe(labels=labels, steps=20, guidance=DEFAULT_GUIDANCE, seed=0), labels))
             record = {"step": state.step, "train_seconds": state.train_seconds} | {f"eval_{k}": v for k, v in scores.items() if v is not None}
             logger.log(record, scalars={f"eval_{k}": f"eval/{k}" for k in ("fid", "label_accuracy", "precision", "recall")})
 

@@ -73,6 +73,8 @@ def parse_budget(text: str) -> Budget:
         raise UserError(f"budget {raw!r} must be positive and finite")
     if kind == "images" and value < 1:
         raise UserError(f"budget {raw!r} is less than one image")
+    if kind == "seconds" and value < 1:
+        raise UserError(f"budget {raw!r} is less than a second of training")
     return Budget(kind, value)
 
 
