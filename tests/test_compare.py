@@ -471,6 +471,28 @@ def test_cli_rejects_bad_input(args, fragment, tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("holding, fragment", [
+    ({"report.md": "my notes", "notes.txt": "mine"}, "is not empty and holds no comparison (notes.txt)"),
+    ({"compare.json": '{"presets": ['}, "compare.json is damaged, so its runs' settings are unknown"),
+    ({"runs/dit-tiny_lr0.001/evals.jsonl": ""}, "holds runs but no compare.json"),
+    ({"dit-tiny_lr0.001/checkpoint.safetensors": ""}, "holds no comparison (dit-tiny_lr0.001)"),  # the runs/ of a comparison
+])  # fmt: skip
+def test_compare_refuses_a_directory_that_is_not_a_comparison(holding, fragment, tmp_path, capsys):
+    """A comparison writes its reports over the last ones: never over files that are not its."""
+    from conftest import assert_user_error, snapshot
+
+    from simple_dit.cli import main
+
+    out = tmp_path / "out"
+    for name, text in holding.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = snapshot(out)
+    rc = main(["compare", "--presets", "dit-tiny", "--budget", "320-images", "--lrs", "1e-3", "--out", str(out)])
+    assert_user_error(subprocess.CompletedProcess([], rc, *capsys.readouterr()), fragment)
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
 def test_cli_rejects_unwritable_out(tmp_path, capsys):
     from simple_dit.cli import main
 
@@ -644,7 +666,8 @@ def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, caps
 
 @pytest.mark.parametrize("damage", [
     lambda r: r.pop("step"), lambda r: r.update(fid="bad", target_kind="epochs"), lambda r: r.update(fid_ci=[1.0]),
-    lambda r: r.update(by_guidance=[{}], images_seen=None),
+    lambda r: r.update(by_guidance=[{}], images_seen=None), lambda r: r.update(grid="/etc/passwd"),
+    lambda r: r.update(by_guidance=[]), lambda r: r.update(grid="../../x.png", sampler=["x"]),
 ])  # fmt: skip
 def test_a_damaged_evaluation_record_is_skipped_and_scored_again(sweep, tmp_path, capsys, damage):
     """A record edited by hand (or from a damaged file) is not a traceback in the report: its

@@ -7,6 +7,7 @@ rate's guidance and each preset's best learning rate, and the verdict."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
 from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
 from ..extras import require
-from ..io import DirectoryLock, append_jsonl, ensure_writable_dir, read_jsonl, write_json
+from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from ..logger import WandbOptions
 from ..runtime import is_integer
 from .budget import (
@@ -85,6 +86,14 @@ class Settings:
                    compile=bool(d.get("compile", False)), final_n=int(d.get("final_n", 0)))  # fmt: skip
 
 
+# What a comparison writes into its directory (besides temporary files): anything else there is not its.
+_COMPARISON_FILES = {SETTINGS_NAME, "runs", LOCK_NAME, "report.md", "report.html", "results.json", "verdict.png", "loss.png", "guidance_frontier.png"}
+
+
+def _is_a_comparisons(name: str) -> bool:
+    return name in _COMPARISON_FILES or fnmatch.fnmatch(name, "quality_vs_*.png") or fnmatch.fnmatch(name, "samples_*.png") or is_temporary(name)
+
+
 def settings_on_disk(out_dir: Path) -> Settings:
     """The settings of the comparison in ``out_dir`` (its last invocation's, from compare.json)."""
     path = out_dir / SETTINGS_NAME
@@ -96,15 +105,35 @@ def settings_on_disk(out_dir: Path) -> Settings:
         raise UserError(f"{path} is damaged or from an older simple-dit ({type(e).__name__}: {e}); rerun the comparison with its settings") from None
 
 
+def _comparison_in(out_dir: Path) -> dict | None:
+    """The settings recorded in ``out_dir`` (None for an empty directory, or one holding only
+    what a comparison killed before recording them wrote); anything else is refused."""
+    path = out_dir / SETTINGS_NAME
+    if not out_dir.is_dir():
+        return None
+    if not path.exists():
+        others = sorted(p.name for p in out_dir.iterdir() if not _is_a_comparisons(p.name))
+        if others:
+            raise UserError(f"{out_dir} is not empty and holds no comparison ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                            "choose another --out")  # fmt: skip
+        if (out_dir / "runs").is_dir() and any((out_dir / "runs").iterdir()):
+            raise UserError(f"{out_dir} holds runs but no {SETTINGS_NAME} to say which settings they were trained with; restore it or choose another --out")
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise UserError(f"{path} is damaged, so its runs' settings are unknown; restore it (e.g. from git) or choose another --out")
+    return old
+
+
 def _check_settings(out_dir: Path, settings: Settings) -> None:
     """Refuse to mix results of different settings in one report directory."""
     path = out_dir / SETTINGS_NAME
     new = settings.to_dict()
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict):
+    old = _comparison_in(out_dir)
+    if old is not None:
         if "seeds" not in old:  # written before --seeds and --guidances
             if old.get("seed", 0) != 0:
                 raise UserError(
@@ -494,10 +523,11 @@ def compare(
     out_dir = Path(out_dir)
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"{out_dir} holds a training run; a comparison needs a directory of its own (--out)")
+    _comparison_in(out_dir)  # before the lock, so that a refused directory is left as it was
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
+        _check_settings(out_dir, settings)  # again under the lock
         ensure_writable_dir(out_dir / "runs")
-        _check_settings(out_dir, settings)
         wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
         return _run_all(out_dir, settings, stats, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
 
@@ -726,8 +756,11 @@ def _is_eval_record(rec: dict) -> bool:
              and is_integer(rec.get("step")) and _is_number(rec.get("images_seen")) and _is_number(rec.get("train_seconds")))  # fmt: skip
     if not where or rec.get("diverged"):
         return where
-    rows = rec.get("by_guidance", [])  # absent in records of older versions
-    return _are_scores(rec) and isinstance(rows, list) and all(_are_scores(row) and _is_number(row.get("guidance")) for row in rows)
+    rows = rec.get("by_guidance", [{"guidance": 0}])  # absent in records of older versions
+    grid = rec.get("grid", "")  # a file of the run's own, which the report copies
+    return (_are_scores(rec) and isinstance(rows, list) and bool(rows) and all(_are_scores(row) and _is_number(row.get("guidance")) for row in rows)
+            and isinstance(rec.get("sampler", ""), (str, type(None))) and isinstance(grid, str) and not Path(grid).is_absolute()
+            and ".." not in Path(grid).parts)  # fmt: skip
 
 
 def _are_scores(rec) -> bool:
