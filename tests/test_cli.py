@@ -429,3 +429,25 @@ def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
     started = subprocess.run([sys.executable, "-c", "import sys, simple_dit.launch; print('torch' in sys.modules)"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert started.stdout.strip() == "False", started.stderr
+
+
+def test_outputs_in_the_way_and_counts_past_the_data_are_refused_before_sampling(cli_run, tmp_path, capsys):
+    """Each of these used to sample first (a minute, or hours, on a real model) and fail after."""
+    from simple_dit.cli import main
+
+    def files():  # but .lock, which names the last process to take the run
+        return {name: digest for name, digest in snapshot(cli_run["run"]).items() if name != ".lock"}
+
+    (tmp_path / "o.npz").mkdir()
+    (tmp_path / "p.png").mkdir()
+    run = str(cli_run["run"])
+    for argv, fragment in (
+        (["sample", run, "--out", str(tmp_path / "o"), "--n", "3", "--steps", "2"], f"{tmp_path / 'o.npz'} is a directory"),
+        (["eval", run, "--n", "6", "--guidance", "1,2", "--steps", "2", "--plot", str(tmp_path / "p.png")], "p.png is a directory"),
+        (["eval", run, "--n", "60001", "--steps", "2"], "--n 60,001 is more than the 60,000 training images"),
+        (["serve", run, "--host", ""], "argument --host: must not be empty"),
+    ):
+        before = files()
+        rc = main(argv)
+        assert_user_error(subprocess.CompletedProcess(argv, rc, *capsys.readouterr()), fragment)
+        assert files() == before and not (tmp_path / "o.png").exists()

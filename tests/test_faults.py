@@ -322,9 +322,13 @@ def test_a_checkpoint_with_non_finite_weights_is_damaged_not_diverged(straight, 
         metadata = f.metadata()
     tensors = load_file(str(path))
     name = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    for prefix in ("model.", "ema."):
+        tensors[prefix + name[len("model."):]] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(path), metadata=metadata)
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
     assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "holds non-finite weights: it is damaged")
+    assert_user_error(run_cli("sample", out, "--out", tmp_path / "s", "--n", 2, "--no-gif"), "are not all finite: the file is damaged")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before and not list(tmp_path.glob("s.*"))
 
 
 def test_a_garbled_line_of_metrics_loses_only_itself(tmp_path):

@@ -193,7 +193,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web page to sample a run and see its training curves, or to show a compare report")
     p.add_argument("run_dir", type=_path, nargs="?", help="a run directory, an export, or a `simple-dit compare` output directory "
                    "(shows its report); default: the model shipped in the package")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", type=_nonempty, help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--device", type=_nonempty, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -301,6 +301,9 @@ def cmd_sample(args) -> None:
     labels = pipe.validate_labels(labels)
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
     ensure_writable_dir(out.parent)
+    for suffix in (".png", ".npz") + (() if args.no_gif else (".gif",)):  # all or none of them: fail before sampling
+        if out.with_name(out.name + suffix).is_dir():
+            raise UserError(f"{out.with_name(out.name + suffix)} is a directory; choose another --out")
     trajectory: list | None = None if args.no_gif else []
     images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
                   batch_size=args.batch_size, trajectory=trajectory, progress=True)  # fmt: skip
@@ -351,6 +354,8 @@ def cmd_eval(args) -> None:
     else:
         raise UserError(f"{args.source} is neither a run directory nor an .npz file")
     meter = QualityMeter(dataset, args.data_dir)
+    if args.source.is_dir() and args.n > len(meter.train_set):  # the floor's real images: known before sampling
+        raise UserError(f"--n {args.n:,} is more than the {len(meter.train_set):,} training images the real-data floor is drawn from")
     rows, scored, floor = [], [], None
     for g in guidances or [None]:
         if guidances and len(guidances) > 1:

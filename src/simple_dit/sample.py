@@ -87,6 +87,8 @@ class Pipeline:
             model.load_state_dict(weights)
         except RuntimeError as e:
             raise UserError(f"the weights in {run_dir or 'the default model'} do not match their config: {str(e).splitlines()[0]}") from None
+        if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+            raise UserError(f"the weights in {run_dir or 'the default model'} are not all finite: the file is damaged (or from a diverged run); restore it or train again")
         from .evaluate import read_guidance
 
         guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare

@@ -214,6 +214,8 @@ def check_plot_path(path: Path) -> None:
     """Fail now, not after sampling, on a plot path that cannot be written."""
     if Path(path).suffix.lower() != ".png":
         raise UserError(f"--plot {path}: expected a file name ending in .png")
+    if Path(path).is_dir():
+        raise UserError(f"--plot {path} is a directory; name the PNG file to write")
     ensure_writable_dir(Path(path).parent)
     require("matplotlib", "report", "--plot")
 

@@ -692,7 +692,8 @@ def _saved_floor(out_dir: Path, settings: Settings) -> dict | None:
         last = json.loads((out_dir / "results.json").read_text())
         same = all(last["settings"][key] == getattr(settings, key) for key in ("dataset", "eval_n"))
         floor = last["floor"]
-        if same and last["settings"]["seeds"][0] == settings.seeds[0] and isinstance(floor, dict) and floor.get("n") == settings.eval_n:
+        if (same and last["settings"]["seeds"][0] == settings.seeds[0] and _are_scores(floor) and floor.get("n") == settings.eval_n
+                and _is_number(floor.get("fid")) and _is_number(floor.get("label_accuracy"))):  # fmt: skip
             return floor
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass  # no usable report yet: the floor is scored again
