@@ -361,6 +361,26 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server, monkeypatch):
     assert 1 <= dropped_frames < serve_mod.expected_frames(200) == 40
 
 
+def test_stopping_the_server_ends_a_request_that_is_sampling(run_dir):
+    """Ctrl-C during a request used to abort the process ("terminate called without an active
+    exception", exit 134): PyTorch was still computing in the request's thread at exit."""
+    with serving(run_dir) as srv:
+        host, port = srv.server_address[:2]
+        body = json.dumps({"classes": list(range(10)), "per_class": 10, "steps": 200, "sampler": "ddpm"}).encode()
+        with socket.create_connection((host, port)) as s:
+            s.sendall(f"POST /api/generate HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            seen = b""
+            while b"event: frame" not in seen:  # the model is denoising for this client now
+                seen += s.recv(4096)
+            start = time.monotonic()
+            srv.stop()
+            assert not srv.model.lock.locked() and time.monotonic() - start < 30
+            s.settimeout(10)
+            while chunk := s.recv(65536):
+                seen += chunk
+        assert b"event: error" in seen and b"the server is stopping" in seen
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 

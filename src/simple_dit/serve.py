@@ -191,6 +191,10 @@ def expected_frames(steps: int) -> int:
     return steps // every + (1 if steps % every else 0)
 
 
+class ServerStopping(Exception):
+    """Raised in a request's sampling when the server stops."""
+
+
 class ServedModel:
     """One Pipeline shared by every request; sampling holds a lock, so requests take turns and
     each gets exactly the images it would get alone."""
@@ -200,6 +204,7 @@ class ServedModel:
 
         self.pipe = pipe
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # set by SimpleDiTServer.stop: sampling ends at its next frame
         self.num_classes = pipe.num_classes
         self.samplers = tuple(pipe.diffusion.samplers)
         self.default_steps = {s: min(pipe.diffusion.default_steps(s), MAX_STEPS) for s in self.samplers}
@@ -221,8 +226,12 @@ class ServedModel:
         argument is a list it appends frames of the first batch to while it denoises, so a list
         whose ``append`` also forwards the frame streams them."""
 
+        stopping = self.stopping
+
         class LiveFrames(list):
             def append(self, frame) -> None:
+                if stopping.is_set():
+                    raise ServerStopping("the server is stopping")
                 super().append(frame)
                 on_frame(frame)
 
@@ -447,7 +456,7 @@ class Handler(BaseHTTPRequestHandler):
         start = time.perf_counter()
         try:
             images = model.sample(req, on_frame)
-        except UserError as e:
+        except (UserError, ServerStopping) as e:
             return self._event("error", {"error": str(e)})
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             raise
@@ -474,6 +483,15 @@ class SimpleDiTServer(ThreadingHTTPServer):
         self.static = _static_files()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
         super().__init__(address, Handler)
+
+    def stop(self, wait_s: float = 60.0) -> None:
+        """Stop a request's sampling at its next frame and wait (up to ``wait_s``) for it: PyTorch
+        still computing in a thread when the interpreter exits aborts the process."""
+        if self.model is not None:
+            self.model.stopping.set()
+            if self.model.lock.acquire(timeout=wait_s):
+                self.model.lock.release()
+        self.server_close()
 
     @property
     def url(self) -> str:
@@ -528,4 +546,4 @@ def serve(directory: Path | None, host: str = "127.0.0.1", port: int = 8000, *, 
     except KeyboardInterrupt:
         print("simple-dit: server stopped", file=sys.stderr)
     finally:
-        server.server_close()
+        server.stop()
