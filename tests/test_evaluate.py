@@ -309,3 +309,7 @@ def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, damaged)
     (damaged / "guidance.json").write_text('{"guidance": "high"}')
     assert_user_error(_in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2], capsys), "guidance.json is damaged")
+    # What the message advises works, and so does a scale given explicitly: neither needs the damaged default.
+    assert _in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2, "--steps", 2, "--guidance", 2, "--no-gif"], capsys).returncode == 0
+    assert _in_process(["eval", damaged, "--n", 30, "--steps", 2, "--bootstrap", 0, "--guidance", "1,2"], capsys).returncode == 0
+    assert json.loads((damaged / "guidance.json").read_text())["guidance"] in (1, 2)

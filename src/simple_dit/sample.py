@@ -60,7 +60,8 @@ class Pipeline:
         self.config = config
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call
-        self.guidance = check_guidance(guidance)  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
+        self._guidance = check_guidance(guidance)  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
+        self._guidance_error: UserError | None = None  # a damaged guidance.json, said when the default is needed
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -91,9 +92,22 @@ class Pipeline:
             raise UserError(f"the weights in {run_dir or 'the default model'} are not all finite: the file is damaged (or from a diverged run); restore it or train again")
         from .evaluate import read_guidance
 
-        guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare
-        return cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+        guidance, error = None, None
+        try:
+            guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare
+        except UserError as e:  # an explicit guidance, or the eval that rewrites the file, does not need it
+            error = e
+        pipe = cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
                    compile=compile)  # fmt: skip
+        pipe._guidance_error = error
+        return pipe
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale a call uses by default."""
+        if self._guidance_error is not None:
+            raise self._guidance_error
+        return self._guidance
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
