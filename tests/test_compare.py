@@ -51,9 +51,12 @@ def test_parse_budget_rejects_malformed(text):
 
 def test_parse_lrs_and_presets():
     assert C.parse_lrs("1e-4, 3e-4,1e-3") == [1e-4, 3e-4, 1e-3]
-    for bad in ("", "1e-3,,1e-4", "fast", "0", "-1e-3", "1e-3,0.001", "nan"):
+    for bad in ("", "1e-3,,1e-4", "fast", "0", "-1e-3", "1e-3,0.001", "nan", [True], ["a"], [None]):
         with pytest.raises(UserError, match="lr"):
             C.parse_lrs(bad)
+    for parse, bad in ((C.parse_seeds, [1.5]), (C.parse_seeds, ["a"]), (C.parse_guidances, [None]), (C.parse_objectives, [5])):
+        with pytest.raises(UserError, match="malformed"):  # lists from the Python API, item by item as the flags' text
+            parse(bad)
     assert C.parse_presets(" dit-tiny ,unet-tiny") == ["dit-tiny", "unet-tiny"]
     for bad, msg in (("dit-tiny,nope", "unknown preset 'nope'"), ("", "presets"), ("dit-tiny,dit-tiny", "repeats")):
         with pytest.raises(UserError, match=msg):

@@ -109,8 +109,18 @@ def test_an_export_replaces_an_earlier_export_and_nothing_else(run, tmp_path):
     export(run, out)  # a run without a pick: the export samples at the default, not at the replaced one's pick
     assert Pipeline.from_pretrained(out).guidance == Pipeline.from_pretrained(run).guidance
     (out / "README.md").write_text("a model card")  # e.g. a Hugging Face clone: other files stay
+    for killed in (".model.safetensors.a1b2c3d4.tmp", ".tmpAbC123"):  # what an export killed mid-write leaves (ours, safetensors')
+        (out / killed).write_bytes(b"half a file")
     export(run, out)
     assert (out / "README.md").read_text() == "a model card"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    before = (out / MODEL_NAME).read_bytes()
+    with pytest.raises(UserError, match="config.json is a directory where the export writes a file"):
+        export(picked, out)
+    assert (out / MODEL_NAME).read_bytes() == before and not (out / "guidance.json").exists()
+    (out / "config.json").rmdir()
     own = tmp_path / "own"
     own.mkdir()
     (own / "config.json").write_text("{}")

@@ -368,7 +368,8 @@ def test_pipeline_rejects_bad_labels(straight_run):
                                    ((pipe.config, pipe.model), {"guidance": "x"}, "guidance must be"),
                                    ((pipe.config, pipe.model), {"class_names": ["a"]}, "class_names must name the model's 10 classes"),
                                    ((pipe.config, build_model(get_preset("unet-tiny").model)), {}, r"not the network config.model describes \(a UNetCond for a DiT\)"),
-                                   ((pipe.config, build_model(get_preset("dit-mini").model)), {}, "x_embedder.weight is")):  # fmt: skip
+                                   ((pipe.config, build_model(get_preset("dit-mini").model)), {}, "x_embedder.weight is"),
+                                   ((pipe.config, pipe.model), {"compile": "no"}, "compile must be True or False")):  # fmt: skip
         with pytest.raises(UserError, match=fragment):
             Pipeline(*args, **kwargs)
     for n in (-1, 2**70, "3"):

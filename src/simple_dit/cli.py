@@ -120,12 +120,12 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
     p.add_argument("source", type=_path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
-    p.add_argument("--n", type=_count(6), default=5000, help="images to draw from a run (default 5000)")
+    p.add_argument("--n", type=_count(6), help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=_count(1))
     p.add_argument("--guidance", help="guidance scale, or a comma-separated list to score each (e.g. 1,1.5,2,3,4) and record the pick "
                    f"in RUN/guidance.json; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the sampling seed (default 0)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
     p.add_argument("--data-dir", type=_nonempty)
@@ -328,6 +328,7 @@ def cmd_eval(args) -> None:
     if args.source.is_dir():
         from .sample import Pipeline
 
+        args.n, args.seed = args.n or 5000, args.seed or 0
         pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
         if guidances is not None and len(guidances) > 1:
             ensure_writable_dir(args.source)  # for the pick's guidance.json: fail before sampling, not after
@@ -343,8 +344,11 @@ def cmd_eval(args) -> None:
     elif args.source.is_file():
         if (guidances is not None and len(guidances) > 1) or args.plot is not None:
             raise UserError(f"{'--plot' if args.plot is not None else 'a --guidance list'} needs a run directory to sample from, not an .npz")
-        if args.sampler is not None or args.steps is not None:
-            raise UserError(f"--{'sampler' if args.sampler is not None else 'steps'} says how to draw samples from a run; an .npz holds its images already")
+        drawing = [flag for flag, given in (("--sampler", args.sampler is not None), ("--steps", args.steps is not None),
+                                            ("--guidance", guidances is not None), ("--n", args.n is not None),
+                                            ("--seed", args.seed is not None), ("--no-ema", args.no_ema)) if given]  # fmt: skip
+        if drawing:
+            raise UserError(f"{drawing[0]} says how to draw samples from a run; an .npz holds its images already")
         images, labels = load_npz(args.source)
         dataset = args.dataset or "mnist"
 

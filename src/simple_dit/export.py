@@ -27,7 +27,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
 from .config import RunConfig, validate_config
 from .errors import UserError
-from .io import atomic_write, ensure_writable_dir, write_json
+from .io import atomic_write, ensure_writable_dir, is_temporary, write_json
 
 EXPORT_FORMAT = "simple-dit-export/1"
 MODEL_NAME = "model.safetensors"
@@ -58,6 +58,9 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"--out {out_dir} holds a training run; choose another directory")
     # An earlier export's files are replaced, and files of other names (a model card, samples, a
     # clone's .git) left alone; files of an export's names that are not an export's are refused.
+    in_the_way = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).is_dir()]
+    if in_the_way:
+        raise UserError(f"--out {out_dir / in_the_way[0]} is a directory where the export writes a file; move it away")
     if not is_export(out_dir / MODEL_NAME):
         theirs = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).exists()]
         if theirs:
@@ -72,6 +75,11 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"{run_dir}'s weights do not fit in {dtype}; export them as bf16 or fp32")
     read_guidance(source)  # a damaged guidance.json is refused here, not copied into an export that cannot sample
     ensure_writable_dir(out_dir)
+    # What an export killed mid-write left. No lock guards an export directory (it may be a Hub
+    # clone, where a lock file would be pushed), so two exports into one directory must not overlap.
+    for tmp in out_dir.glob(".*"):
+        if is_temporary(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "config": json.dumps(config.to_dict()), "dtype": dtype, "weights": "ema",
         "source_run": source.resolve().name, "train_state": json.dumps(state),

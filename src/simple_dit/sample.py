@@ -57,6 +57,8 @@ class Pipeline:
         if not isinstance(config, RunConfig) or not isinstance(model, torch.nn.Module):
             raise UserError(f"a Pipeline takes a RunConfig and a torch module, got {type(config).__name__} and {type(model).__name__}")
         _check_model_matches(config.model, model)
+        if not isinstance(compile, bool):  # "no" would be true
+            raise UserError(f"compile must be True or False, got {compile!r}")
         self.config = config
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call

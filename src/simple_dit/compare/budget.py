@@ -81,16 +81,13 @@ def parse_budget(text: str) -> Budget:
 def _parse_list(text, flag: str, convert, expected: str) -> list:
     """A comma-separated ``text`` (or a sequence, or one value) converted item by item; a
     ``UserError`` naming ``flag`` for an empty or malformed list or a repeated value."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",")]
-        try:
-            if any(not p for p in parts):
-                raise ValueError
-            values = [convert(p) for p in parts]
-        except ValueError:
-            raise UserError(f"malformed {flag} {text!r}: expected {expected}") from None
-    else:
-        values = [convert(x) for x in (text if isinstance(text, (list, tuple)) else [text])]
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
+    try:
+        if any(isinstance(p, bool) or p is None or (isinstance(p, str) and not p) for p in parts):  # True is not a learning rate
+            raise ValueError
+        values = [convert(p) for p in parts]
+    except (ValueError, TypeError, OverflowError):
+        raise UserError(f"malformed {flag} {text!r}: expected {expected}") from None
     if not values:
         raise UserError(f"{flag} is empty: expected {expected}")
     shown = [format(v, "g") if isinstance(v, float) else str(v) for v in values]

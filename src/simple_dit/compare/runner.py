@@ -504,6 +504,8 @@ def compare(
     if together > 1 and budget.kind == "seconds":
         raise UserError("--runs-together needs a budget of images or FLOPs: runs trained together share one clock, so a time budget would not be each run's")
     steps = check_positive_int(steps, "--steps")
+    if not isinstance(compile, bool):  # "no" would be true
+        raise UserError(f"compile must be True or False, got {compile!r}")
     eval_n, final_n = int(eval_n), int(final_n)  # NumPy ints would not save as JSON
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -519,7 +521,7 @@ def compare(
     for preset in preset_names:  # a budget of more steps than a run can take
         schedule(budget, fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
     device = parse_device(device)
-    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, bool(compile), final_n)
+    settings = Settings(preset_names, lr_list, budget, fractions, eval_n, steps, sampler, guidance_list, dataset, seed_list, precision, objective_list, compile, final_n)
     out_dir = Path(out_dir)
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"{out_dir} holds a training run; a comparison needs a directory of its own (--out)")
