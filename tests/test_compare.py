@@ -652,7 +652,8 @@ def test_report_only_with_no_run_records_keeps_the_last_report(sweep, tmp_path, 
 
 
 @pytest.mark.parametrize("key, value", [("lrs", "abc"), ("guidances", None), ("seeds", [-1]), ("presets", ["nope"]),
-                                        ("eval_n", "60"), ("sampler", 3), ("fractions", "x")])  # fmt: skip
+                                        ("eval_n", "60"), ("sampler", 3), ("fractions", "x"), ("fractions", [float("nan")]),
+                                        ("fractions", [-1, 1]), ("fractions", []), ("final_n", -5), ("precision", "bogus")])  # fmt: skip
 def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, capsys, key, value):
     from simple_dit.cli import main
 

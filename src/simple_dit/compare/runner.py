@@ -28,7 +28,7 @@ from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is
 from ..logger import WandbOptions
 from ..runtime import is_integer
 from .budget import (
-    DEFAULT_LRS, Budget, Target, eval_fractions, parse_budget, parse_guidances, parse_lrs, parse_objectives, parse_presets,
+    DEFAULT_LRS, MIN_EVAL_EVERY_FRAC, Budget, Target, eval_fractions, parse_budget, parse_guidances, parse_lrs, parse_objectives, parse_presets,
     parse_seeds, run_name, schedule,
 )  # fmt: skip
 from .report import GRID_PER_CLASS, write_report
@@ -75,15 +75,22 @@ class Settings:
     def from_dict(cls, d: dict) -> "Settings":
         """Each list through the parser of its flag, so that a damaged compare.json is a one-line
         error here, not a traceback in the middle of a report."""
-        from ..runtime import check_positive_int
+        from ..data import DATASETS
+        from ..runtime import MAX_COUNT, PRECISIONS, check_positive_int
 
-        if not (d["sampler"] is None or isinstance(d["sampler"], str)) or not all(isinstance(d[k], str) for k in ("dataset", "precision")):
-            raise ValueError("sampler, dataset and precision must be names")
+        if not (d["sampler"] is None or isinstance(d["sampler"], str)) or d["dataset"] not in DATASETS or d["precision"] not in PRECISIONS:
+            raise ValueError("sampler, dataset and precision must be known names")
+        fractions, final_n = d["fractions"], d.get("final_n", 0)
+        if not (isinstance(fractions, list) and 0 < len(fractions) <= round(1 / MIN_EVAL_EVERY_FRAC) and all(_is_number(f) and 0 < f <= 1 for f in fractions)
+                and fractions == sorted(set(fractions)) and fractions[-1] == 1):  # fmt: skip
+            raise ValueError(f"fractions must rise from above 0 to 1, got {fractions!r}")
+        if not (is_integer(final_n) and (final_n == 0 or 6 <= final_n <= MAX_COUNT)) or not isinstance(d.get("compile", False), bool):
+            raise ValueError("final_n must be 0 or at least 6, and compile true or false")
         return cls(presets=parse_presets(d["presets"]), lrs=parse_lrs(d["lrs"]), budget=parse_budget(d["budget"]["text"]),
                    fractions=[float(f) for f in d["fractions"]], eval_n=check_positive_int(d["eval_n"], "eval_n"),
                    steps=check_positive_int(d["steps"], "steps"), sampler=d["sampler"], guidances=parse_guidances(d["guidances"]),
                    dataset=d["dataset"], seeds=parse_seeds(d["seeds"]), precision=d["precision"], objectives=parse_objectives(d.get("objectives")),
-                   compile=bool(d.get("compile", False)), final_n=int(d.get("final_n", 0)))  # fmt: skip
+                   compile=d.get("compile", False), final_n=final_n)  # fmt: skip
 
 
 # What a comparison writes into its directory (besides temporary files): anything else there is not its.
