@@ -304,6 +304,7 @@ def test_the_training_tables_are_on_the_device_before_the_first_step(device):
     ({"num_timesteps": 10.5}, "num_timesteps must be"), ({"num_timesteps": "10"}, "num_timesteps must be"),
     ({"num_timesteps": 2**70}, "num_timesteps must be"), ({"num_timesteps": 0}, "num_timesteps must be"),
     ({"beta_start": -0.1}, "betas must satisfy"), ({"beta_end": 2.0}, "betas must satisfy"), ({"objective": "x0"}, "unknown objective"),
+    ({"objective": ["eps"]}, "unknown objective"), ({"beta_schedule": [1]}, "unknown beta schedule"),
 ])  # fmt: skip
 def test_a_process_refuses_a_bad_config_in_one_line(change, fragment):
     """Built directly or through make_process: not NaN tables or an error at the first sample."""

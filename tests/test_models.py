@@ -123,7 +123,7 @@ def test_reference_dit_computes_the_same_function():
     (DiTConfig(hidden_size=32, num_heads=5), "not divisible by 5 heads"), (DiTConfig(depth=0), "model.depth"),
     (DiTConfig(num_classes=2**70), "model.num_classes"), (UNetConfig(channels=(8, 16)), "model.channels"),
     (UNetConfig(channels=(0, 16, 32)), "model.channels"), (UNetConfig(input_size=27), "divisible by 4"),
-    (UNetConfig(arch="dit"), "does not match its UNetConfig"),
+    (UNetConfig(arch="dit"), "does not match its UNetConfig"), (DiTConfig(mlp_ratio=1e300), "model.mlp_ratio"),
 ])  # fmt: skip
 def test_build_model_refuses_a_bad_config_in_one_line(config, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):

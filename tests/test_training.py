@@ -454,6 +454,8 @@ def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, mo
         ("dit-tiny", {"model.depth": 2.5}, "model.depth must be a positive integer"),
         ("dit-tiny", {"model.class_dropout_prob": 1.5}, "class_dropout_prob must be in [0, 1)"),
         ("dit-tiny", {"model.mlp_ratio": -1}, "model.mlp_ratio must be a positive number"),
+        ("dit-tiny", {"train.dataset": ["mnist"]}, "unknown dataset ['mnist']"),
+        ("dit-tiny", {"train.precision": {}}, "unknown precision {}"),
         ("unet-tiny", {"model.channels": (8, 16)}, "model.channels must be three positive integers"),
         ("unet-tiny", {"model.in_channels": 3}, "has images of shape (1, 28, 28) but the model expects (3, 28, 28)"),
         ("unet-tiny", {"model.input_size": 32}, "but the model expects (1, 32, 32)"),

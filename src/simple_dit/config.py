@@ -142,7 +142,7 @@ DEFAULT_PRESET = "dit-mini"
 
 def get_preset(name: str) -> RunConfig:
     """A fresh copy of a preset, safe to modify."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return RunConfig.from_dict(PRESETS[name].to_dict())
 
@@ -180,7 +180,8 @@ def validate_model_config(m: ModelConfig) -> ModelConfig:
     p = m.class_dropout_prob
     _check(_is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, DiTConfig):
-        _check(_is_number(m.mlp_ratio) and m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be a positive number, got {m.mlp_ratio!r}")
+        _check(_is_number(m.mlp_ratio) and 0 < m.mlp_ratio * m.hidden_size <= MAX_COUNT,
+               f"model.mlp_ratio must be a positive number (at most {MAX_COUNT:,} units in the MLP), got {m.mlp_ratio!r}")  # fmt: skip
         _check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
         _check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
         _check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
@@ -221,8 +222,8 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check(isinstance(tc.compile, bool), f"compile must be true or false, got {tc.compile!r}")
     _check(0 <= number("ema_decay") < 1, "--ema-decay must be in [0, 1)")
     _check(tc.eval_n >= 6, "--eval-n must be at least 6")
-    _check(tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    _check(tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    _check(isinstance(tc.dataset, str) and tc.dataset in DATASETS, f"unknown dataset {tc.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    _check(isinstance(tc.precision, str) and tc.precision in PRECISIONS, f"unknown precision {tc.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     validate_model_config(m)
     validate_diffusion_config(d)
     return config
@@ -233,11 +234,11 @@ def validate_diffusion_config(d: DiffusionConfig) -> DiffusionConfig:
     from .diffusion import OBJECTIVES
 
     _check(isinstance(d, DiffusionConfig), f"a diffusion config is a DiffusionConfig, got {type(d).__name__}")
-    _check(d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    _check(isinstance(d.objective, str) and d.objective in OBJECTIVES, f"unknown objective {d.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     # The process keeps tables of T float64s; 100 times DDPM's 1000 is far past any use.
     _check(_is_int(d.num_timesteps) and 2 <= d.num_timesteps <= 100_000,
            f"diffusion.num_timesteps must be an integer from 2 to 100,000, got {d.num_timesteps!r}")  # fmt: skip
-    _check(d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
+    _check(isinstance(d.beta_schedule, str) and d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
         _check(_is_number(d.beta_start) and _is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
                f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip

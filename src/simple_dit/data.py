@@ -75,7 +75,7 @@ def default_cache_dir() -> Path:
 
 
 def get_spec(dataset: str) -> DatasetSpec:
-    if dataset not in DATASETS:
+    if not isinstance(dataset, str) or dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[dataset]
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import default_cache_dir, load_dataset, to_model_range
+from .data import default_cache_dir, get_spec, load_dataset, to_model_range
 from .errors import UserError
 from .runtime import check_seed, is_integer
 
@@ -378,6 +378,7 @@ class QualityMeter:
     """Scores generated images against a dataset's test split, with the real-data floor."""
 
     def __init__(self, dataset: str = "mnist", data_dir=None, progress: bool = True):
+        get_spec(dataset)  # an unknown name is one line, before any file is looked for
         self.model, self.meta = load_evaluator(dataset, data_dir, progress)
         self.train_set = load_dataset(dataset, "train", data_dir)
         test_set = load_dataset(dataset, "test", data_dir)
