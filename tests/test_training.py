@@ -361,6 +361,13 @@ def test_pipeline_rejects_bad_labels(straight_run):
             pipe([1], **({"steps": 2} | bad))
     with pytest.raises(UserError, match="one label per image"):
         pipe.grid(pipe([1, 2, 3], steps=2), [1, 2])
+    images = pipe([1, 2], steps=2, batch_size=np.int64(1))  # NumPy's ints are ints here too
+    for bad in (-1, 0, "3"):
+        with pytest.raises(UserError, match="max_per_row must be"):
+            pipe.grid(images, [1, 2], max_per_row=bad)
+    for bad in (None, 5, "grid.jpg"):
+        with pytest.raises(UserError, match="saved as a PNG file"):
+            pipe.save_grid(images, [1, 2], bad)
     with pytest.raises(UserError, match="use_ema must be True or False"):
         Pipeline.from_pretrained(straight_run, use_ema="no")
     for args, kwargs, fragment in (((None, pipe.model), {}, "a Pipeline takes a RunConfig and a torch module"),
@@ -369,7 +376,9 @@ def test_pipeline_rejects_bad_labels(straight_run):
                                    ((pipe.config, pipe.model), {"class_names": ["a"]}, "class_names must name the model's 10 classes"),
                                    ((pipe.config, build_model(get_preset("unet-tiny").model)), {}, r"not the network config.model describes \(a UNetCond for a DiT\)"),
                                    ((pipe.config, build_model(get_preset("dit-mini").model)), {}, "x_embedder.weight is"),
-                                   ((pipe.config, pipe.model), {"compile": "no"}, "compile must be True or False")):  # fmt: skip
+                                   ((pipe.config, pipe.model), {"compile": "no"}, "compile must be True or False"),
+                                   ((pipe.config, pipe.model), {"class_names": list(range(10))}, "class_names must be strings"),
+                                   ((pipe.config, copy.deepcopy(pipe.model).half()), {}, "samples from fp32 weights")):  # fmt: skip
         with pytest.raises(UserError, match=fragment):
             Pipeline(*args, **kwargs)
     for n in (-1, 2**70, "3"):

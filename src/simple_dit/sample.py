@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -66,11 +67,16 @@ class Pipeline:
         self._guidance_error: UserError | None = None  # a damaged guidance.json, said when the default is needed
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
+        kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if kinds - {torch.float32}:  # bf16 sampling is autocast over fp32 weights (precision="bf16")
+            raise UserError(f"a Pipeline samples from fp32 weights (bf16 by autocast, precision='bf16'); the model's are {sorted(map(str, kinds))}: pass model.float()")
         self.model = model.to(self.device).eval()
         self.diffusion = make_process(config.diffusion)
         self.num_classes = config.model.num_classes
         dataset = DATASETS.get(config.train.dataset)
         self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
+        if not all(isinstance(name, str) for name in self.class_names):
+            raise UserError(f"class_names must be strings, got {list(self.class_names)[:3]!r}...")
         if len(self.class_names) != self.num_classes:
             raise UserError(f"class_names must name the model's {self.num_classes} classes, got {len(self.class_names)} names")
 
@@ -160,7 +166,7 @@ class Pipeline:
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = self.diffusion.default_steps(sampler) if steps is None else check_positive_int(steps, "steps")
-        check_positive_int(batch_size, "batch_size")
+        batch_size = check_positive_int(batch_size, "batch_size")  # a Python int: split() takes no NumPy one
         record_every = max(1, n_steps // GIF_FRAMES)
         from tqdm import tqdm
 
@@ -221,9 +227,11 @@ class Pipeline:
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)):
             raise UserError(f"a grid takes uint8 images (N, C, H, W) and one label per image, got {getattr(images, 'dtype', type(images))} "
                             f"{tuple(getattr(images, 'shape', ()))} and {len(labels)} labels")  # fmt: skip
-        return labelled_grid(images, labels, self.class_names, max_per_row)
+        return labelled_grid(images, labels, self.class_names, check_positive_int(max_per_row, "max_per_row"))
 
     def save_grid(self, images: torch.Tensor, labels, path: str | Path) -> Path:
+        if not isinstance(path, (str, os.PathLike)) or Path(path).suffix.lower() != ".png":
+            raise UserError(f"a grid is saved as a PNG file: give a path ending in .png, got {path!r}")
         return save_png(self.grid(images, labels), path)
 
 
