@@ -147,6 +147,8 @@ def test_bad_input_is_one_line(run, tmp_path, cli):
     assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), str(out), "corrupt or truncated")
     (out.parent / MODEL_NAME).write_bytes(b"not a safetensors file")
     assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), "corrupt or truncated")
+    (out.parent / MODEL_NAME).unlink()
+    assert_user_error(cli("sample", out.parent, "--out", tmp_path / "s", "--no-gif"), "neither an export's model.safetensors nor a run's")
     assert not list(tmp_path.glob("s.*"))
 
 

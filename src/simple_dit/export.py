@@ -164,6 +164,8 @@ def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> t
     """The config and weights behind ``Pipeline.from_pretrained(source)``, and the directory whose
     guidance.json applies (None for a lone file)."""
     path = resolve_pretrained(source)
+    if path.is_dir() and not (path / MODEL_NAME).exists() and not (path / CHECKPOINT_NAME).exists() and (path / CONFIG_NAME).is_file():
+        raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}; restore the weights file")
     if is_export(path):
         if not use_ema:
             raise UserError(f"{path} is an export, which holds only the EMA weights; drop --no-ema (use_ema=False)")
