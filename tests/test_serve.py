@@ -342,17 +342,24 @@ def test_requests_beyond_the_queue_get_503_and_the_queue_moves_on(server, monkey
         assert first.result(timeout=60)[-1][0] == "done"
 
 
+@contextmanager
+def long_stream(srv):
+    """A socket on which a 200-step generation is streaming (its first frame received), and what it received."""
+    host, port = srv.server_address[:2]
+    body = json.dumps({"classes": list(range(10)), "per_class": 10, "steps": 200, "sampler": "ddpm"}).encode()
+    with socket.create_connection((host, port)) as s:
+        s.sendall(f"POST /api/generate HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        seen = bytearray()
+        while b"event: frame" not in seen:  # the model is denoising for this client now
+            seen += s.recv(4096)
+        yield s, seen
+
+
 @pytest.mark.faults
 def test_a_client_that_leaves_mid_stream_frees_the_model(server, monkeypatch):
     encoded = []
     monkeypatch.setattr(serve_mod, "_png_data_uri", lambda array, encode=serve_mod._png_data_uri: encoded.append(1) or encode(array))
-    host, port = server.server_address[:2]
-    body = json.dumps({"classes": list(range(10)), "per_class": 10, "steps": 200, "sampler": "ddpm"}).encode()
-    with socket.create_connection((host, port)) as s:
-        s.sendall(f"POST /api/generate HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        seen = b""
-        while b"event: frame" not in seen:  # the model is denoising for this client now
-            seen += s.recv(4096)
+    with long_stream(server) as (s, _):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close with a reset
     assert generate(server, classes=[4], steps=3)[-1][0] == "done"  # it waited for the model: the first stream has ended
     assert not server.model.lock.locked()
@@ -365,13 +372,7 @@ def test_stopping_the_server_ends_a_request_that_is_sampling(run_dir):
     """Ctrl-C during a request used to abort the process ("terminate called without an active
     exception", exit 134): PyTorch was still computing in the request's thread at exit."""
     with serving(run_dir) as srv:
-        host, port = srv.server_address[:2]
-        body = json.dumps({"classes": list(range(10)), "per_class": 10, "steps": 200, "sampler": "ddpm"}).encode()
-        with socket.create_connection((host, port)) as s:
-            s.sendall(f"POST /api/generate HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            seen = b""
-            while b"event: frame" not in seen:  # the model is denoising for this client now
-                seen += s.recv(4096)
+        with long_stream(srv) as (s, seen):
             start = time.monotonic()
             srv.stop()
             assert not srv.model.lock.locked() and time.monotonic() - start < 30
