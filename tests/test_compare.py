@@ -640,6 +640,24 @@ def test_report_only_rewrites_the_report_from_the_runs_on_disk_and_trains_nothin
     assert "report:" in capsys.readouterr().out
 
 
+def test_report_only_keeps_a_run_whose_checkpoint_is_damaged(sweep, tmp_path):
+    """A run the last invocation did not plan is found by its config: a damaged checkpoint falls
+    back to the config.json beside it instead of dropping the run (and changing the verdict)."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    settings = json.loads((out / C.SETTINGS_NAME).read_text())
+    (out / C.SETTINGS_NAME).write_text(json.dumps(settings | {"seeds": [0]}))  # the seed-1 runs are then only on disk
+    checkpoint = out / "runs" / SWEEP_RUNS[2] / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: sweep["kwargs"]["meter"])
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    runs = {run["run_dir"] for entry in json.loads((out / "results.json").read_text())["presets"] for run in entry["runs"]}
+    assert runs == {f"runs/{r}" for r in SWEEP_RUNS}
+
+
 def test_report_only_with_no_run_records_keeps_the_last_report(sweep, tmp_path, capsys):
     from simple_dit.cli import main
 

@@ -606,7 +606,10 @@ def _run_config_on_disk(run_dir: Path):
     from ..checkpoint import load_config, read_config_json
 
     if (run_dir / CHECKPOINT_NAME).is_file():
-        return load_config(run_dir)
+        try:
+            return load_config(run_dir)
+        except UserError:  # a damaged checkpoint: the report needs only the records, config.json among them
+            pass
     return read_config_json(run_dir)
 
 
