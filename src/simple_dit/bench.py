@@ -132,6 +132,8 @@ def run_bench(
         raise UserError("--what must be train, sample or all")
     if compile and reference:
         raise UserError("--compile times our path; --reference is the plain eager one: give one of them")
+    if reference and precision == "bf16":
+        raise UserError("--reference times the plain fp32 path; --precision bf16 is ours: give one of them")
     repeats = check_positive_int(repeats, "--repeats")
     together = check_positive_int(together, "--runs-together")
     if together > 1 and what == "sample":

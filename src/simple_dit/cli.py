@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -394,8 +395,10 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from .export import export, push_to_hub, require_hub
 
-    if args.push_to_hub is not None:
-        require_hub()  # before anything is written
+    if args.push_to_hub is not None:  # before anything is written
+        if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", args.push_to_hub) or len(args.push_to_hub) > 96:
+            raise UserError(f"--push-to-hub takes a Hugging Face repository id, NAME or OWNER/NAME, got {args.push_to_hub!r}")
+        require_hub()
     path = export(args.run_dir, args.out, dtype=args.dtype)
     print(f"exported: {path}")
     if args.push_to_hub is not None:
