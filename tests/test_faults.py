@@ -369,3 +369,17 @@ def test_compare_killed_at_random_moments_resumes_to_the_straight_result(tmp_pat
     for run in (out / "runs").iterdir():
         steps = [r["step"] for r in strict_json_lines(run / "metrics.jsonl") if "loss" in r]
         assert steps == sorted(set(steps))
+
+
+def test_an_unreadable_checkpoint_is_not_called_damaged(straight, monkeypatch):
+    """safetensors reports a permission error as 'No such file'; the advice for a damaged file
+    ('restore it or train again') would invite deleting a good checkpoint."""
+    import simple_dit.checkpoint as checkpoint
+    from simple_dit.errors import UserError
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    with pytest.raises(UserError, match=r"cannot read .*checkpoint.safetensors: Permission denied$"):
+        load_weights(straight)

@@ -103,6 +103,10 @@ def _open(path: Path):
     from safetensors import safe_open
 
     try:
+        open(path, "rb").close()  # safetensors says "No such file" of an unreadable one
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
         handle = safe_open(str(path), framework="pt", device="cpu")
         meta = handle.metadata() or {}
     except Exception as e:  # safetensors raises its own error type for every kind of damage
