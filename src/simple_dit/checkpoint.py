@@ -16,7 +16,7 @@ import torch
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write
-from .runtime import rng_state, set_rng_state
+from .runtime import all_finite, rng_state, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
@@ -161,7 +161,7 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
         ema.load_state_dict(_read(handle, path, "ema."))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
-    if not all(bool(torch.isfinite(p).all()) for p in (*model.parameters(), *ema.parameters())):
+    if not all_finite([*model.parameters(), *ema.parameters()]):
         # Training checks the loss before every save, so these are damaged weights, not a divergence.
         raise UserError(f"checkpoint {path} holds non-finite weights: it is damaged; restore it or train again")
     # Which kernel computes the update is this machine's choice, not the run's: a run trained

@@ -279,6 +279,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .checkpoint import CHECKPOINT_NAME
     from .diffusion import check_guidance_interval
     from .io import ensure_writable_dir
     from .sample import Pipeline, save_gif, save_npz
@@ -301,7 +302,7 @@ def cmd_sample(args) -> None:
         labels = torch.arange(k).repeat_interleave(10 if args.per_class is None else args.per_class)
     labels = pipe.validate_labels(labels)
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
-    if out.name == "samples" and (out.parent / "checkpoint.safetensors").exists():
+    if out.name == "samples" and (out.parent / CHECKPOINT_NAME).exists():
         raise UserError(f"{out}.png is the run's own final grid; choose another --out")
     ensure_writable_dir(out.parent)
     for suffix in (".png", ".npz") + (() if args.no_gif else (".gif",)):  # all or none of them: fail before sampling

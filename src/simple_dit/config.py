@@ -156,12 +156,12 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-# The plain Python numbers a config holds (it is saved as JSON); a bool is not one.
+# The plain Python numbers a config holds (it is saved as JSON, as compare's records are); a bool is not one.
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -178,9 +178,9 @@ def validate_model_config(m: ModelConfig) -> ModelConfig:
         value = getattr(m, name)
         _check(_is_int(value) and 0 < value <= MAX_COUNT, f"model.{name} must be a positive integer, got {value!r}")
     p = m.class_dropout_prob
-    _check(_is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
+    _check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, DiTConfig):
-        _check(_is_number(m.mlp_ratio) and 0 < m.mlp_ratio * m.hidden_size <= MAX_COUNT,
+        _check(is_number(m.mlp_ratio) and 0 < m.mlp_ratio * m.hidden_size <= MAX_COUNT,
                f"model.mlp_ratio must be a positive number (at most {MAX_COUNT:,} units in the MLP), got {m.mlp_ratio!r}")  # fmt: skip
         _check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
         _check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
@@ -207,7 +207,7 @@ def validate_config(config: RunConfig) -> RunConfig:
 
     def number(name: str) -> float:
         value = getattr(tc, name)
-        _check(_is_number(value) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
+        _check(is_number(value) and math.isfinite(value), f"{_flag(name)} must be a finite number, got {value!r}")
         return value
 
     for name in ("lr", "batch_size", "epochs", "eval_n", "log_every"):
@@ -240,6 +240,6 @@ def validate_diffusion_config(d: DiffusionConfig) -> DiffusionConfig:
            f"diffusion.num_timesteps must be an integer from 2 to 100,000, got {d.num_timesteps!r}")  # fmt: skip
     _check(isinstance(d.beta_schedule, str) and d.beta_schedule in ("linear", "cosine"), f"unknown beta schedule {d.beta_schedule!r}; choose linear or cosine")
     if d.beta_schedule == "linear":
-        _check(_is_number(d.beta_start) and _is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
+        _check(is_number(d.beta_start) and is_number(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
                f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {d.beta_start!r} and {d.beta_end!r}")  # fmt: skip
     return d

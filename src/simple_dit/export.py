@@ -28,6 +28,7 @@ from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
 from .config import RunConfig, validate_config
 from .errors import UserError
 from .io import atomic_write, ensure_writable_dir, is_temporary, write_json
+from .runtime import all_finite
 
 EXPORT_FORMAT = "simple-dit-export/1"
 MODEL_NAME = "model.safetensors"
@@ -68,10 +69,10 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
             raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")
-    if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
+    if not all_finite(weights.values()):
         raise UserError(f"{run_dir}'s EMA weights are not all finite (a diverged or damaged checkpoint); nothing exported")
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    if not all(v.isfinite().all() for v in tensors.values() if v.is_floating_point()):
+    if not all_finite(tensors.values()):
         raise UserError(f"{run_dir}'s weights do not fit in {dtype}; export them as bf16 or fp32")
     read_guidance(source)  # a damaged guidance.json is refused here, not copied into an export that cannot sample
     ensure_writable_dir(out_dir)

@@ -45,6 +45,11 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor among ``tensors`` holds only finite values."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 def check_positive_int(value, name: str) -> int:
     if not is_integer(value) or not 0 < value <= MAX_COUNT:
         raise UserError(f"{name} must be a positive integer (at most {MAX_COUNT:,}), got {value!r}")

@@ -20,7 +20,7 @@ from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
 from .models import build_model
-from .runtime import autocast, check_positive_int, check_seed, parse_device, resolve_precision
+from .runtime import all_finite, autocast, check_positive_int, check_seed, parse_device, resolve_precision
 
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
@@ -96,7 +96,7 @@ class Pipeline:
             model.load_state_dict(weights)
         except RuntimeError as e:
             raise UserError(f"the weights in {run_dir or 'the default model'} do not match their config: {str(e).splitlines()[0]}") from None
-        if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+        if not all_finite(weights.values()):
             raise UserError(f"the weights in {run_dir or 'the default model'} are not all finite: the file is damaged (or from a diverged run); restore it or train again")
         from .evaluate import read_guidance
 

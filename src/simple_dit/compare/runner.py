@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..checkpoint import CHECKPOINT_NAME
+from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
 from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
@@ -81,7 +82,7 @@ class Settings:
         if not (d["sampler"] is None or isinstance(d["sampler"], str)) or d["dataset"] not in DATASETS or d["precision"] not in PRECISIONS:
             raise ValueError("sampler, dataset and precision must be known names")
         fractions, final_n = d["fractions"], d.get("final_n", 0)
-        if not (isinstance(fractions, list) and 0 < len(fractions) <= round(1 / MIN_EVAL_EVERY_FRAC) and all(_is_number(f) and 0 < f <= 1 for f in fractions)
+        if not (isinstance(fractions, list) and 0 < len(fractions) <= round(1 / MIN_EVAL_EVERY_FRAC) and all(is_number(f) and 0 < f <= 1 for f in fractions)
                 and fractions == sorted(set(fractions)) and fractions[-1] == 1):  # fmt: skip
             raise ValueError(f"fractions must rise from above 0 to 1, got {fractions!r}")
         if not (is_integer(final_n) and (final_n == 0 or 6 <= final_n <= MAX_COUNT)) or not isinstance(d.get("compile", False), bool):
@@ -705,7 +706,7 @@ def _saved_floor(out_dir: Path, settings: Settings) -> dict | None:
         same = all(last["settings"][key] == getattr(settings, key) for key in ("dataset", "eval_n"))
         floor = last["floor"]
         if (same and last["settings"]["seeds"][0] == settings.seeds[0] and _are_scores(floor) and floor.get("n") == settings.eval_n
-                and _is_number(floor.get("fid")) and _is_number(floor.get("label_accuracy"))):  # fmt: skip
+                and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy"))):  # fmt: skip
             return floor
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass  # no usable report yet: the floor is scored again
@@ -734,7 +735,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The training records of metrics.jsonl (a resumed run has already dropped the records of
     steps it redid, see train._truncate_metrics)."""
     return [rec for rec in read_jsonl(Path(run_dir) / "metrics.jsonl")
-            if is_integer(rec.get("step")) and "loss" in rec and all(rec.get(k) is None or _is_number(rec[k]) for k in ("loss", "images_per_s"))]  # fmt: skip
+            if is_integer(rec.get("step")) and "loss" in rec and all(rec.get(k) is None or is_number(rec[k]) for k in ("loss", "images_per_s"))]  # fmt: skip
 
 
 def guidance_rows(record: dict, default_guidance: float | None = None) -> list[dict]:
@@ -765,13 +766,13 @@ def read_confirmations(run_dir: Path) -> list[dict]:
 def _is_eval_record(rec: dict) -> bool:
     """Where the record was taken (point, target, step, images, seconds), and its scores unless it
     records a divergence."""
-    where = (rec.get("target_kind") in ("steps", "seconds") and _is_number(rec.get("target")) and is_integer(rec.get("point"))
-             and is_integer(rec.get("step")) and _is_number(rec.get("images_seen")) and _is_number(rec.get("train_seconds")))  # fmt: skip
+    where = (rec.get("target_kind") in ("steps", "seconds") and is_number(rec.get("target")) and is_integer(rec.get("point"))
+             and is_integer(rec.get("step")) and is_number(rec.get("images_seen")) and is_number(rec.get("train_seconds")))  # fmt: skip
     if not where or rec.get("diverged"):
         return where
     rows = rec.get("by_guidance", [{"guidance": 0}])  # absent in records of older versions
     grid = rec.get("grid", "")  # a file of the run's own, which the report copies
-    return (_are_scores(rec) and isinstance(rows, list) and bool(rows) and all(_are_scores(row) and _is_number(row.get("guidance")) for row in rows)
+    return (_are_scores(rec) and isinstance(rows, list) and bool(rows) and all(_are_scores(row) and is_number(row.get("guidance")) for row in rows)
             and isinstance(rec.get("sampler", ""), (str, type(None))) and isinstance(grid, str) and not Path(grid).is_absolute()
             and ".." not in Path(grid).parts)  # fmt: skip
 
@@ -779,15 +780,11 @@ def _is_eval_record(rec: dict) -> bool:
 def _are_scores(rec) -> bool:
     """Scores as ``evaluate.Scores`` writes them: numbers (null where not finite), intervals [lo, hi]."""
     def interval(v) -> bool:
-        return v is None or (isinstance(v, list) and len(v) == 2 and all(x is None or _is_number(x) for x in v))
+        return v is None or (isinstance(v, list) and len(v) == 2 and all(x is None or is_number(x) for x in v))
 
-    return (isinstance(rec, dict) and (rec.get("guidance") is None or _is_number(rec["guidance"]))
-            and all(rec.get(k) is None or _is_number(rec[k]) for k in _SCORE_KEYS if not k.endswith("_ci"))
+    return (isinstance(rec, dict) and (rec.get("guidance") is None or is_number(rec["guidance"]))
+            and all(rec.get(k) is None or is_number(rec[k]) for k in _SCORE_KEYS if not k.endswith("_ci"))
             and all(interval(rec.get(f"{m}_ci")) for m in CI_METRICS))  # fmt: skip
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def seed_stats(values: Sequence[float | None], ci: Sequence[float] | None = None) -> dict:
