@@ -237,17 +237,20 @@ def test_train_writes_a_complete_run(straight_run):
     assert state["step"] == 40 and state["images_seen"] == 40 * 32
 
 
-def test_watching_a_run_does_not_change_what_it_trains(straight_run, tmp_path, mnist_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_watching_a_run_does_not_change_what_it_trains(preset, precision, tmp_path, mnist_dir):
     """Evaluations and grids mid-run (how a run is watched, which --resume may change) leave the
     training noise alone: the weights equal those of the same run unwatched."""
-    config = tiny_config(max_steps=40)
-    config.train.eval_every, config.train.eval_n, config.train.sample_every = 15, 6, 20
-    train(config, tmp_path / "watched", progress=False, device="cpu", data_dir=str(mnist_dir), final_samples=False)
-    watched, _ = read_checkpoint(tmp_path / "watched" / CHECKPOINT_NAME)
-    straight, _ = read_checkpoint(straight_run / CHECKPOINT_NAME)
-    assert [json.loads(line)["step"] for line in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines() if "eval_fid" in line] == [15, 30]
-    for key in straight:
-        assert torch.equal(watched[key], straight[key]), f"{key} differs in the watched run"
+    runs = {}
+    for name, (eval_every, sample_every) in {"plain": (0, 10**9), "watched": (5, 6)}.items():
+        config = tiny_config(preset, max_steps=12)
+        config.train.precision, config.train.eval_every, config.train.eval_n, config.train.sample_every = precision, eval_every, 6, sample_every
+        train(config, tmp_path / name, progress=False, device="cpu", data_dir=str(mnist_dir), final_samples=False)
+        runs[name], _ = read_checkpoint(tmp_path / name / CHECKPOINT_NAME)
+    assert [json.loads(line)["step"] for line in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines() if "eval_fid" in line] == [5, 10]
+    for key in runs["plain"]:
+        assert torch.equal(runs["watched"][key], runs["plain"][key]), f"{key} differs in the watched run"
 
 
 def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path):
