@@ -22,7 +22,7 @@
 # failure), it saves them, and DIR/verdict-600k-gpu receives a copy to commit.
 # Exit status 0 when every step passed or was skipped for a recorded reason (no pytest, no
 # diffusers, no MNIST), 1 otherwise; a step whose log says torch.compile failed (the step then
-# ran eager) or ran without CUDA graphs counts as failed.
+# ran eager), ran without CUDA graphs or could not capture the training step counts as failed.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3; the package is run from
 # src/ through PYTHONPATH, so it need not be installed); SIMPLE_DIT_DATA (the MNIST IDX directory;
@@ -276,7 +276,7 @@ import glob, json, os, re, sys
 
 out, mode, python, data, seconds, budget, verdict_records = sys.argv[1:8]
 BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "device", "torch", "params_m", "gflops_per_image",
-              "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "sample_compile_s",
+              "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "train_cuda_graph", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
@@ -335,12 +335,13 @@ def numbers(kind, log):
 
 
 def compile_fallback(log):
-    """The line saying torch.compile failed (the step went on eager) or left out the CUDA graphs,
-    if the step's log has one."""
+    """The line saying torch.compile failed (the step went on eager), left out the CUDA graphs or
+    could not capture the training step as one, if the step's log has one."""
     if not os.path.isfile(log):
         return None
+    signs = ("torch.compile failed", "torch.compile ran without CUDA graphs", "CUDA graph capture failed")
     with open(log, errors="replace") as f:
-        return next((line.strip() for line in f if "torch.compile failed" in line or "torch.compile ran without CUDA graphs" in line), None)
+        return next((line.strip() for line in f if any(sign in line for sign in signs)), None)
 
 
 steps = []

@@ -63,7 +63,7 @@ def test_a_failing_compiler_leaves_an_eager_run(tmp_path, mnist_dir, monkeypatch
         def forward(self, *args):
             raise RuntimeError("no C++ compiler\nsecond line")
 
-    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device: Broken())
+    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device, **options: Broken())
     run = dict(progress=False, device="cpu", final_samples=False)
     train(_config("dit-tiny", "fp32", 3, False), tmp_path / "eager", **run)
     train(_config("dit-tiny", "fp32", 3, True), tmp_path / "fallback", **run)
@@ -83,7 +83,7 @@ def test_a_compiler_failure_names_what_the_backend_raised(tmp_path, mnist_dir, m
         def forward(self, *args):
             raise RuntimeError(message)
 
-    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device: Broken())
+    monkeypatch.setattr("simple_dit.train.compile_model", lambda model, device, **options: Broken())
     train(_config("dit-tiny", "fp32", 1, True), tmp_path / "run", progress=True, device="cpu", final_samples=False)
     err = capsys.readouterr().err
     # On a line of its own: the progress bar is drawn after the compilation, not glued before it.
@@ -140,3 +140,82 @@ def test_graphs_compiled_without_cuda_graphs_are_reported_in_one_line(monkeypatc
     assert warn_cudagraphs_skipped(torch.device("cuda"), before)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("simple-dit: torch.compile ran without CUDA graphs")
+
+
+def _step_pair(preset: str, device: str):
+    """Two copies of one preset's model with their optimisers, and a diffusion process."""
+    from simple_dit.diffusion import make_process
+    from simple_dit.models import build_model
+    from simple_dit.train import make_optimizer
+
+    config = get_preset(preset)
+    torch.manual_seed(0)
+    models = [build_model(config.model).to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.train()
+    optimizers = [make_optimizer(model, config, torch.device(device)) for model in models]
+    return config, models, optimizers, make_process(config.diffusion).ready_for(torch.device(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the step is captured as a CUDA graph")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_a_captured_step_trains_the_uncaptured_steps(preset, precision):
+    """The CUDA graph replays the eager step: the same noise and dropped labels (drawn at the same
+    generator offsets), the learning rate set outside it, BatchNorm statistics kept, and new
+    batches copied in; the capture itself trains nothing and leaves the generator as it was."""
+    from simple_dit.train import CapturedStep, lr_at, make_step, train_step
+
+    config, (eager, graphed), (eager_opt, graphed_opt), diffusion = _step_pair(preset, "cuda")
+    batches = [(torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")) for _ in range(4)]
+    clip = 0.5
+    torch.manual_seed(1)
+    rng = torch.cuda.get_rng_state()
+    step, seconds = make_step(graphed, graphed, diffusion, graphed_opt, *batches[0], precision=precision, grad_clip=clip, capture=True)
+    assert isinstance(step, CapturedStep) and seconds > 0
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    for a, b in zip(eager.state_dict().values(), graphed.state_dict().values()):
+        assert torch.equal(a, b)  # nothing trained, no statistic moved by the warm-up
+    for i, (x0, y) in enumerate(batches):
+        for optimizer in (eager_opt, graphed_opt):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i, 1e-2, 3)
+        torch.manual_seed(10 + i)
+        want_loss, want_norm = train_step(eager, diffusion, eager_opt, x0, y, precision=precision, grad_clip=clip)
+        torch.manual_seed(10 + i)
+        loss, norm = step(x0, y)
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5) and norm.item() == pytest.approx(want_norm.item(), rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert (a.float() - b.float()).abs().max() <= 1e-5, name
+
+
+def test_a_failing_capture_leaves_the_uncaptured_step(monkeypatch, capsys):
+    """Where the capture fails, one line says why and the step is ``train_step`` itself."""
+    import simple_dit.train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(train_module, "CapturedStep", broken)
+    config, (a, b), (opt_a, opt_b), diffusion = _step_pair("dit-tiny", "cpu")
+    x0, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    step, seconds = train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, capture=True)
+    assert seconds is None
+    assert capsys.readouterr().err == ("simple-dit: CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
+                                       "capturing); training without it\n")  # fmt: skip
+    for _ in range(2):
+        torch.manual_seed(3)
+        want = train_module.train_step(a, diffusion, opt_a, x0, y, precision="fp32", grad_clip=1.0)
+        torch.manual_seed(3)
+        got = step(x0, y)
+        assert all(torch.equal(u, v) for u, v in zip(want, got))
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the bench's compiled step is captured there")
+def test_the_compiled_bench_times_the_captured_step():
+    from simple_dit.bench import run_bench
+
+    result = run_bench("dit-tiny", batch_size=8, what="train", compile=True, device="cuda", repeats=1)
+    assert result["train_cuda_graph"] is True and result["train_compile_s"] > 0 and result["train_images_per_s"] > 0

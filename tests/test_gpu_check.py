@@ -143,6 +143,7 @@ def test_a_step_past_its_limit_is_stopped_and_the_others_still_run(stub_python, 
 @pytest.mark.parametrize("line", [
     "simple-dit: torch.compile failed (AttributeError: 'tuple' object has no attribute 'sum'); training eager",
     "simple-dit: torch.compile ran without CUDA graphs (TORCH_LOGS=perf_hints says why); steps keep their Python dispatch cost",
+    "simple-dit: CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); training without it",
 ])  # fmt: skip
 def test_a_step_whose_compiler_fell_back_fails(stub_python, tmp_path, mnist_dir, line):
     """`--compile` quietly training eager, or compiled without its CUDA graphs (one stderr line,

@@ -23,7 +23,7 @@ from .models.unet import UNetCond, book_time_encoding
 from .runtime import (
     autocast, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
 )  # fmt: skip
-from .train import make_optimizer, train_step, training_precision
+from .train import CapturedStep, make_optimizer, make_step, training_precision
 
 
 def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -152,7 +152,6 @@ def run_bench(
     x = torch.randn(batch_size, c, s, s, device=dev)
     y = torch.randint(0, config.model.num_classes, (batch_size,), device=dev)
     gflops = forward_gflops(model, s)
-    forward_model = compile_model(model, dev) if compile else model
     skips = cudagraph_skips()
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
@@ -168,21 +167,31 @@ def run_bench(
         else:
             optimizer, grad_clip = make_optimizer(model, config, dev), config.train.grad_clip
         model.train()
-
-        def step():
-            train_step(forward_model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip)
-
         if together > 1:
             step = step_together(model, config, diffusion, x, y, together, precision=precision, compile=compile)
+            if compile:
+                result["train_compile_s"] = median_seconds(step, dev, warmup=0, repeats=1)  # the first call compiles
+        else:
+            # As training makes it: with --compile on a GPU, the step replays as one CUDA graph.
+            capture = compile and dev.type == "cuda"
+            run_step, compile_s = make_step(model, model, diffusion, optimizer, x, y, precision=precision, grad_clip=grad_clip,
+                                            compile=compile, capture=capture)  # fmt: skip
+            if compile:
+                result["train_compile_s"] = compile_s
+            if capture:
+                result["train_cuda_graph"] = isinstance(run_step, CapturedStep)
 
-        if compile:
-            result["train_compile_s"] = median_seconds(step, dev, warmup=0, repeats=1)  # the first call compiles
+            def step():
+                run_step(x, y)
+
         seconds = median_seconds(step, dev, warmup, repeats)
         result["train_images_per_s"] = together * batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * together * batch_size / seconds  # backward ~ 2x forward
     if what in ("sample", "all"):
         model.eval()
         t = torch.full((batch_size,), 500, device=dev, dtype=torch.long)
+
+        forward_model = compile_model(model, dev) if compile else model
 
         @torch.no_grad()
         def denoise():

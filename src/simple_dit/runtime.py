@@ -186,12 +186,13 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, device: torch.device, *, cudagraphs: bool = True) -> torch.nn.Module:
     """``torch.compile`` of ``model`` for steps of one fixed batch shape.
 
-    On a GPU the mode is "reduce-overhead": each step replays as a CUDA graph, which removes the
+    On a GPU the mode is "reduce-overhead": each call replays as a CUDA graph, which removes the
     Python dispatch that bounds a small model's step (issue 8: a batch-128 dit-seed step took ~32 ms
-    where its arithmetic needs ~4 ms). On a CPU, inductor's fused C++ kernels. Random draws inside
+    where its arithmetic needs ~4 ms); ``cudagraphs=False`` leaves the graphs to a caller that
+    captures more than the model (``train.CapturedStep``). On a CPU, inductor's fused C++ kernels. Random draws inside
     the graph come from PyTorch's own generator (``fallback_random``), so a compiled run is
     reproducible and resumes exactly. Inductor caches the compiled kernels (``TORCHINDUCTOR_CACHE_DIR``,
     by default under the temporary directory): compiling a model cold takes ~40 s on a 2-core CPU
@@ -200,7 +201,7 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" and cudagraphs else "default", dynamic=False)
 
 
 def cudagraph_skips() -> int:

@@ -106,7 +106,8 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.devi
 
 
 def train_step(model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *, precision: str, grad_clip: float = 0.0):
-    """One optimiser step on one batch; training and every benchmark time this same function.
+    """One optimiser step on one batch; training and every benchmark time this same function
+    (``make_step`` may replay all of it but the optimiser's step as one CUDA graph).
 
     Returns the loss and the gradient norm as device tensors, so that the caller decides when to
     pay for a host sync.
@@ -118,29 +119,115 @@ def train_step(model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *
     return loss.detach(), clip_and_step(optimizer, grad_clip)
 
 
+def clip_gradients(params: list[torch.nn.Parameter], grad_clip: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` (``grad_clip`` > 0); returns their norm before clipping
+    as a device tensor, still measured without clipping: a non-finite norm is how divergence
+    shows first."""
+    params = [p for p in params if p.grad is not None]
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()
+    return total_norm([p.grad for p in params]).detach()
+
+
 def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
     """Clip the gradients (``grad_clip`` > 0), take the optimiser step; returns the gradient norm
     (before clipping) as a device tensor."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:  # still measured: a non-finite norm is how divergence shows first
-        grad_norm = total_norm([p.grad for p in params])
+    grad_norm = clip_gradients([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     optimizer.step()
-    return grad_norm.detach()
+    return grad_norm
 
 
-def compile_for_training(model, forward_model, diffusion, x0: torch.Tensor, y: torch.Tensor, *, precision: str):
-    """``forward_model`` compiled, and the seconds its compilation took; ``forward_model`` itself
-    and None where the compiler fails (one line on stderr says why, and training goes on eager)."""
-    compiled = compile_model(forward_model, x0.device)
+class CapturedStep:
+    """``train_step`` with its forward and backward passes and its gradient clipping recorded once
+    as a CUDA graph and replayed on every step: a small model's step is bound by launching several
+    hundred kernels one at a time from Python (issue 8), a replay is one launch. Each call copies
+    its batch into the graph's own input tensors. The optimiser steps outside the graph, eagerly:
+    its learning rate changes during warm-up, and a captured AdamW would need it as a tensor in the
+    param groups that checkpoints store as numbers.
 
-    def loss() -> torch.Tensor:
-        with autocast(x0.device, precision):
-            return diffusion.training_loss(compiled, x0, y)
+    The graph draws its noise, timesteps and dropped labels from the default CUDA generator at the
+    offsets the uncaptured step would use, and the capture leaves the generators, the weights and
+    the BatchNorm statistics as it found them: a captured run trains the steps an uncaptured one
+    trains, and a checkpoint resumes exactly.
+    """
 
-    seconds = warm_up_compiled(loss, [model], x0.device)
-    return (forward_model, None) if seconds is None else (compiled, seconds)
+    def __init__(self, model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *, precision: str, grad_clip: float):
+        device = x0.device
+        self.optimizer = optimizer
+        self.x0, self.y = x0.clone(), y.clone()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def forward_backward():
+            with autocast(device, precision):
+                loss = diffusion.training_loss(forward_model, self.x0, self.y)
+            loss.backward()
+            return loss.detach(), clip_gradients(params, grad_clip)
+
+        rng, buffers = rng_state(device), [b.clone() for b in model.buffers()]
+        # Warm-up and capture on one side stream: the libraries' lazy set-up (cuBLAS handles and
+        # workspaces, per stream) must happen before the capture, on the stream it captures.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    forward_backward()
+                    for p in params:
+                        p.grad = None  # the graph's backward allocates the gradients it writes each replay
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.loss, self.grad_norm = forward_backward()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
+            set_rng_state(rng, device)
+
+    def __call__(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.x0.copy_(x0)
+        self.y.copy_(y)
+        self.graph.replay()
+        self.optimizer.step()
+        # Copies: the graph's own outputs are overwritten by the next replay.
+        return self.loss.clone(), self.grad_norm.clone()
+
+
+def make_step(model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *, precision: str, grad_clip: float,
+              compile: bool = False, capture: bool = False):  # fmt: skip
+    """The step a run takes, as ``step(x0, y) -> (loss, grad_norm)``, and the seconds that
+    compiling and capturing it took (None: neither was asked). ``compile`` runs ``forward_model``
+    through torch.compile; ``capture`` (CUDA, one process) replays the step as a ``CapturedStep``.
+    Where the compiler or the capture fails, one line on stderr says why and the step goes on
+    without it. ``x0`` and ``y`` are a batch of the run's shape; nothing is trained on them."""
+    start, prepared = time.perf_counter(), False
+    if compile:
+        compiled = compile_model(forward_model, x0.device, cudagraphs=not capture)
+
+        def loss() -> torch.Tensor:
+            with autocast(x0.device, precision):
+                return diffusion.training_loss(compiled, x0, y)
+
+        if warm_up_compiled(loss, [model], x0.device) is not None:
+            forward_model, prepared = compiled, True
+    if capture:
+        try:
+            step = CapturedStep(model, forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
+            return step, time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - whatever the capture raises, the step still runs uncaptured
+            print(f"simple-dit: CUDA graph capture failed ({type(e).__name__}: {_first_line(e)}); training without it", file=sys.stderr, flush=True)
+
+    def step(x0: torch.Tensor, y: torch.Tensor):
+        return train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
+
+    return step, (time.perf_counter() - start if prepared else None)
+
+
+def _first_line(error: Exception) -> str:
+    """What an error says, in at most 200 characters of one line: a header such as
+    "backend='inductor' raised:" says little without the line after it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]
 
 
 def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Module], device: torch.device) -> float | None:
@@ -162,10 +249,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
                 p.grad = None
         synchronize(device)
     except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
-        # A header such as "backend='inductor' raised:" says little without the line after it.
-        reason = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]
-        print(f"simple-dit: torch.compile failed ({type(e).__name__}: {reason}); training eager", file=sys.stderr, flush=True)
+        print(f"simple-dit: torch.compile failed ({type(e).__name__}: {_first_line(e)}); training eager", file=sys.stderr, flush=True)
         return None
     finally:
         for p in parameters:
@@ -483,11 +567,13 @@ def train(
         order, local_batch = EpochOrder(len(dataset), tc.seed, tc.batch_size, device), tc.batch_size // world
         resident = dataset.to(device)
         model.train()
-        if tc.compile:
-            x0, y = resident.batch(torch.arange(local_batch, device=device))
-            forward_model, compile_seconds = compile_for_training(model, forward_model, diffusion, x0, y, precision=precision)
-            if compile_seconds is not None:
-                logger.log({"step": state.step, "compile_seconds": compile_seconds})
+        # --compile on one GPU also replays each step as one CUDA graph (DDP's gradient hooks stay uncaptured).
+        step, compile_seconds = make_step(
+            model, forward_model, diffusion, optimizer, *resident.batch(torch.arange(local_batch, device=device)), precision=precision,
+            grad_clip=tc.grad_clip, compile=tc.compile, capture=tc.compile and device.type == "cuda" and world == 1,
+        )  # fmt: skip
+        if compile_seconds is not None:
+            logger.log({"step": state.step, "compile_seconds": compile_seconds})
         # Drawn from here: the compilation is not a step (nor part of the ETA), and what it prints
         # stays on lines of its own.
         bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
@@ -498,7 +584,7 @@ def train(
             lr = lr_at(state.step, tc.lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=tc.grad_clip)
+            loss, grad_norm = step(x0, y)
             update_ema(ema, model, ema_decay_at(state.step, tc.ema_decay))
             state.step, state.images_seen = state.step + 1, state.images_seen + tc.batch_size
             window.add(loss, grad_norm, tc.batch_size, lr)
