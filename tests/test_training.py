@@ -392,6 +392,17 @@ def test_pipeline_rejects_bad_labels(straight_run):
     assert torch.equal(pipe(np.array([3, 7]), steps=np.int64(2), guidance=np.float32(2.0), seed=np.int64(3)), expected)
 
 
+def test_a_refused_pipeline_leaves_the_model_where_and_as_it_was():
+    """A Pipeline moves the model it is given to its device and into eval mode; one that is refused
+    must not (on a GPU machine the caller's model used to end up on CUDA)."""
+    config = get_preset("dit-tiny")
+    model = build_model(config.model).train()
+    for kwargs in ({"class_names": ["a"]}, {"class_names": list(range(10))}, {"compile": "no"}, {"guidance": "x"}):
+        with pytest.raises(UserError):
+            Pipeline(config, model, **kwargs)
+        assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_train_refuses_to_overwrite_and_to_resume_nothing(straight_run, tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny_config(max_steps=1), straight_run, progress=False, device="cpu")
@@ -448,11 +459,11 @@ def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, mo
     config = tiny_config(max_steps=0)
     config.train.minutes = 0.005  # 0.3 s: the first step ends 0.7 s past it
     run = tmp_path / "run"
-    train(config, run, progress=True, final_samples=False)
+    train(config, run, progress=True, device="cpu", final_samples=False)
     _, _, state = load_weights(run)
     assert state["step"] == 1 and state["train_seconds"] >= 1.0
     config.train.minutes = 0.002
-    train(config, run, resume=True, progress=True, final_samples=False)
+    train(config, run, resume=True, progress=True, device="cpu", final_samples=False)
     assert load_weights(run)[2]["step"] == 1
     assert "s of training" in capsys.readouterr().err
 

@@ -70,8 +70,6 @@ class Pipeline:
         kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if kinds - {torch.float32}:  # bf16 sampling is autocast over fp32 weights (precision="bf16")
             raise UserError(f"a Pipeline samples from fp32 weights (bf16 by autocast, precision='bf16'); the model's are {sorted(map(str, kinds))}: pass model.float()")
-        self.model = model.to(self.device).eval()
-        self.diffusion = make_process(config.diffusion)
         self.num_classes = config.model.num_classes
         dataset = DATASETS.get(config.train.dataset)
         self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
@@ -79,6 +77,9 @@ class Pipeline:
             raise UserError(f"class_names must be strings, got {list(self.class_names)[:3]!r}...")
         if len(self.class_names) != self.num_classes:
             raise UserError(f"class_names must name the model's {self.num_classes} classes, got {len(self.class_names)} names")
+        # Last: a refused Pipeline leaves the caller's model where and as it was (in training mode, on its device).
+        self.model = model.to(self.device).eval()
+        self.diffusion = make_process(config.diffusion)
 
     @classmethod
     def from_pretrained(
