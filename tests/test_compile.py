@@ -185,9 +185,11 @@ def test_a_captured_step_trains_the_uncaptured_steps(preset, precision):
         want_loss, want_norm = train_step(eager, diffusion, eager_opt, x0, y, precision=precision, grad_clip=clip)
         torch.manual_seed(10 + i)
         loss, norm = step(x0, y)
-        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5) and norm.item() == pytest.approx(want_norm.item(), rel=1e-4)
+        # Tight: other noise would move an 8-image loss by ~2%, but the kernels are the same ones
+        # (only atomics' summation order may differ).
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-4) and norm.item() == pytest.approx(want_norm.item(), rel=1e-3)
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        assert (a.float() - b.float()).abs().max() <= 1e-5, name
+        assert (a.float() - b.float()).abs().max() <= 1e-4, name
 
 
 def test_a_failing_capture_leaves_the_uncaptured_step(monkeypatch, capsys):
