@@ -90,7 +90,7 @@ def test_a_diverging_run_stops_alone(tmp_path, mnist_dir):
     model; the run beside it trains to the end."""
     wild = _config("dit-tiny", lr=1e6, seed=0, steps=30)
     calm = _config("dit-tiny", lr=1e-3, seed=1, steps=30)
-    diverged = train_together([(wild, tmp_path / "wild", False), (calm, tmp_path / "calm", False)])
+    diverged = train_together([(wild, tmp_path / "wild", False), (calm, tmp_path / "calm", False)], device="cpu")
     assert list(diverged) == [tmp_path / "wild"]
     assert "diverged" in str(diverged[tmp_path / "wild"])
     assert not (tmp_path / "wild" / "checkpoint.safetensors").exists()

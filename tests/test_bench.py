@@ -46,7 +46,7 @@ def test_the_reference_dit_is_the_dit():
 
 
 def test_bench_prints_one_json_object_last(capsys):
-    assert main(["bench", "--preset", "unet-tiny", "--batch-size", "4", "--repeats", "1", "--reference"]) == 0
+    assert main(["bench", "--preset", "unet-tiny", "--batch-size", "4", "--repeats", "1", "--reference", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["preset"] == "unet-tiny" and result["batch_size"] == 4 and result["reference"] is True
     assert result["precision"] == "fp32" and result["torch"] == torch.__version__

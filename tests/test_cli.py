@@ -29,15 +29,16 @@ MAX_STEPS = 30
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, mnist_dir):
-    """`simple-dit train` for 30 steps of dit-tiny, then `simple-dit sample` from it."""
+    """`simple-dit train` for 30 steps of dit-tiny, then `simple-dit sample` from it, on the CPU even
+    where a GPU is present: these tests are of the command, and one redraws its images bit for bit."""
     root = tmp_path_factory.mktemp("cli")
     run = root / "run"
-    trained = run_cli("train", "--preset", "dit-tiny", "--out", run, "--max-steps", MAX_STEPS, "--no-progress")
+    trained = run_cli("train", "--preset", "dit-tiny", "--out", run, "--max-steps", MAX_STEPS, "--no-progress", "--device", "cpu")
     assert trained.returncode == 0, trained.stderr
     # The sample step goes through the installed console script where there is one.
     script = Path(sys.executable).parent / "simple-dit"
     program = [str(script)] if script.exists() else None
-    sampled = run_cli("sample", run, "--out", run / "s", "--per-class", 2, "--steps", 5, program=program)
+    sampled = run_cli("sample", run, "--out", run / "s", "--per-class", 2, "--steps", 5, "--device", "cpu", program=program)
     assert sampled.returncode == 0, sampled.stderr
     return {"run": run, "train": trained, "sample": sampled}
 
@@ -99,7 +100,7 @@ def test_sample_files_match_the_python_api(cli_run):
     """The CLI's npz holds exactly the images Pipeline produces for the same arguments."""
     from simple_dit.sample import Pipeline
 
-    pipe = Pipeline.from_pretrained(cli_run["run"])
+    pipe = Pipeline.from_pretrained(cli_run["run"], device="cpu")  # where the CLI sampled
     labels = torch.arange(10).repeat_interleave(2)
     images = pipe(labels, steps=5, seed=0)  # the CLI's default guidance is the API's
     with np.load(cli_run["run"] / "s.npz") as npz:
@@ -258,10 +259,11 @@ def test_eval_of_several_guidances_fails_before_sampling_where_it_cannot_record_
 
 
 def test_resume_takes_the_command_that_started_the_run(run_copy):
-    assert main(["train", "--preset", "dit-tiny", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 2), "--no-progress"]) == 0
+    assert main(["train", "--preset", "dit-tiny", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 2), "--no-progress",
+                 "--device", "cpu"]) == 0
     # The recipe given again with its saved values; how the run is watched and run may change.
     recipe = ["--lr", "0.001", "--batch-size", "32", "--seed", "0", "--objective", "eps", "--dataset", "mnist"]
-    watch = ["--sample-every", "0", "--checkpoint-every", "3", "--precision", "fp32"]
+    watch = ["--sample-every", "0", "--checkpoint-every", "3", "--precision", "fp32", "--device", "cpu"]
     assert main(["train", "--out", str(run_copy), "--resume", "--max-steps", str(MAX_STEPS + 4), "--no-progress", *recipe, *watch]) == 0
     config = json.loads((run_copy / "config.json").read_text())
     assert config["train"]["sample_every"] == 0 and config["train"]["checkpoint_every"] == 3 and config["train"]["precision"] == "fp32"

@@ -21,7 +21,9 @@ from simple_dit.io import append_jsonl, read_jsonl
 PRESETS = "dit-tiny,unet-tiny"
 LRS = "1e-3,3e-3"
 BUDGET = "640-images"  # batch 32 -> 20 steps, evaluated at 5, 10, 15 and 20
-SETTINGS = dict(eval_n=60, steps=3, precision="fp32", seed=0)
+# On the CPU even where a GPU is present: an interrupted comparison must end bit for bit where an
+# uninterrupted one does, which holds on the CPU only (see conftest.RESUME_TOLERANCE).
+SETTINGS = dict(eval_n=60, steps=3, precision="fp32", seed=0, device="cpu")
 STEPS = [5, 10, 15, 20]  # at --eval-every-frac 0.25
 RUN_NAMES = ["dit-tiny_lr0.001", "dit-tiny_lr0.003", "unet-tiny_lr0.001", "unet-tiny_lr0.003"]
 
@@ -281,7 +283,7 @@ def test_time_budget_stops_each_segment_at_its_share_of_the_seconds(tmp_path, mn
 
 # ---- seeds, objectives and guidance scales -----------------------------------------------------
 
-SWEEP = dict(lrs="1e-3", eval_every_frac=1.0, eval_n=30, steps=2, precision="fp32", guidances="1,2", objectives="eps,flow")
+SWEEP = dict(lrs="1e-3", eval_every_frac=1.0, eval_n=30, steps=2, precision="fp32", guidances="1,2", objectives="eps,flow", device="cpu")
 SWEEP_RUNS = ["dit-tiny_lr0.001", "dit-tiny_flow_lr0.001", "dit-tiny_lr0.001_seed1", "dit-tiny_flow_lr0.001_seed1"]
 
 
@@ -296,7 +298,7 @@ def sweep(tmp_path_factory, mnist_dir, meter):
     trained, train = [], C.runner._train
     argv = ["compare", "--presets", "dit-tiny", "--budget", "320-images", "--lrs", "1e-3", "--eval-every-frac", "1", "--eval-n", "30",
             "--steps", "2", "--precision", "fp32", "--guidances", "1,2", "--objective", "eps,flow", "--seeds", "0,1",
-            "--data-dir", str(mnist_dir), "--out", str(out)]  # fmt: skip
+            "--data-dir", str(mnist_dir), "--device", "cpu", "--out", str(out)]  # fmt: skip
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
         mp.setattr(C.runner, "_train", lambda config, run_dir, **kw: (trained.append(run_dir.name), train(config, run_dir, **kw))[1])

@@ -165,7 +165,7 @@ def test_training_logs_quality_scores_with_the_loss(tmp_path):
 
     config = get_preset("dit-tiny")
     config.train.max_steps, config.train.eval_every, config.train.eval_n = 10, 10, 20
-    train(config, tmp_path / "run", progress=False, final_samples=False)
+    train(config, tmp_path / "run", progress=False, device="cpu", final_samples=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_fid" in r]
     assert [r["step"] for r in evals] == [10]
@@ -249,7 +249,7 @@ def tiny_run(tmp_path_factory, mnist_dir):
     from simple_dit.train import train
 
     run = tmp_path_factory.mktemp("guidance") / "run"
-    train(tiny_config("dit-tiny", max_steps=20), run, data_dir=mnist_dir, progress=False, final_samples=False)
+    train(tiny_config("dit-tiny", max_steps=20), run, data_dir=mnist_dir, progress=False, device="cpu", final_samples=False)
     return run
 
 
@@ -268,7 +268,8 @@ def test_eval_guidance_list_records_the_pick_and_sampling_uses_it(tiny_run, mete
 
     monkeypatch.setattr(evaluate, "QualityMeter", lambda *a, **k: meter)  # the module's meter: no second set-up
     plot = tmp_path / "frontier.png"
-    done = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--guidance", "1,2", "--bootstrap", 20, "--plot", plot, "--json"], capsys)
+    done = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--guidance", "1,2", "--bootstrap", 20, "--plot", plot, "--json",
+                        "--device", "cpu"], capsys)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     recorded = json.loads((tiny_run / "guidance.json").read_text())
@@ -283,16 +284,16 @@ def test_eval_guidance_list_records_the_pick_and_sampling_uses_it(tiny_run, mete
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The pipeline, sample and eval now default to the recorded guidance; an explicit one still wins.
-    pipe = Pipeline.from_pretrained(tiny_run)
+    pipe = Pipeline.from_pretrained(tiny_run, device="cpu")  # where the commands below sample
     assert pipe.guidance == recorded["guidance"] != DEFAULT_GUIDANCE
     labels = pipe.cycled_labels(4)
     for i, (extra, guidance) in enumerate((([], recorded["guidance"]), (["--guidance", 3], 3.0))):
         out = tmp_path / f"s{i}"
-        assert _in_process(["sample", tiny_run, "--out", out, "--n", 4, "--steps", 2, "--no-gif", *extra], capsys).returncode == 0
+        assert _in_process(["sample", tiny_run, "--out", out, "--n", 4, "--steps", 2, "--no-gif", "--device", "cpu", *extra], capsys).returncode == 0
         with np.load(tmp_path / f"s{i}.npz") as npz:
             expected = pipe(labels, steps=2, guidance=guidance, seed=0).permute(0, 2, 3, 1).numpy()
             assert np.array_equal(npz["arr_0"], expected)
-    single = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--bootstrap", 0, "--json"], capsys)
+    single = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--bootstrap", 0, "--json", "--device", "cpu"], capsys)
     assert json.loads(single.stdout.strip().splitlines()[-1])["guidance"] == recorded["guidance"]
 
 
@@ -310,6 +311,7 @@ def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):
     (damaged / "guidance.json").write_text('{"guidance": "high"}')
     assert_user_error(_in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2], capsys), "guidance.json is damaged")
     # What the message advises works, and so does a scale given explicitly: neither needs the damaged default.
-    assert _in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2, "--steps", 2, "--guidance", 2, "--no-gif"], capsys).returncode == 0
-    assert _in_process(["eval", damaged, "--n", 30, "--steps", 2, "--bootstrap", 0, "--guidance", "1,2"], capsys).returncode == 0
+    assert _in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2, "--steps", 2, "--guidance", 2, "--no-gif", "--device", "cpu"],
+                       capsys).returncode == 0  # fmt: skip
+    assert _in_process(["eval", damaged, "--n", 30, "--steps", 2, "--bootstrap", 0, "--guidance", "1,2", "--device", "cpu"], capsys).returncode == 0
     assert json.loads((damaged / "guidance.json").read_text())["guidance"] in (1, 2)

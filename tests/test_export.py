@@ -57,17 +57,17 @@ def test_layout_and_fp32_round_trip_gives_identical_images(run, tmp_path):
     assert json.loads((out.parent / "config.json").read_text()) == json.loads((run / "config.json").read_text())
     with safe_open(str(out), framework="pt") as f:  # the model's own parameter names, nothing else
         keys, dtypes, meta = set(f.keys()), {f.get_tensor(k).dtype for k in f.keys()}, f.metadata()
-    reference = Pipeline.from_pretrained(run)
+    reference = Pipeline.from_pretrained(run, device="cpu")  # every draw on the CPU: the images are compared bit for bit
     assert keys == set(reference.model.state_dict()) and dtypes == {torch.float32}
     assert meta["dtype"] == "fp32" and meta["weights"] == "ema" and json.loads(meta["train_state"])["step"] == 30
-    loaded = Pipeline.from_pretrained(out.parent)
+    loaded = Pipeline.from_pretrained(out.parent, device="cpu")
     for name, value in reference.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
     assert torch.equal(draw(loaded), draw(reference))
-    assert torch.equal(draw(Pipeline.from_pretrained(out)), draw(reference))  # the weights file alone carries its config
+    assert torch.equal(draw(Pipeline.from_pretrained(out, device="cpu")), draw(reference))  # the weights file alone carries its config
     renamed = shutil.copyfile(run / "checkpoint.safetensors", tmp_path / "renamed.safetensors")  # a checkpoint by any name
-    assert torch.equal(draw(Pipeline.from_pretrained(renamed)), draw(reference))
-    assert not torch.equal(draw(Pipeline.from_pretrained(run, use_ema=False)), draw(reference))  # it is the EMA
+    assert torch.equal(draw(Pipeline.from_pretrained(renamed, device="cpu")), draw(reference))
+    assert not torch.equal(draw(Pipeline.from_pretrained(run, use_ema=False, device="cpu")), draw(reference))  # it is the EMA
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -76,7 +76,7 @@ def test_half_precision_exports_are_half_the_size_and_load_as_fp32_with_close_im
     assert half.stat().st_size < 0.6 * full.stat().st_size
     config, weights, meta = load_export(half.parent)
     assert meta["dtype"] == dtype and {v.dtype for v in weights.values()} == {torch.float32}
-    a, b = draw(Pipeline.from_pretrained(full.parent)).float(), draw(Pipeline.from_pretrained(half.parent)).float()
+    a, b = draw(Pipeline.from_pretrained(full.parent, device="cpu")).float(), draw(Pipeline.from_pretrained(half.parent, device="cpu")).float()
     assert (a - b).abs().mean() < 2.0  # of 255
 
 
@@ -85,7 +85,7 @@ def test_cli_export_then_sample_and_eval_load_it(run, tmp_path, cli):
     result = run_cli("export", run, "--out", out, "--dtype", "bf16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"exported: {out / MODEL_NAME}"
-    sampled = cli("sample", out, "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif")
+    sampled = cli("sample", out, "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif", "--device", "cpu")
     assert sampled.returncode == 0, sampled.stderr
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "grid.npz").is_file()
     # eval goes through the same loader (scoring takes a while, so only the loading is checked here).
@@ -202,14 +202,14 @@ def test_push_to_hub_without_huggingface_hub_is_one_line_before_writing(run, tmp
 def test_default_model_draws_the_digits_asked_for(mnist_dir):
     from simple_dit.evaluate import classify, load_evaluator
 
-    pipe = Pipeline.from_pretrained()
+    pipe = Pipeline.from_pretrained(device="cpu")  # both pipelines on the CPU: their images are compared bit for bit
     assert pipe.config.preset == "dit-mini"
     labels = torch.arange(100) % 10
     images = pipe(labels, steps=5, seed=0)  # 5 Euler steps score like 20 on dit-mini (BENCHMARKS.md)
     evaluator, _ = load_evaluator("mnist", progress=False)
     accuracy = (classify(evaluator, images) == labels).float().mean().item()
     assert accuracy >= 0.9, accuracy  # 1.0 when it was shipped (fp32 and bf16 sampling)
-    assert torch.equal(Pipeline.from_pretrained("default")(labels[:4], steps=2), pipe(labels[:4], steps=2))
+    assert torch.equal(Pipeline.from_pretrained("default", device="cpu")(labels[:4], steps=2), pipe(labels[:4], steps=2))
 
 
 def test_default_model_says_how_it_was_trained():
@@ -222,7 +222,7 @@ def test_default_model_says_how_it_was_trained():
 
 
 def test_sample_without_a_run_uses_the_default_model(tmp_path, cli):
-    assert cli("sample", "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif").returncode == 0
+    assert cli("sample", "--out", tmp_path / "grid", "--per-class", 1, "--steps", 2, "--no-gif", "--device", "cpu").returncode == 0
     assert (tmp_path / "grid.png").is_file()
     with np.load(tmp_path / "grid.npz") as f:
         assert f["arr_0"].shape == (10, 28, 28, 1)

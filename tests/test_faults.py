@@ -246,7 +246,7 @@ def test_unwritable_output_fails_before_any_work(command, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     args = ([*TRAIN, "--out", blocker / "run", "--max-steps", 5] if command == "train" else
-            ["compare", "--presets", "dit-tiny", "--budget", "64-images", "--lrs", "1e-3", "--eval-n", "6", "--out", blocker / "cmp"])  # fmt: skip
+            ["compare", "--presets", "dit-tiny", "--budget", "64-images", "--lrs", "1e-3", "--eval-n", "6", "--device", "cpu", "--out", blocker / "cmp"])  # fmt: skip
     began = time.monotonic()
     assert_user_error(run_cli(*args), str(blocker))
     assert time.monotonic() - began < 30

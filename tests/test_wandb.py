@@ -190,7 +190,7 @@ def test_a_resume_whose_wandb_cannot_start_leaves_the_run_as_it_was(tmp_path, mn
         f.write(json.dumps({"step": 9, "loss": 1.0}) + "\n")  # a record past the checkpoint, of a killed attempt
     before = snapshot(run)
     monkeypatch.setattr(wandb, "init", lambda **kwargs: (_ for _ in ()).throw(wandb.errors.UsageError("api_key not configured")))
-    argv = ["train", "--resume", "--out", str(run), "--max-steps", "8", "--no-progress", "--data-dir", str(mnist_dir), "--wandb"]
+    argv = ["train", "--resume", "--out", str(run), "--max-steps", "8", "--no-progress", "--data-dir", str(mnist_dir), "--device", "cpu", "--wandb"]
     assert main(argv) == 2
     assert "cannot start a W&B run" in capsys.readouterr().err
     assert {k: v for k, v in snapshot(run).items() if k not in (WANDB_RUN_NAME, ".lock")} == {k: v for k, v in before.items() if k != ".lock"}
@@ -211,7 +211,7 @@ def test_compare_groups_its_runs_under_its_directory_and_logs_each_evaluation(tm
 
     out = tmp_path / "my-comparison"
     compare("dit-tiny", "64-images", out, lrs="1e-3,3e-3", eval_every_frac=0.5, eval_n=6, steps=2, data_dir=str(mnist_dir),
-            log=lambda msg: None, meter=FakeMeter(), wandb="simple-dit-test")  # fmt: skip
+            device="cpu", log=lambda msg: None, meter=FakeMeter(), wandb="simple-dit-test")  # fmt: skip
     run_dirs = sorted((out / "runs").iterdir())
     assert len(run_dirs) == 2
     ids = set()
