@@ -96,6 +96,19 @@ def test_sample_writes_png_npz_and_gif(cli_run):
         assert gif.n_frames >= 3
 
 
+def test_sample_replaces_its_files_as_one_set(run_copy):
+    """A second `sample` to the same --out replaces the grid and the arrays, and removes the
+    animation of the first where it makes none: no gif of other images is left beside them."""
+    out = run_copy / "s"
+    before = {ext: (run_copy / f"s.{ext}").read_bytes() for ext in ("png", "npz")}
+    again = run_cli("sample", run_copy, "--out", out, "--per-class", 2, "--steps", 5, "--seed", 7, "--no-gif", "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [str(run_copy / "s.png"), str(run_copy / "s.npz")]
+    assert all((run_copy / f"s.{ext}").read_bytes() != old for ext, old in before.items())
+    assert not (run_copy / "s.gif").exists()
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no staging left
+
+
 def test_sample_files_match_the_python_api(cli_run):
     """The CLI's npz holds exactly the images Pipeline produces for the same arguments."""
     from simple_dit.sample import Pipeline

@@ -6,6 +6,7 @@ Every scenario runs the real CLI in a subprocess, as a user or a cluster schedul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -215,6 +216,41 @@ def test_signal_checkpoints_the_current_step_and_resume_is_exact(sig, code, tmp_
     straight = run_cli(*TRAIN, "--out", tmp_path / "straight", "--max-steps", stopped_at + 10)
     assert straight.returncode == 0, straight.stderr
     assert_same_weights(out, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_sample_keeps_the_old_set_and_leaves_no_temporary(straight, sig, code, tmp_path):
+    """SIGTERM used to kill `sample` where it stood, leaving the temporary of the file it was writing."""
+    out = tmp_path / "s"
+    first = run_cli("sample", straight, "--out", out, "--per-class", 1, "--steps", 2, "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cli("sample", straight, "--out", out, "--n", 10**6, "--steps", 50, "--device", "cpu"),
+                                stdout=subprocess.DEVNULL, stderr=err, text=True, env=os.environ.copy())  # fmt: skip
+        wait_for(lambda: "%|" in (tmp_path / "stderr.txt").read_text())  # the progress bar: sampling has begun
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "files it had written are intact" in stderr
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k != "stderr.txt"} == {k: v for k, v in before.items() if k != "stderr.txt"}
+
+
+def test_a_set_interrupted_while_it_is_written_keeps_the_old_files(tmp_path):
+    from simple_dit.io import replace_set
+
+    (tmp_path / "s.png").write_text("old grid")
+    (tmp_path / "s.gif").write_text("old animation")
+
+    def write(staging: Path) -> None:
+        (staging / "s.png").write_text("new grid")
+        raise KeyboardInterrupt  # between the grid and the arrays
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_set(tmp_path, ["s.png", "s.npz", "s.gif"], write)
+    assert snapshot(tmp_path) == {"s.gif": hashlib.md5(b"old animation").hexdigest(), "s.png": hashlib.md5(b"old grid").hexdigest()}
 
 
 # ---- full disk, unwritable output --------------------------------------------------------------

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -281,7 +283,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from .checkpoint import CHECKPOINT_NAME
     from .diffusion import check_guidance_interval
-    from .io import ensure_writable_dir
+    from .io import ensure_writable_dir, replace_set
     from .sample import Pipeline, save_gif, save_npz
 
     if args.out.is_dir():
@@ -311,9 +313,14 @@ def cmd_sample(args) -> None:
     trajectory: list | None = None if args.no_gif else []
     images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
                   batch_size=args.batch_size, trajectory=trajectory, progress=True)  # fmt: skip
-    written = [pipe.save_grid(images, labels, out.with_name(out.name + ".png")), save_npz(images, labels, out.with_name(out.name + ".npz"))]
-    if trajectory:
-        written.append(save_gif(trajectory, labels, pipe.class_names, out.with_name(out.name + ".gif")))
+    def write(staging: Path) -> None:
+        pipe.save_grid(images, labels, staging / f"{out.name}.png")
+        save_npz(images, labels, staging / f"{out.name}.npz")
+        if trajectory:
+            save_gif(trajectory, labels, pipe.class_names, staging / f"{out.name}.gif")
+
+    # One set: an interrupted write keeps the old files, and no gif of an earlier call is left beside new images.
+    written = replace_set(out.parent, [out.name + suffix for suffix in (".png", ".npz", ".gif")], write)
     print("\n".join(str(p) for p in written))
 
 
@@ -459,6 +466,10 @@ def cmd_serve(args) -> None:
     serve(args.run_dir, host=args.host, port=args.port, device=args.device)
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}; files it had written are intact")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -466,6 +477,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # a usage error or --help: an exit status, so main(argv) returns in-process callers one too
         return e.code
     keep_freed_memory()
+    # SIGTERM as an exception, as Ctrl-C is: unfinished writes remove their temporaries and locks
+    # are released (the training loop takes the signal over, to checkpoint first).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
+    try:
+        return _run(parser, args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
+    """The command ``args`` names; its exit status, with one line on stderr for what is not a bug."""
     try:
         if args.list_presets:
             if args.command is not None:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,32 @@ def atomic_write(path: Path, write) -> None:
         _remove(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def replace_set(directory: Path, names: list[str], write) -> list[Path]:
+    """Write files that belong together (``sample``'s grid, arrays and animation) as one set:
+    ``write(staging)`` writes those of ``names`` it makes, by their own names, into a temporary
+    directory beside them; then they replace their old versions together, and the other
+    ``names`` (an earlier set's) are removed. An interruption before the renames leaves the old
+    set whole and no temporary behind. Returns the paths written."""
+    directory = Path(directory)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".set.", suffix=".tmp"))
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror}") from None
+    try:
+        write(staging)
+        made = [name for name in names if (staging / name).is_file()]
+        for name in made:
+            os.replace(staging / name, directory / name)
+        for name in set(names) - set(made):
+            _remove(str(directory / name))
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(directory)
+    return [directory / name for name in made]
 
 
 def is_temporary(name: str) -> bool:
