@@ -408,6 +408,16 @@ def test_command_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "--port must be between 0 and 65535" in _error_line(capsys)
 
 
+def test_a_default_guidance_past_the_limit_is_refused_at_start(run_dir, tmp_path, capsys):
+    """A guidance.json of 1e300 (hand-edited; eval takes any finite scale) used to start a server
+    that refused every request without a guidance of its own."""
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    record = json.loads((run / "guidance.json").read_text())
+    (run / "guidance.json").write_text(json.dumps(record | {"guidance": 1e300}))
+    assert main(["serve", str(run), "--port", "0", "--device", "cpu"]) == 2
+    assert "default guidance, 1e+300 (its guidance.json), is past the 20 that serve takes" in _error_line(capsys)
+
+
 def test_a_compare_directory_shows_its_report(tmp_path):
     report = "<!DOCTYPE html><html><body><h1>simple-dit comparison: a vs b</h1></body></html>"
     (tmp_path / "report.html").write_text(report)

@@ -209,6 +209,9 @@ class ServedModel:
         self.samplers = tuple(pipe.diffusion.samplers)
         self.default_steps = {s: min(pipe.diffusion.default_steps(s), MAX_STEPS) for s in self.samplers}
         self.guidance = float(pipe.guidance)
+        if self.guidance > MAX_GUIDANCE:  # every request without a guidance of its own would be refused
+            raise UserError(f"the model's default guidance, {self.guidance:g} (its guidance.json), is past the {MAX_GUIDANCE:g} that serve takes; "
+                            "pick again with simple-dit eval RUN --guidance LIST, or delete guidance.json")  # fmt: skip
         cfg = pipe.config
         self.info = {
             "mode": "run", "name": run_dir.name if run_dir else "default model", "preset": cfg.preset,
