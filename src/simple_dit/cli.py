@@ -313,6 +313,7 @@ def cmd_sample(args) -> None:
     trajectory: list | None = None if args.no_gif else []
     images = pipe(labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
                   batch_size=args.batch_size, trajectory=trajectory, progress=True)  # fmt: skip
+
     def write(staging: Path) -> None:
         pipe.save_grid(images, labels, staging / f"{out.name}.png")
         save_npz(images, labels, staging / f"{out.name}.npz")
