@@ -206,6 +206,18 @@ def test_a_failing_capture_leaves_the_uncaptured_step(monkeypatch, capsys):
     assert seconds is None
     assert capsys.readouterr().err == ("simple-dit: CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
                                        "capturing); training without it\n")  # fmt: skip
+    # With the compiler asked for too, the step falls back to the network compiled with its own
+    # CUDA graphs (inductor's "reduce-overhead"), what --compile did before the capture existed.
+    asked = []
+
+    def compile_model(model, device, **options):
+        asked.append(options)
+        return torch.compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(train_module, "compile_model", compile_model)
+    _, seconds = train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, compile=True, capture=True)
+    assert asked == [{"cudagraphs": False}, {"cudagraphs": True}] and seconds > 0
+    assert "CUDA graph capture failed" in capsys.readouterr().err
     for _ in range(2):
         torch.manual_seed(3)
         want = train_module.train_step(a, diffusion, opt_a, x0, y, precision="fp32", grad_clip=1.0)

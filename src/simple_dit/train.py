@@ -196,31 +196,40 @@ class CapturedStep:
 def make_step(model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: torch.Tensor, *, precision: str, grad_clip: float,
               compile: bool = False, capture: bool = False):  # fmt: skip
     """The step a run takes, as ``step(x0, y) -> (loss, grad_norm)``, and the seconds that
-    compiling and capturing it took (None: neither was asked). ``compile`` runs ``forward_model``
-    through torch.compile; ``capture`` (CUDA, one process) replays the step as a ``CapturedStep``.
-    Where the compiler or the capture fails, one line on stderr says why and the step goes on
-    without it. ``x0`` and ``y`` are a batch of the run's shape; nothing is trained on them."""
-    start, prepared = time.perf_counter(), False
-    if compile:
-        compiled = compile_model(forward_model, x0.device, cudagraphs=not capture)
+    compiling and capturing it took (None where nothing was compiled or captured). ``compile``
+    runs ``forward_model`` through torch.compile; ``capture`` (CUDA, one process) replays the step
+    as a ``CapturedStep``. Where the compiler or the capture fails, one line on stderr says why and
+    the step goes on without it (a compiled network then with inductor's own CUDA graphs). ``x0``
+    and ``y`` are a batch of the run's shape; nothing is trained on them."""
+    start = time.perf_counter()
+
+    def compiled(cudagraphs: bool):
+        """``forward_model`` compiled and warmed up, or None where the compiler fails."""
+        network = compile_model(forward_model, x0.device, cudagraphs=cudagraphs)
 
         def loss() -> torch.Tensor:
             with autocast(x0.device, precision):
-                return diffusion.training_loss(compiled, x0, y)
+                return diffusion.training_loss(network, x0, y)
 
-        if warm_up_compiled(loss, [model], x0.device) is not None:
-            forward_model, prepared = compiled, True
+        return None if warm_up_compiled(loss, [model], x0.device) is None else network
+
+    network = compiled(cudagraphs=not capture) if compile else None
     if capture:
         try:
-            step = CapturedStep(model, forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
+            step = CapturedStep(model, forward_model if network is None else network, diffusion, optimizer, x0, y,
+                                precision=precision, grad_clip=grad_clip)  # fmt: skip
             return step, time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - whatever the capture raises, the step still runs uncaptured
             print(f"simple-dit: CUDA graph capture failed ({type(e).__name__}: {_first_line(e)}); training without it", file=sys.stderr, flush=True)
+        if network is not None:  # then the network's own CUDA graphs, as --compile had before the capture
+            network = compiled(cudagraphs=True)
+    if network is not None:
+        forward_model = network
 
     def step(x0: torch.Tensor, y: torch.Tensor):
         return train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
 
-    return step, (time.perf_counter() - start if prepared else None)
+    return step, (None if network is None else time.perf_counter() - start)
 
 
 def _first_line(error: Exception) -> str:
