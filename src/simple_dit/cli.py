@@ -78,7 +78,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the denoiser (CUDA graphs on a GPU; compiled before the clock starts, eager if it fails)")
+                   help="torch.compile the denoiser (on one GPU the whole step replays as one CUDA graph; compiled before the clock starts, "
+                        "eager if it fails)")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (0 = off)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl (0 = off)")
@@ -154,7 +155,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="time the torch.compile'd step and forward (compile time reported apart)")
+    p.add_argument("--compile", action="store_true", help="time the torch.compile'd step (on a GPU replayed as one CUDA graph, as training "
+                   "runs it) and forward (compile time reported apart)")
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="time K models training together as one batched network (compare --runs-together); images/s of all K")
     p.add_argument("--device", type=_nonempty)
