@@ -253,6 +253,20 @@ def test_a_set_interrupted_while_it_is_written_keeps_the_old_files(tmp_path):
     assert snapshot(tmp_path) == {"s.gif": hashlib.md5(b"old animation").hexdigest(), "s.png": hashlib.md5(b"old grid").hexdigest()}
 
 
+def test_a_set_writer_killed_outright_leaves_nothing_for_long(tmp_path):
+    """SIGKILL leaves the staging directory; the next set written there removes it, but not one
+    whose writer is still running."""
+    from simple_dit.io import replace_set
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getppid()):
+        (tmp_path / f".set.{pid}.abc123.tmp").mkdir()
+        (tmp_path / f".set.{pid}.abc123.tmp" / "s.png").write_text("half a grid")
+    assert replace_set(tmp_path, ["s.png"], lambda staging: (staging / "s.png").write_text("grid")) == [tmp_path / "s.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".set.{os.getppid()}.abc123.tmp", "s.png"]
+
+
 # ---- full disk, unwritable output --------------------------------------------------------------
 
 

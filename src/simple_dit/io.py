@@ -65,8 +65,11 @@ def replace_set(directory: Path, names: list[str], write) -> list[Path]:
     ``names`` (an earlier set's) are removed. An interruption before the renames leaves the old
     set whole and no temporary behind. Returns the paths written."""
     directory = Path(directory)
+    for stale in directory.glob(".set.*.tmp"):  # a staging directory its killed (SIGKILL) writer left
+        if stale.is_dir() and not _process_alive(stale.name.split(".")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".set.", suffix=".tmp"))
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".set.{os.getpid()}.", suffix=".tmp"))
     except OSError as e:
         raise UserError(f"cannot write to {directory}: {e.strerror}") from None
     try:
@@ -82,6 +85,19 @@ def replace_set(directory: Path, names: list[str], write) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
     fsync_dir(directory)
     return [directory / name for name in made]
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (text, as a file name holds it) exists; a name that is no pid counts as alive (left alone)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no pid can be)
+    return True
 
 
 def is_temporary(name: str) -> bool:
