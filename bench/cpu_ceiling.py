@@ -13,28 +13,15 @@ casts and a bf16 residual stream (what the casts cost). The last line is one JSO
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from simple_dit.bench import interleaved_median_seconds, reference_model
+from simple_dit.bench import interleaved_median_seconds, median_seconds, reference_model
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
 from simple_dit.runtime import device_name, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -55,7 +42,7 @@ def main() -> None:
             x, w, g = torch.randn(tokens, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype), torch.randn(tokens, n_out, dtype=dtype)
             flops = 2 * tokens * n_in * n_out
             for kind, fn in (("forward", lambda: x @ w.t()), ("grad_input", lambda: g @ w), ("grad_weight", lambda: g.t() @ x)):
-                ms = median_ms(fn, args.repeats)
+                ms = 1e3 * median_seconds(fn, torch.device("cpu"), warmup=3, repeats=args.repeats)
                 products[f"{name} {kind} {str(dtype)[6:]}"] = {"ms": ms, "tflop_per_s": flops / ms / 1e9}
                 if dtype == torch.bfloat16:
                     bf16_ms += ms * m.depth

@@ -163,26 +163,22 @@ class CapturedStep:
             loss.backward()
             return loss.detach(), clip_gradients(params, grad_clip)
 
-        rng, buffers = rng_state(device), [b.clone() for b in model.buffers()]
         # Warm-up and capture on one side stream: the libraries' lazy set-up (cuBLAS handles and
         # workspaces, per stream) must happen before the capture, on the stream it captures.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    forward_backward()
-                    for p in params:
-                        p.grad = None  # the graph's backward allocates the gradients it writes each replay
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
-                self.loss, self.grad_norm = forward_backward()
-        finally:
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-            set_rng_state(rng, device)
+        with leaving_as_found([model], device):
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        forward_backward()
+                        for p in params:
+                            p.grad = None  # the graph's backward allocates the gradients it writes each replay
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=stream):
+                    self.loss, self.grad_norm = forward_backward()
+            finally:
+                torch.cuda.current_stream(device).wait_stream(stream)
 
     def __call__(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.x0.copy_(x0)
@@ -247,28 +243,38 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
     are those an eager run trains.
     """
     start, skips = time.perf_counter(), cudagraph_skips()
+    parameters = [p for model in models for p in model.parameters()]
+    with leaving_as_found(models, device):
+        try:
+            # CUDA graph trees run a step eagerly, record the second and replay from the third.
+            for _ in range(3 if device.type == "cuda" else 1):
+                loss().sum().backward()
+                for p in parameters:  # as train_step does: no gradient outlives its graph replay
+                    p.grad = None
+            synchronize(device)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
+            print(f"simple-dit: torch.compile failed ({type(e).__name__}: {_first_line(e)}); training eager", file=sys.stderr, flush=True)
+            return None
+        finally:
+            for p in parameters:
+                p.grad = None
+    warn_cudagraphs_skipped(device, skips)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def leaving_as_found(models: list[torch.nn.Module], device: torch.device):
+    """Undo, on leaving, what the passes run inside did to the random generators and to the
+    models' buffers (BatchNorm statistics): warm-up passes are not training steps."""
     rng = rng_state(device)
     buffers = [b.clone() for model in models for b in model.buffers()]
-    parameters = [p for model in models for p in model.parameters()]
     try:
-        # CUDA graph trees run a step eagerly, record the second and replay from the third.
-        for _ in range(3 if device.type == "cuda" else 1):
-            loss().sum().backward()
-            for p in parameters:  # as train_step does: no gradient outlives its graph replay
-                p.grad = None
-        synchronize(device)
-    except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
-        print(f"simple-dit: torch.compile failed ({type(e).__name__}: {_first_line(e)}); training eager", file=sys.stderr, flush=True)
-        return None
+        yield
     finally:
-        for p in parameters:
-            p.grad = None
         with torch.no_grad():
             for b, saved in zip((b for model in models for b in model.buffers()), buffers):
                 b.copy_(saved)
         set_rng_state(rng, device)
-    warn_cudagraphs_skipped(device, skips)
-    return time.perf_counter() - start
 
 
 class _Window:
