@@ -1,26 +1,30 @@
 """How far a CPU's matrix unit lets dit-seed's bf16 training step go (issue 8, point 4: 5x the
 plain fp32 step at batch 128).
 
-    .venv/bin/python bench/cpu_ceiling.py [--batch-size 128] [--repeats 10]
+    .venv/bin/python bench/cpu_ceiling.py [--batch-size 128] [--repeats 10] [--compile]
 
 Times, on this CPU, the matrix products one training step is made of (forward, gradient of the
 input, gradient of the weight, for each of a block's linear layers; fp32 and bf16), and from them
 the least time the step's matrix products can take in bf16, against the step time the 5x target
 asks for (measured here: the reference step's). Then ours (autocast, as training runs) against a
 probe that is not a training mode: the model's weights themselves in bf16, no autocast, so no
-casts and a bf16 residual stream (what the casts cost). The last line is one JSON object.
+casts and a bf16 residual stream (what the casts cost). ``--compile`` adds ours through
+torch.compile (compiled in untimed warm-up steps) and splits a profiled compiled step into its
+matrix products, inductor's fused kernels (everything else of forward and backward) and the rest
+(optimiser, casts of the weights). The last line is one JSON object.
 """
 
 import argparse
 import json
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from simple_dit.bench import interleaved_median_seconds, median_seconds, reference_model
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.runtime import device_name, keep_freed_memory
+from simple_dit.runtime import compile_model, device_name, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
 
 
@@ -28,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     keep_freed_memory()
     config = get_preset("dit-seed")
@@ -65,19 +70,47 @@ def main() -> None:
         loss.backward()
         probe_opt.step()
 
-    seconds = interleaved_median_seconds({
+    step_fns = {
         "reference (fp32)": lambda: train_step(reference, diffusion, reference_opt, x0, y, precision="fp32"),
         "ours (bf16 autocast)": lambda: train_step(ours, diffusion, ours_opt, x0, y, precision="bf16"),
         "probe: bf16 weights, no autocast": probe_step,
-    }, torch.device("cpu"), warmup=2, repeats=max(3, args.repeats // 2))  # fmt: skip
+    }
+    if args.compile:
+        compiled = build_model(m)
+        compiled_opt = make_optimizer(compiled, config, torch.device("cpu"))
+        network = compile_model(compiled, torch.device("cpu"))
+        step_fns["ours (bf16 autocast), compiled"] = lambda: train_step(network, diffusion, compiled_opt, x0, y, precision="bf16")
+    seconds = interleaved_median_seconds(step_fns, torch.device("cpu"), warmup=2, repeats=max(3, args.repeats // 2))
     target_ms = 1e3 * seconds["reference (fp32)"] / 5
     # Attention's two batched products are left out: under 2% of the step's arithmetic.
     print(f"the step's linear layers in bf16 at the rates above: {bf16_ms:.0f} ms; 5x the reference is a {target_ms:.0f} ms step")
     steps = {name: {"ms": 1e3 * s, "images_per_s": args.batch_size / s, "x_reference": seconds["reference (fp32)"] / s} for name, s in seconds.items()}
     for name, row in steps.items():
         print(f"{name:>34}: {row['ms']:6.0f} ms  {row['images_per_s']:6.1f} images/s  {row['x_reference']:.2f}x reference")
+    split = compiled_step_split(step_fns["ours (bf16 autocast), compiled"]) if args.compile else None
+    if split:
+        print("a profiled compiled step, ms: " + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
     print(json.dumps({"cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                      "products": products, "linear_bf16_ms": bf16_ms, "target_step_ms": target_ms, "steps": steps}))  # fmt: skip
+                      "products": products, "linear_bf16_ms": bf16_ms, "target_step_ms": target_ms, "steps": steps,
+                      "compiled_step_ms": split}))  # fmt: skip
+
+
+def compiled_step_split(step) -> dict:
+    """One step's CPU time (the mean of two profiled steps, in ms) split into matrix products,
+    inductor's generated kernels and the rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    split = {"matrix products": 0.0, "fused kernels": 0.0, "rest": 0.0}
+    for event in prof.key_averages():
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            kind = "matrix products"
+        elif "CompiledFxGraph" in event.key:
+            kind = "fused kernels"
+        else:
+            kind = "rest"
+        split[kind] += event.self_cpu_time_total / 2e3
+    return split | {"total": sum(split.values())}
 
 
 if __name__ == "__main__":
