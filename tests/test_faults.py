@@ -361,24 +361,67 @@ def test_a_file_in_the_way_of_the_runs_own_is_refused_before_training(name, stra
     assert snapshot(out) == before
 
 
-def test_a_checkpoint_with_non_finite_weights_is_damaged_not_diverged(straight, tmp_path):
+def _rewrite_checkpoint(path: Path, tensors=lambda tensors: None, metadata=lambda metadata: None) -> None:
+    """Save ``path`` again, valid as a safetensors file, after the two callbacks edit its tensors
+    and its metadata in place: damage that the file format itself cannot see."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    loaded = load_file(str(path))
+    tensors(loaded)
+    metadata(meta)
+    save_file(loaded, str(path), metadata=meta)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_damaged_not_diverged(straight, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
-    path = out / "checkpoint.safetensors"
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    name = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
-    for prefix in ("model.", "ema."):
-        tensors[prefix + name[len("model."):]] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(path), metadata=metadata)
+
+    def poison(tensors):
+        name = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
+        for prefix in ("model.", "ema."):
+            tensors[prefix + name[len("model."):]] = torch.full_like(tensors[name], float("nan"))
+
+    _rewrite_checkpoint(out / "checkpoint.safetensors", tensors=poison)
     before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
     assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "holds non-finite weights: it is damaged")
     assert_user_error(run_cli("sample", out, "--out", tmp_path / "s", "--n", 2, "--no-gif"), "are not all finite: the file is damaged")
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before and not list(tmp_path.glob("s.*"))
+
+
+def test_a_checkpoint_with_a_non_finite_optimiser_state_is_damaged_not_diverged(straight, tmp_path):
+    """Resuming from such moments would diverge at once and blame the learning rate, after the
+    run's config and records had been rewritten."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+
+    def poison(tensors):
+        name = next(k for k in tensors if k.startswith("optim.") and "exp_avg_sq" in k)
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+
+    _rewrite_checkpoint(out / "checkpoint.safetensors", tensors=poison)
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "holds a non-finite optimiser state: it is damaged")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
+@pytest.mark.parametrize("field, value", [("step", -5), ("step", 2.5), ("step", "x"), ("step", None), ("step", True),
+                                          ("images_seen", -1), ("train_seconds", float("nan")), ("train_seconds", -1.0)])  # fmt: skip
+def test_a_checkpoint_with_damaged_counters_is_refused_before_anything_is_written(field, value, straight, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+
+    def damage(meta):
+        state = json.loads(meta["train_state"])
+        state[field] = value
+        meta["train_state"] = json.dumps(state)
+
+    _rewrite_checkpoint(out / "checkpoint.safetensors", metadata=damage)
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "has damaged metadata")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
 
 
 def test_a_garbled_line_of_metrics_loses_only_itself(tmp_path):

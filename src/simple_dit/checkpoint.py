@@ -8,6 +8,7 @@ and is renamed over the old one, so a kill at any moment leaves the previous che
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write
-from .runtime import all_finite, rng_state, set_rng_state
+from .runtime import all_finite, is_integer, rng_state, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
@@ -118,11 +119,21 @@ def _open(path: Path):
         raise UserError(f"{path} is not a simple-dit checkpoint")
     try:
         parsed = {key: json.loads(meta[key]) for key in ("config", "train_state", "optimizer")}
-        if set(parsed["train_state"]) != {"step", "images_seen", "train_seconds"}:
+        if not _is_train_state(parsed["train_state"]):
             raise ValueError("bad train_state")
     except (KeyError, TypeError, ValueError):
         raise UserError(f"checkpoint {path} has damaged metadata; restore it or train again") from None
     return handle, parsed
+
+
+def _is_train_state(state) -> bool:
+    """A run's counters as training writes them: whole step and image counts, finite seconds."""
+    return (
+        isinstance(state, dict) and set(state) == {"step", "images_seen", "train_seconds"}
+        and all(is_integer(state[key]) and state[key] >= 0 for key in ("step", "images_seen"))
+        and isinstance(state["train_seconds"], (int, float)) and not isinstance(state["train_seconds"], bool)
+        and math.isfinite(state["train_seconds"]) and state["train_seconds"] >= 0
+    )  # fmt: skip
 
 
 def _read(handle, path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -177,6 +188,9 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint {path} has an optimiser state that does not match this model ({str(e).splitlines()[0]})") from None
+    if not all_finite(t for moments in optimizer.state.values() for t in moments.values() if torch.is_tensor(t)):
+        # As for the weights: no save follows a non-finite loss, so these moments were damaged since.
+        raise UserError(f"checkpoint {path} holds a non-finite optimiser state: it is damaged; restore it or train again")
     _match_parameter_layouts(optimizer)
     rng = _read(handle, path, "rng.")
     try:
