@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from conftest import assert_user_error, run_cli, tiny_config
+from conftest import assert_user_error, run_cli, snapshot, tiny_config
 
 from simple_dit.checkpoint import CHECKPOINT_NAME
 from simple_dit.cli import main
@@ -141,6 +141,10 @@ def test_bad_input_is_one_line(run, tmp_path, cli):
     assert_user_error(cli("export", run, "--out", blocker / "sub"), str(blocker / "sub"))
     assert_user_error(cli("export", run, "--out", run), "run directory itself")
     assert not (tmp_path / "x").exists() and not (run / MODEL_NAME).exists()
+    before = snapshot(run)
+    for inside in (run / "samples", run / "tb", run / "new" / "deeper"):
+        assert_user_error(cli("export", run, "--out", inside), "is inside the training run", str(run.resolve()))
+    assert snapshot(run) == before and not (run / "new").exists()
     # A damaged export.
     out = export(run, tmp_path / "damaged")
     out.write_bytes(out.read_bytes()[:-100])
