@@ -131,8 +131,14 @@ def _comparison_in(out_dir: Path) -> dict | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
+    damaged = UserError(f"{path} is damaged, so its runs' settings are unknown; restore it (e.g. from git) or choose another --out")
     if not isinstance(old, dict):
-        raise UserError(f"{path} is damaged, so its runs' settings are unknown; restore it (e.g. from git) or choose another --out")
+        raise damaged
+    if "seeds" in old:  # this version's (an older one's is read by _check_settings)
+        try:
+            Settings.from_dict(old)
+        except (ValueError, TypeError, KeyError, AttributeError, UserError):
+            raise damaged from None
     return old
 
 
