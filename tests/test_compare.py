@@ -452,6 +452,7 @@ def test_effects_separate_the_backbone_from_the_objective():
         (["--presets", "dit-tiny", "--budget", "640-images", "--lrs", "1e-3;3e-3"], "malformed --lrs"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-every-frac", "2"], "--eval-every-frac"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "3"], "--eval-n"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "60001"], "more than the 60,000 training images"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--sampler", "euler"], "sampler 'euler'"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", ""], "malformed --seeds ''"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", "0,x"], "malformed --seeds '0,x'"),

@@ -21,7 +21,7 @@ def test_mnist_train_split(mnist_train):
     assert ds.name == "mnist" and ds.split == "train"
     assert ds.images.dtype == torch.uint8
     assert tuple(ds.images.shape) == (60000, 1, 28, 28)
-    assert len(ds) == 60000
+    assert len(ds) == 60000 == DATASETS["mnist"].train_count
     assert ds.labels.dtype == torch.int64 and tuple(ds.labels.shape) == (60000,)
     assert int(ds.labels.min()) == 0 and int(ds.labels.max()) == 9
     assert torch.bincount(ds.labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
@@ -109,7 +109,7 @@ def test_fashion_mnist_from_system_dir():
     ds = load_dataset("fashion-mnist", "train", data_dir=FASHION_DIR, download=False)
     assert tuple(ds.images.shape) == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert torch.bincount(ds.labels, minlength=10).tolist() == [6000] * 10
-    assert ds.class_names == DATASETS["fashion-mnist"].class_names
+    assert ds.class_names == DATASETS["fashion-mnist"].class_names and len(ds) == DATASETS["fashion-mnist"].train_count
     assert ds.class_names[0] == "T-shirt" and ds.class_names[9] == "Boot" and len(ds.class_names) == 10
     assert ds.num_classes == 10
 

@@ -39,6 +39,7 @@ class DatasetSpec:
     test_images: IdxFile
     test_labels: IdxFile
     class_names: tuple[str, ...]
+    train_count: int = 60_000  # images in the (checksummed) training files
 
 
 DATASETS: dict[str, DatasetSpec] = {

@@ -523,6 +523,8 @@ def compare(
     eval_n, final_n = int(eval_n), int(final_n)  # NumPy ints would not save as JSON
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if eval_n > DATASETS[dataset].train_count:  # known now, not after every run has trained
+        raise UserError(f"--eval-n {eval_n:,} is more than the {DATASETS[dataset].train_count:,} training images the real-data floor is drawn from")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for preset in preset_names:  # e.g. --sampler euler for an eps model, or more steps than it has: fail now, not after training
