@@ -196,6 +196,17 @@ def test_a_resume_whose_wandb_cannot_start_leaves_the_run_as_it_was(tmp_path, mn
     assert {k: v for k, v in snapshot(run).items() if k not in (WANDB_RUN_NAME, ".lock")} == {k: v for k, v in before.items() if k != ".lock"}
 
 
+@needs_wandb
+def test_a_new_run_whose_wandb_cannot_start_leaves_no_directory(tmp_path, mnist_dir, monkeypatch, capsys):
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: (_ for _ in ()).throw(wandb.errors.UsageError("api_key not configured")))
+    argv = ["train", "--preset", "dit-tiny", "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress",
+            "--data-dir", str(mnist_dir), "--device", "cpu", "--wandb"]  # fmt: skip
+    assert main(argv) == 2
+    assert "cannot start a W&B run" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_wandb_flag_without_wandb_installed_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     out = tmp_path / "run"

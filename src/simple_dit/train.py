@@ -510,8 +510,17 @@ def train(
     with contextlib.ExitStack() as cleanup:
         dataset = load_training_set(config, data_dir)  # a recipe that does not fit the data is refused before --out is touched
         max_steps = planned_steps(tc, len(dataset))
+        recorded = False
         if is_main:
+            fresh = not out_dir.exists()
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
+
+            def remove_if_refused(exc_type, *_) -> None:
+                # A new run refused before its first record (e.g. W&B cannot start) leaves no directory behind.
+                if fresh and exc_type is not None and not recorded:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+
+            cleanup.push(remove_if_refused)
         if resume:
             check_resumable(config, out_dir)
 
@@ -536,6 +545,7 @@ def train(
         cleanup.callback(logger.close)
         if is_main:
             record_start(config, out_dir, state.step)
+            recorded = True
         signals = cleanup.enter_context(StopSignals())
         # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
         ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
