@@ -370,7 +370,7 @@ def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
     argv = [a.format(run=cli_run["run"], tmp=tmp_path) for a in argv]
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("simple-dit: error:") and fragment in err[-1], err
+    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
     assert files() == before
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()
 
