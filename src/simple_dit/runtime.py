@@ -25,6 +25,8 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):  # PyTorch has one CPU device; cpu:5 would run on it unsaid
+        raise UserError(f"unknown device {str(device)!r}: there is one CPU device, cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
