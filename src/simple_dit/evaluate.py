@@ -430,6 +430,8 @@ def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None
             if not zipfile.is_zipfile(file):
                 raise ValueError("not an .npz archive (a zip of .npy arrays)")
             file.seek(0)
+            _check_array_sizes(file)
+            file.seek(0)
             loaded = np.load(file)
             with loaded as f:
                 arr = f["arr_0"]
@@ -442,6 +444,21 @@ def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None
         raise UserError(f"{path}: labels must be integers of shape ({arr.shape[0]},), one per image, got {labels.dtype} {labels.shape}")
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return images, (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
+
+
+def _check_array_sizes(file) -> None:
+    """Refuse an archive whose arrays claim more data than they hold: np.load allocates what a
+    header claims before reading, so a damaged header would read as running out of memory."""
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            if info.filename not in ("arr_0.npy", "labels.npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+            if math.prod(shape) * dtype.itemsize > info.file_size:
+                raise ValueError(f"{info.filename} claims shape {shape} of {dtype} but holds {info.file_size:,} bytes: the file is damaged")
 
 
 def report(scores: Scores, floor: Scores) -> dict:
