@@ -372,8 +372,10 @@ def cmd_eval(args) -> None:
     else:
         raise UserError(f"{args.source} is neither a run directory nor an .npz file")
     meter = QualityMeter(dataset, args.data_dir)
-    if args.source.is_dir() and args.n > len(meter.train_set):  # the floor's real images: known before sampling
-        raise UserError(f"--n {args.n:,} is more than the {len(meter.train_set):,} training images the real-data floor is drawn from")
+    n = args.n if args.source.is_dir() else images.shape[0]
+    if n > len(meter.train_set):  # the floor's real images: known before sampling
+        raise UserError(f"{f'--n {n:,} is' if args.source.is_dir() else f'{args.source} holds {n:,} images,'} more than the "
+                        f"{len(meter.train_set):,} training images the real-data floor is drawn from")  # fmt: skip
     rows, scored, floor = [], [], None
     for g in guidances or [None]:
         if guidances and len(guidances) > 1:

@@ -438,8 +438,10 @@ def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None
                 labels = f["labels"] if "labels" in f.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read {path} as an ADM-style npz with arr_0: {e}") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise UserError(f"{path}: arr_0 must be uint8 of shape (N, H, W, C), got {arr.dtype} {arr.shape}")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (28, 28, 1):
+        raise UserError(f"{path}: arr_0 must be 28 x 28 grey images, uint8 of shape (N, 28, 28, 1) (N, H, W, C), got {arr.dtype} {arr.shape}")
+    if arr.shape[0] < 2 * PR_NEIGHBOURS:
+        raise UserError(f"{path} holds {arr.shape[0]} images; scoring needs at least {2 * PR_NEIGHBOURS}")
     if labels is not None and (labels.shape != arr.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
         raise UserError(f"{path}: labels must be integers of shape ({arr.shape[0]},), one per image, got {labels.dtype} {labels.shape}")
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
