@@ -354,6 +354,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--final-n", str(2**70), "--out", "{tmp}/c"], "argument --final-n: must be at most"),
         (["bench", "--preset", "dit-tiny", "--device", "mps"], "unsupported device 'mps'"),
         (["sample", "{run}", "--out", "{tmp}/x", "--n", "2", "--device", "cpu:5"], "there is one CPU device"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--labels", "3,99999999999999999999"], "label 99999999999999999999 is out of range"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--seeds", "0,-1", "--out", "{tmp}/c"], "each seed in --seeds"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--eval-every-frac", "1e-9", "--out", "{tmp}/c"], "at most 1000 evaluations"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--out", "{run}"], "holds a training run"),

@@ -297,9 +297,13 @@ def cmd_sample(args) -> None:
     k = pipe.num_classes
     if args.labels is not None:
         try:
-            labels = torch.tensor([int(s) for s in args.labels.split(",")])
+            values = [int(s) for s in args.labels.split(",")]
         except ValueError:
             raise UserError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        out_of_range = [v for v in values if not 0 <= v < k]  # before a tensor, which cannot hold every Python int
+        if out_of_range:
+            raise UserError(f"label {out_of_range[0]} is out of range: classes are 0..{k - 1}")
+        labels = torch.tensor(values)
     elif args.n is not None:
         labels = pipe.cycled_labels(args.n)
     else:
