@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,6 +312,28 @@ def test_eval_guidance_list_records_the_pick_and_sampling_uses_it(tiny_run, mete
             assert np.array_equal(npz["arr_0"], expected)
     single = _in_process(["eval", tiny_run, "--n", 30, "--steps", 2, "--bootstrap", 0, "--json", "--device", "cpu"], capsys)
     assert json.loads(single.stdout.strip().splitlines()[-1])["guidance"] == recorded["guidance"]
+
+
+def test_a_guidance_picked_for_earlier_weights_stays_the_default_and_says_so(tiny_run, meter, mnist_dir, monkeypatch, capsys, tmp_path):
+    from simple_dit import evaluate
+
+    monkeypatch.setattr(evaluate, "QualityMeter", lambda *a, **k: meter)
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    assert _in_process(["eval", run, "--n", 30, "--steps", 2, "--guidance", "1,2", "--bootstrap", 0, "--device", "cpu"], capsys).returncode == 0
+    recorded = json.loads((run / "guidance.json").read_text())
+    assert recorded["step"] == 20  # the weights it was picked for
+    sample = ["sample", run, "--out", tmp_path / "s", "--n", 4, "--steps", 2, "--no-gif", "--device", "cpu"]
+    assert "was picked for" not in _in_process(sample, capsys).stderr
+    resumed = _in_process(["train", "--resume", "--out", run, "--max-steps", 22, "--no-progress", "--data-dir", mnist_dir, "--device", "cpu"], capsys)
+    assert resumed.returncode == 0, resumed.stderr
+    done = _in_process(sample, capsys)
+    note = f"({recorded['guidance']:g}) was picked for the weights of step 20, these are step 22's; rerun simple-dit eval with a --guidance list"
+    assert done.returncode == 0 and done.stderr.count(note) == 1, done.stderr
+    assert json.loads((run / "guidance.json").read_text()) == recorded  # still the default, untouched
+    assert "was picked for" not in _in_process([*sample, "--guidance", 2], capsys).stderr  # a scale given explicitly needs no default
+    assert _in_process(["eval", run, "--n", 30, "--steps", 2, "--guidance", "1,2", "--bootstrap", 0, "--device", "cpu"], capsys).returncode == 0
+    assert json.loads((run / "guidance.json").read_text())["step"] == 22
+    assert "was picked for" not in _in_process(sample, capsys).stderr
 
 
 def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):

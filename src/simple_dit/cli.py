@@ -396,7 +396,7 @@ def cmd_eval(args) -> None:
         result |= {"guidance_rule": GUIDANCE_RULE, "guidances": rows}
         print(f"n = {result['n']}")
         print(format_guidance_table(rows, floor_row, picked["guidance"]))
-        write_guidance(args.source, rows, n=args.n, sampler=sampler, steps=steps, seed=args.seed, ema=not args.no_ema)
+        write_guidance(args.source, rows, n=args.n, sampler=sampler, steps=steps, seed=args.seed, ema=not args.no_ema, step=pipe.step)
         print(f"recorded guidance {picked['guidance']:g} in {args.source / 'guidance.json'}")
     else:
         print(format_report(result))

@@ -540,18 +540,20 @@ def write_guidance(run_dir: str | os.PathLike, rows: list[dict], **context) -> d
     return record
 
 
-def read_guidance(run_dir: str | os.PathLike) -> float | None:
-    """The guidance recorded in ``run_dir/guidance.json`` (None when there is none)."""
+def read_guidance(run_dir: str | os.PathLike) -> tuple[float, int | None] | None:
+    """The guidance recorded in ``run_dir/guidance.json`` and the training step of the weights it
+    was picked for (None where the record does not say); None when there is no record."""
     path = Path(run_dir) / GUIDANCE_NAME
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text())["guidance"]
+        record = json.loads(path.read_text())
+        value, step = record["guidance"], record.get("step")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"guidance {value!r} is not a finite scale >= 0")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is damaged ({e}); delete it or rerun simple-dit eval with a --guidance list") from None
-    return float(value)
+    return float(value), (step if is_integer(step) else None)
 
 
 def dumps(result: dict) -> str:

@@ -28,7 +28,7 @@ from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
 from .config import RunConfig, validate_config
 from .errors import UserError
 from .io import atomic_write, ensure_writable_dir, is_temporary, write_json
-from .runtime import all_finite
+from .runtime import all_finite, is_integer
 
 EXPORT_FORMAT = "simple-dit-export/1"
 MODEL_NAME = "model.safetensors"
@@ -165,19 +165,25 @@ def load_export(path: str | os.PathLike) -> tuple[RunConfig, dict[str, torch.Ten
     return config, weights, meta
 
 
-def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> tuple[RunConfig, dict[str, torch.Tensor], Path | None]:
-    """The config and weights behind ``Pipeline.from_pretrained(source)``, and the directory whose
-    guidance.json applies (None for a lone file)."""
+def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> tuple[RunConfig, dict[str, torch.Tensor], Path | None, int | None]:
+    """The config and weights behind ``Pipeline.from_pretrained(source)``, the directory whose
+    guidance.json applies (None for a lone file) and the training step of the weights (None where
+    an export does not say)."""
     path = resolve_pretrained(source)
     if path.is_dir() and not (path / MODEL_NAME).exists() and not (path / CHECKPOINT_NAME).exists() and (path / CONFIG_NAME).is_file():
         raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}; restore the weights file")
     if is_export(path):
         if not use_ema:
             raise UserError(f"{path} is an export, which holds only the EMA weights; drop --no-ema (use_ema=False)")
-        config, weights, _ = load_export(path)
+        config, weights, meta = load_export(path)
+        try:
+            step = json.loads(meta["train_state"])["step"]
+        except (KeyError, TypeError, ValueError):  # written by hand, or by another tool: the step is unknown
+            step = None
     else:
-        config, weights, _ = load_weights(path, use_ema=use_ema)
-    return config, weights, (path if path.is_dir() else None)
+        config, weights, state = load_weights(path, use_ema=use_ema)
+        step = state["step"]
+    return config, weights, (path if path.is_dir() else None), (step if is_integer(step) else None)
 
 
 def require_hub():

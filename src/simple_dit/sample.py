@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -64,7 +65,9 @@ class Pipeline:
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call
         self._guidance = check_guidance(guidance)  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
+        self.step: int | None = None  # the training step of the weights, where from_pretrained knows it
         self._guidance_error: UserError | None = None  # a damaged guidance.json, said when the default is needed
+        self._guidance_note: str | None = None  # an outdated one, said when the default is first used
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
         kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -91,7 +94,7 @@ class Pipeline:
 
         if not isinstance(use_ema, bool):
             raise UserError(f"use_ema must be True or False, got {use_ema!r}")
-        config, weights, directory = load_pretrained(run_dir, use_ema=use_ema)
+        config, weights, directory, step = load_pretrained(run_dir, use_ema=use_ema)
         model = build_model(config.model)
         try:
             model.load_state_dict(weights)
@@ -101,14 +104,18 @@ class Pipeline:
             raise UserError(f"the weights in {run_dir or 'the default model'} are not all finite: the file is damaged (or from a diverged run); restore it or train again")
         from .evaluate import read_guidance
 
-        guidance, error = None, None
+        picked, error = None, None
         try:
-            guidance = None if directory is None else read_guidance(directory)  # picked by `simple-dit eval --guidance LIST` or compare
+            picked = None if directory is None else read_guidance(directory)  # by `simple-dit eval --guidance LIST` or compare
         except UserError as e:  # an explicit guidance, or the eval that rewrites the file, does not need it
             error = e
-        pipe = cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+        pipe = cls(config, model, device=device, precision=precision, guidance=DEFAULT_GUIDANCE if picked is None else picked[0],
                    compile=compile)  # fmt: skip
-        pipe._guidance_error = error
+        pipe._guidance_error, pipe.step = error, step
+        if picked is not None and None not in (picked[1], step) and picked[1] != step:
+            # Still the default (a scale picked some steps earlier is a better guess than none), but said when used.
+            pipe._guidance_note = (f"simple-dit: the guidance in {directory / 'guidance.json'} ({picked[0]:g}) was picked for the weights "
+                                   f"of step {picked[1]}, these are step {step}'s; rerun simple-dit eval with a --guidance list to pick again")  # fmt: skip
         return pipe
 
     @property
@@ -116,6 +123,9 @@ class Pipeline:
         """The guidance scale a call uses by default."""
         if self._guidance_error is not None:
             raise self._guidance_error
+        if self._guidance_note is not None:
+            print(self._guidance_note, file=sys.stderr, flush=True)
+            self._guidance_note = None  # once
         return self._guidance
 
     def cycled_labels(self, n: int) -> torch.Tensor:
