@@ -382,6 +382,27 @@ def test_stopping_the_server_ends_a_request_that_is_sampling(run_dir):
         assert b"event: error" in seen and b"the server is stopping" in seen
 
 
+def test_stopping_the_server_waits_for_a_request_to_end_not_only_to_give_the_model_back(run_dir, monkeypatch):
+    """A stopped request gave the model's lock back, then freed its tensors (its traceback held
+    them) while the interpreter exited: exit 134 again, one stop in two. stop() now waits for the
+    request itself."""
+    ended = threading.Event()
+    stream = serve_mod.Handler._stream
+
+    def slow_to_end(self, req):
+        try:
+            return stream(self, req)
+        finally:
+            time.sleep(1.0)  # the request's last work, after the lock is free
+            ended.set()
+
+    monkeypatch.setattr(serve_mod.Handler, "_stream", slow_to_end)
+    with serving(run_dir) as srv:
+        with long_stream(srv):
+            srv.stop()
+            assert ended.is_set()
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 

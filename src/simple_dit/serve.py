@@ -37,6 +37,7 @@ a seed in [0, 2**32), classes within the model's; at most MAX_WAITING requests q
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import io
 import json
@@ -205,6 +206,8 @@ class ServedModel:
         self.pipe = pipe
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set by SimpleDiTServer.stop: sampling ends at its next frame
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self.num_classes = pipe.num_classes
         self.samplers = tuple(pipe.diffusion.samplers)
         self.default_steps = {s: min(pipe.diffusion.default_steps(s), MAX_STEPS) for s in self.samplers}
@@ -222,6 +225,27 @@ class ServedModel:
             "samplers": list(self.samplers), "default_steps": self.default_steps, "guidance": self.guidance,
             "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "guidance": [0.0, MAX_GUIDANCE], "seed": [0, MAX_SEED]},
         }  # fmt: skip
+
+    @contextlib.contextmanager
+    def serving(self):
+        """Around all a request does with tensors, down to freeing them: ``wait_idle`` waits for
+        it. A thread still freeing a tensor when the interpreter exits aborts the process, and a
+        request freed its tensors after giving the model's lock back (its traceback held them)."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # the frames' tensors are freed here, not while the process exits
+            raise
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def sample(self, req: GenerateRequest, on_frame):
         """uint8 images (N, C, H, W) for ``req``; ``on_frame(frame)`` sees each trajectory frame
@@ -379,7 +403,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.waiting.acquire(blocking=False):
             raise HTTPError(503, f"busy: {MAX_WAITING} requests are already waiting for the model; try again shortly")
         try:
-            self._stream(req)
+            with self.server.model.serving():
+                self._stream(req)
         finally:
             self.server.waiting.release()
 
@@ -488,12 +513,11 @@ class SimpleDiTServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def stop(self, wait_s: float = 60.0) -> None:
-        """Stop a request's sampling at its next frame and wait (up to ``wait_s``) for it: PyTorch
-        still computing in a thread when the interpreter exits aborts the process."""
+        """Stop the requests' sampling at its next frame and wait (up to ``wait_s``) for them to
+        end: PyTorch still at work in a thread when the interpreter exits aborts the process."""
         if self.model is not None:
             self.model.stopping.set()
-            if self.model.lock.acquire(timeout=wait_s):
-                self.model.lock.release()
+            self.model.wait_idle(wait_s)
         self.server_close()
 
     @property
