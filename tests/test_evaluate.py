@@ -141,7 +141,8 @@ def _bad_npz_files(tmp_path) -> dict:
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28, 1)})
     with zipfile.ZipFile(tmp_path / "huge-header.npz", "w") as archive:
         archive.writestr("arr_0.npy", header.getvalue() + images.tobytes())
-    return {name: tmp_path / f"{name}.npz" for name in [*files, "fewer-labels", "2-d-labels", "string-labels", "float-labels", "huge-header", "channels-first", "no-images", "too-many"]} | {
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    return {"weights-file": tmp_path / "model.safetensors"} | {name: tmp_path / f"{name}.npz" for name in [*files, "fewer-labels", "2-d-labels", "string-labels", "float-labels", "huge-header", "channels-first", "no-images", "too-many"]} | {
         "lone-array": tmp_path / "lone-array.npy"}
 
 
@@ -149,13 +150,13 @@ def _bad_npz_files(tmp_path) -> dict:
     ("empty", "not an .npz"), ("truncated", "cannot read"), ("fewer-labels", "labels must be"), ("2-d-labels", "labels must be"),
     ("string-labels", "labels must be"), ("float-labels", "labels must be"), ("lone-array", "not an .npz"), ("huge-header", "the file is damaged"),
     ("channels-first", "(N, 28, 28, 1) (N, H, W, C), got uint8 (10, 1, 28, 28)"), ("no-images", "holds 0 images; scoring needs at least 6"),
-    ("too-many", "holds 60,001 images, more than the 60,000 training images"),
+    ("too-many", "holds 60,001 images, more than the 60,000 training images"), ("weights-file", "is not an .npz of images"),
 ])  # fmt: skip
 def test_a_malformed_npz_is_one_line(tmp_path, name, fragment, capsys):
     from simple_dit.cli import main
 
     path = _bad_npz_files(tmp_path)[name]
-    assert main(["eval", str(path)]) == 2
+    assert main(["eval", str(path), *(["--n", "200"] if name == "weights-file" else [])]) == 2  # the file, not the flag, is wrong
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("simple-dit: error:") and str(path) in err[0], err
     assert fragment in err[0], err

@@ -360,6 +360,8 @@ def cmd_eval(args) -> None:
             return pipe(labels, sampler=sampler, steps=steps, guidance=g, seed=args.seed, progress=True)
 
     elif args.source.is_file():
+        if args.source.suffix.lower() != ".npz":  # e.g. a checkpoint: the flags' complaints below would mislead
+            raise UserError(f"{args.source} is not an .npz of images; give a run or export directory, or the .npz that simple-dit sample writes")
         if (guidances is not None and len(guidances) > 1) or args.plot is not None:
             raise UserError(f"{'--plot' if args.plot is not None else 'a --guidance list'} needs a run directory to sample from, not an .npz")
         drawing = [flag for flag, given in (("--sampler", args.sampler is not None), ("--steps", args.steps is not None),
