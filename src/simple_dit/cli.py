@@ -478,7 +478,7 @@ def cmd_serve(args) -> None:
 
 
 def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}; files it had written are intact")
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}; nothing it wrote is left half-written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,7 +533,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         print(f"simple-dit: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("simple-dit: interrupted; files it had written are intact", file=sys.stderr)
+        print("simple-dit: interrupted; nothing it wrote is left half-written", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         # PyTorch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError
