@@ -173,6 +173,17 @@ def resumed(tmp_path_factory, mnist_dir, meter):
     return {"out": out, "results": results, "before": before, "calls": dict(calls), "kwargs": kwargs}
 
 
+def test_a_point_lost_from_evals_jsonl_is_not_rescored_from_later_weights(resumed, tmp_path):
+    out = tmp_path / "report"
+    shutil.copytree(resumed["out"], out)
+    evals = out / "runs" / RUN_NAMES[0] / C.EVALS_NAME
+    evals.write_text("".join(evals.read_text().splitlines(keepends=True)[1:]))  # point 1's record gone, point 2's kept
+    before = snapshot(out)
+    with pytest.raises(UserError, match="has no record of evaluation point 1 .10 steps., but the run has trained past it"):
+        C.compare(PRESETS, BUDGET, out, **resumed["kwargs"])
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
 def test_compare_writes_a_consistent_report(resumed):
     out, results = resumed["out"], resumed["results"]
     for name in ("report.md", "report.html", "results.json", "loss.png", "samples_dit-tiny.png", "samples_unet-tiny.png",
