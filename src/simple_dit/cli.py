@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_PRESET, PRESETS, get_preset, validate_config
-from .data import DATASETS
+from .data import DATASETS, get_spec
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
 from .extras import require
@@ -377,11 +377,11 @@ def cmd_eval(args) -> None:
 
     else:
         raise UserError(f"{args.source} is neither a run directory nor an .npz file")
-    meter = QualityMeter(dataset, args.data_dir)
-    n = args.n if args.source.is_dir() else images.shape[0]
-    if n > len(meter.train_set):  # the floor's real images: known before sampling
+    n, train_count = (args.n if args.source.is_dir() else images.shape[0]), get_spec(dataset).train_count
+    if n > train_count:  # the floor's real images: known before the evaluator is set up or anything sampled
         raise UserError(f"{f'--n {n:,} is' if args.source.is_dir() else f'{args.source} holds {n:,} images,'} more than the "
-                        f"{len(meter.train_set):,} training images the real-data floor is drawn from")  # fmt: skip
+                        f"{train_count:,} training images the real-data floor is drawn from")  # fmt: skip
+    meter = QualityMeter(dataset, args.data_dir)
     rows, scored, floor = [], [], None
     for g in guidances or [None]:
         if guidances and len(guidances) > 1:
