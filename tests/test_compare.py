@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from conftest import snapshot
 
 from simple_dit import compare as C
@@ -757,6 +758,24 @@ def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_pat
         mp.setattr(C.runner._Meters, "get", lambda *a: scored.append(a) or sweep["kwargs"]["meter"])
         assert main(["compare", "--report-only", "--out", str(out)]) == 0
     assert len(scored) == 1 and json.loads((out / "results.json").read_text())["floor"] == floor
+
+
+def test_report_only_keeps_the_machine_that_trained_not_the_one_rewriting(sweep, tmp_path):
+    """Records rewritten on a laptop still say what trained them (device, threads, torch)."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    last = json.loads((out / "results.json").read_text())
+    last["machine"] = {"device": "NVIDIA H200", "torch_threads": 7, "torch": "2.11.0+cu130"}
+    (out / "results.json").write_text(json.dumps(last))
+    assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["machine"] == last["machine"]
+    assert "with 7 torch threads" in (out / "report.md").read_text()
+    last["machine"] = {"device": "NVIDIA H200", "torch_threads": "many"}  # damaged: this machine's, as with no report
+    (out / "results.json").write_text(json.dumps(last))
+    assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["machine"]["torch_threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize(

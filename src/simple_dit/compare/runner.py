@@ -679,15 +679,16 @@ def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device
 
 
 def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter,
-            floor: dict | None = None) -> dict:  # fmt: skip
+            floor: dict | None = None, machine: dict | None = None) -> dict:  # fmt: skip
     """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floor``:
-    the real-data floor, scored here where it is not given)."""
+    the real-data floor, scored here where it is not given; ``machine``: the one that trained, where
+    it is not this one)."""
     if floor is None:
         meter = meter or _Meters.get(settings.dataset, data_dir)
         floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
-    results = collect_results(out_dir, covering, stats, plan + earlier, floor, device)
+    results = collect_results(out_dir, covering, stats, plan + earlier, floor, device, machine=machine)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -712,21 +713,41 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
         held = [run for run in plan_runs(out_dir, settings, stats) if (run.run_dir / EVALS_NAME).is_file()]
         if not (out_dir / "runs").is_dir() or not (held or runs_on_disk(out_dir, settings, held, stats)):  # an empty report would replace the last one
             raise UserError(f"{out_dir} holds no runs yet")
+        last = _last_results(out_dir)
         return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
-                       floor=_saved_floor(out_dir, settings))  # fmt: skip
+                       floor=_saved_floor(last, settings), machine=_saved_machine(last))  # fmt: skip
 
 
-def _saved_floor(out_dir: Path, settings: Settings) -> dict | None:
-    """The real-data floor of the last report, where it was scored as ``settings`` would score it
-    (same dataset, sample count and seed): a report rewritten from records then needs no dataset."""
+def _last_results(out_dir: Path) -> dict | None:
     try:
         last = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return last if isinstance(last, dict) else None
+
+
+def _saved_machine(last: dict | None) -> dict | None:
+    """The machine block of the last report: the process that trained and scored, not the one
+    rewriting the report from its records (which may be another computer)."""
+    machine = (last or {}).get("machine")
+    if isinstance(machine, dict) and isinstance(machine.get("device"), str) and is_integer(machine.get("torch_threads")) \
+            and isinstance(machine.get("torch"), str):  # fmt: skip
+        return {k: machine[k] for k in ("device", "torch_threads", "torch")}
+    return None
+
+
+def _saved_floor(last: dict | None, settings: Settings) -> dict | None:
+    """The real-data floor of the last report, where it was scored as ``settings`` would score it
+    (same dataset, sample count and seed): a report rewritten from records then needs no dataset."""
+    if last is None:
+        return None
+    try:
         same = all(last["settings"][key] == getattr(settings, key) for key in ("dataset", "eval_n"))
         floor = last["floor"]
         if (same and last["settings"]["seeds"][0] == settings.seeds[0] and _are_scores(floor) and floor.get("n") == settings.eval_n
                 and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy"))):  # fmt: skip
             return floor
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (KeyError, TypeError, IndexError):
         pass  # no usable report yet: the floor is scored again
     return None
 
@@ -913,7 +934,8 @@ def effects(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     return out
 
 
-def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device) -> dict:
+def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device,
+                    machine: dict | None = None) -> dict:  # fmt: skip
     import torch
 
     from ..runtime import device_name
@@ -966,11 +988,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     return {
         "settings": settings.to_dict(),
         "floor": floor,
-        "machine": {
-            "device": device_name(device),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine or {"device": device_name(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "presets": entries,
         "verdict": verdict(entries),
