@@ -391,8 +391,7 @@ def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for e in results["presets"]:
         st = e.get("confirmed_stats")
         if st:
-            guidances = ", ".join(f"{g:g}" for g in e.get("confirmed_guidances") or [e["best_guidance"]])
-            rows.append([e["label"], _fmt(e["best_lr"], "g"), guidances, *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
+            rows.append([e["label"], _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
                          str(len(st["fid"]["values"]))])  # fmt: skip
     return head, rows
 
@@ -520,9 +519,14 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     if n and any(e.get("confirmed_stats") for e in results["presets"]):
         confirmed = verdict_lines(results, confirmed=True)
         blocks = [("p", f"Each preset at its best learning rate (picked above on {results['settings']['eval_n']:,} samples): every seed's "
-                        f"run scored again, at the guidance its own final evaluation picked, on {n:,} fresh samples (other "
+                        f"run scored again, at the guidance picked above on the seed means, on {n:,} fresh samples (other "
                         "sampling seeds than the selection's).")]
-        blocks += [("list", confirmed)] if confirmed else [("note", "The confirmed verdict waits for every preset's confirmation.")]
+        waiting = [e["label"] for e in results["presets"] if e["best"] and not e.get("confirmed_stats")]
+        if confirmed:
+            blocks.append(("list", confirmed))
+        elif waiting:
+            blocks.append(("note", f"The confirmed verdict waits for the confirmation of {', '.join(waiting)} (every seed at its preset's "
+                                   "picked guidance; a run whose weights are gone cannot be confirmed at another scale than its own pick)."))
         if effects := effect_lines(results, confirmed=True):
             blocks += [("p", EFFECTS_INTRO), ("list", effects)]
         blocks += [("table", _confirmed_rows(results)), ("note", _spread_note([e.get("confirmed_stats") for e in results["presets"]]))]

@@ -38,7 +38,8 @@ EVALS_NAME = "evals.jsonl"
 SETTINGS_NAME = "compare.json"
 CONFIRM_NAME = "confirm.jsonl"
 # Confirmation samples are drawn with the run's seed plus this, so that they are independent of
-# the samples that picked the learning rate and the guidance (no winner's curse).
+# the samples that picked the learning rate and the guidance (the pick's bias from evaluation
+# noise; the training seeds are the same).
 CONFIRM_SEED_OFFSET = 1000
 
 # ---- running -----------------------------------------------------------------------------------
@@ -427,24 +428,30 @@ def _final_record(run_dir: Path, targets: list[Target]) -> dict | None:
     return None if last is None or last.get("diverged") or last.get("fid") is None else last
 
 
-def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed: int, *, meter, data_dir, device, log) -> None:
-    """With ``final_n``, score the finished run once more at the guidance its final evaluation
-    picked, on ``final_n`` fresh samples (into confirm.jsonl). Done as soon as the run finishes,
-    while its weights are on disk: a comparison that outlives its checkpoints (records kept in git
-    across machines) still has every confirmation."""
+def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed: int, *, meter, data_dir, device, log,
+                 guidance: float | None = None) -> bool:  # fmt: skip
+    """With ``final_n``, score the finished run once more on ``final_n`` fresh samples, at
+    ``guidance`` (None: the guidance its own final evaluation picked), into confirm.jsonl; return
+    whether it scored. Done as soon as the run finishes, while its weights are on disk, at its own
+    pick (the first seed's pick is often its preset's: a comparison that outlives its checkpoints,
+    records kept in git across machines, then still has its confirmations), and again when the
+    report's pick of its learning rate's guidance (on the seed means) differs."""
     final = _final_record(run_dir, targets)
-    if not settings.final_n or final is None or _confirmed(settings, {"final": final, "confirmed": read_confirmations(run_dir)}):
-        return
+    if not settings.final_n or final is None:
+        return False
+    g = final["guidance"] if guidance is None else guidance
+    if _confirmed(settings, {"final": final, "confirmed": read_confirmations(run_dir)}, g):
+        return False
     state = _train_state(run_dir)
     if state is None or state["step"] != final["step"]:
-        log(f"{run_dir.name}: its weights at step {final['step']} are gone; it cannot be confirmed")
-        return
-    g = final["guidance"]
+        log(f"{run_dir.name}: its weights at step {final['step']} are gone; it cannot be confirmed at guidance {g:g}")
+        return False
     log(f"{run_dir.name}: confirming guidance {g:g} on {settings.final_n:,} fresh samples")
     meter = meter or _Meters.get(settings.dataset, data_dir)
     scores = _evaluate(run_dir, settings, meter, device, None, seed + CONFIRM_SEED_OFFSET, n=settings.final_n, guidances=[g])
     scores.pop("by_guidance")
-    append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, final) | scores | {"seed": seed + CONFIRM_SEED_OFFSET})
+    append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, final, g) | scores | {"seed": seed + CONFIRM_SEED_OFFSET})
+    return True
 
 
 def _model_stats(preset: str) -> dict:
@@ -496,10 +503,9 @@ def compare(
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
     with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
     every run to Weights & Biases, grouped under the name of ``out_dir``. ``compile`` trains with
-    ``torch.compile`` (see ``train``). ``final_n`` > 0 scores every finished run once more, at the
-    guidance its final evaluation picked, on ``final_n`` fresh samples (seeds offset by
-    ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict, of each preset's best
-    learning rate. ``together`` > 1 trains up to that many runs of the same preset and objective
+    ``torch.compile`` (see ``train``). ``final_n`` > 0 scores the runs of each preset's best learning rate
+    once more, at its guidance picked on the seed means, on ``final_n`` fresh samples (seeds offset
+    by ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict. ``together`` > 1 trains up to that many runs of the same preset and objective
     at once, as one batched network (``batched.train_together``; for budgets of images or FLOPs:
     runs trained together share their clock)."""
     from ..config import get_preset
@@ -646,16 +652,15 @@ def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
     )  # fmt: skip
 
 
-def _confirmation_key(settings: Settings, final: dict) -> dict:
-    return {"n": settings.final_n, "guidance": final["guidance"], "steps": settings.steps, "step": final["step"]}
+def _confirmation_key(settings: Settings, final: dict, guidance: float) -> dict:
+    return {"n": settings.final_n, "guidance": guidance, "steps": settings.steps, "step": final["step"]}
 
 
-def _confirmed(settings: Settings, run: dict) -> dict | None:
-    """The run's confirmation under ``settings`` (of its final point, at the guidance that point
-    picked), or None."""
-    if not run.get("final") or run["final"].get("guidance") is None:
+def _confirmed(settings: Settings, run: dict, guidance: float | None) -> dict | None:
+    """The run's confirmation under ``settings`` of its final point at ``guidance``, or None."""
+    if not run.get("final") or guidance is None:
         return None
-    key = _confirmation_key(settings, run["final"])
+    key = _confirmation_key(settings, run["final"], guidance)
     return next((c for c in run.get("confirmed", []) if all(c.get(k) == v for k, v in key.items())), None)
 
 
@@ -679,16 +684,20 @@ def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device
 
 
 def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter,
-            floor: dict | None = None, machine: dict | None = None) -> dict:  # fmt: skip
+            floor: dict | None = None, machine: dict | None = None, score_missing: bool = True) -> dict:  # fmt: skip
     """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floor``:
     the real-data floor, scored here where it is not given; ``machine``: the one that trained, where
-    it is not this one)."""
+    it is not this one; ``score_missing``: confirm the runs of each preset's best learning rate at
+    its picked guidance where they are not yet)."""
     if floor is None:
         meter = meter or _Meters.get(settings.dataset, data_dir)
         floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floor, device, machine=machine)
+    if score_missing and _confirm_at_picks(out_dir, covering, results, plan + earlier, tried=plan, data_dir=data_dir, device=device,
+                                           log=log, meter=meter):  # fmt: skip
+        results = collect_results(out_dir, covering, stats, plan + earlier, floor, device, machine=machine)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -715,7 +724,25 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
             raise UserError(f"{out_dir} holds no runs yet")
         last = _last_results(out_dir)
         return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
-                       floor=_saved_floor(last, settings), machine=_saved_machine(last))  # fmt: skip
+                       floor=_saved_floor(last, settings), machine=_saved_machine(last), score_missing=False)  # fmt: skip
+
+
+def _confirm_at_picks(out_dir: Path, settings: Settings, results: dict, runs: list[PlannedRun], *, tried: list[PlannedRun], **kwargs) -> bool:
+    """Confirm every finished run of each preset's best learning rate at that preset's picked
+    guidance (a seed whose own pick was another scale was confirmed at that one when it finished);
+    return whether any was scored. ``tried``: the runs already confirmed at their own pick."""
+    planned = {str(run.run_dir.relative_to(out_dir)): run for run in runs}
+    tried_dirs = {run.run_dir for run in tried}
+    scored = False
+    for entry in results["presets"]:
+        for run in entry["runs"]:
+            p = planned.get(run["run_dir"])
+            if not (settings.final_n and p and run["lr"] == entry["best_lr"] and run["final"]):
+                continue
+            if p.run_dir in tried_dirs and run["final"].get("guidance") == entry["best_guidance"]:
+                continue
+            scored |= _confirm_run(p.run_dir, settings, p.targets, p.seed, guidance=entry["best_guidance"], **kwargs)
+    return scored
 
 
 def _last_results(out_dir: Path) -> dict | None:
@@ -975,11 +1002,12 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         entry["best"] = best["final"]
         entry["best_stats"] = best["stats"]
         entry["images_per_s"] = best["images_per_s"]
-        confirmed = [_confirmed(settings, r) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
-        entry["confirmed_stats"], entry["confirmed_guidances"] = None, []
+        # Every seed at the guidance picked on the seed means: pooling seeds confirmed at different
+        # scales would count the scales' difference as seed spread.
+        confirmed = [_confirmed(settings, r, entry["best_guidance"]) for r in entry["runs"] if r["lr"] == entry["best_lr"] and r["final"]]
+        entry["confirmed_stats"] = None
         if settings.final_n and confirmed and all(confirmed):
             entry["confirmed_stats"] = _stats_at(confirmed, None, settings.guidances[0])
-            entry["confirmed_guidances"] = sorted({c["guidance"] for c in confirmed})
     device = torch.device(device)
     entries = list(presets.values())
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
