@@ -227,6 +227,55 @@ def test_a_failing_capture_leaves_the_uncaptured_step(monkeypatch, capsys):
     assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_failing_capture_names_the_operation_that_broke_it(monkeypatch, capsys):
+    """Ending a capture that failed inside raises its own error; the one that broke the capture is
+    only that error's context, and the line says both."""
+    import simple_dit.train as train_module
+
+    def chained(*args, **kwargs):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise ValueError("operation failed due to a previous error during capture")  # noqa: B904 - as torch.cuda.graph's exit raises
+
+    monkeypatch.setattr(train_module, "CapturedStep", chained)
+    config, (a, b), (opt_a, opt_b), diffusion = _step_pair("dit-tiny", "cpu")
+    x0, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, capture=True)
+    assert capsys.readouterr().err == ("simple-dit: CUDA graph capture failed (ValueError: operation failed due to a previous error during "
+                                       "capture; first RuntimeError: operation not permitted when stream is capturing); training without it\n")  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real capture fails")
+def test_a_capture_that_fails_inside_leaves_the_generator_and_stream_usable(monkeypatch, capsys):
+    """A host sync inside the captured step breaks the capture: the step then trains uncaptured,
+    drawing its noise from the generator the capture had marked, on the stream it found."""
+    import simple_dit.train as train_module
+
+    config, (a, b), (opt_a, opt_b), diffusion = _step_pair("dit-tiny", "cuda")
+    x0, y = torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    loss = diffusion.training_loss
+
+    def syncing_loss(model, x, labels):
+        out = loss(model, x, labels)
+        if torch.cuda.is_current_stream_capturing():
+            out.item()  # not permitted while capturing
+        return out
+
+    monkeypatch.setattr(diffusion, "training_loss", syncing_loss)
+    stream = torch.cuda.current_stream()
+    step, _ = train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, capture=True)
+    assert "CUDA graph capture failed" in capsys.readouterr().err and not isinstance(step, train_module.CapturedStep)
+    assert torch.cuda.current_stream() == stream
+    torch.randint(0, 10, (4,), device="cuda")  # the generator draws again
+    for _ in range(2):
+        torch.manual_seed(3)
+        want = train_module.train_step(a, diffusion, opt_a, x0, y, precision="fp32", grad_clip=1.0)
+        torch.manual_seed(3)
+        got = step(x0, y)
+        assert got[0].item() == pytest.approx(want[0].item(), rel=1e-4)  # the same noise (only atomics may differ)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the bench's compiled step is captured there")
 def test_the_compiled_bench_times_the_captured_step():
     from simple_dit.bench import run_bench

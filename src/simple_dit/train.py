@@ -165,8 +165,8 @@ class CapturedStep:
 
         # Warm-up and capture on one side stream: the libraries' lazy set-up (cuBLAS handles and
         # workspaces, per stream) must happen before the capture, on the stream it captures.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        previous, stream = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        stream.wait_stream(previous)
         with leaving_as_found([model], device):
             try:
                 with torch.cuda.stream(stream):
@@ -177,8 +177,18 @@ class CapturedStep:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, stream=stream):
                     self.loss, self.grad_norm = forward_backward()
+            except BaseException:
+                # A capture that fails inside leaves its stream current and the generator marked
+                # as capturing, and every later random draw on the GPU would fail: the uncaptured
+                # step that replaces this one draws its noise from it.
+                torch.cuda.set_stream(previous)
+                generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+                generator.graphsafe_set_state(generator.clone_state())
+                for p in params:
+                    p.grad = None
+                raise
             finally:
-                torch.cuda.current_stream(device).wait_stream(stream)
+                previous.wait_stream(stream)
 
     def __call__(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.x0.copy_(x0)
@@ -216,7 +226,7 @@ def make_step(model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: t
                                 precision=precision, grad_clip=grad_clip)  # fmt: skip
             return step, time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - whatever the capture raises, the step still runs uncaptured
-            print(f"simple-dit: CUDA graph capture failed ({type(e).__name__}: {_first_line(e)}); training without it", file=sys.stderr, flush=True)
+            print(f"simple-dit: CUDA graph capture failed ({_with_first_cause(e)}); training without it", file=sys.stderr, flush=True)
         if network is not None:  # then the network's own CUDA graphs, as --compile had before the capture
             network = compiled(cudagraphs=True)
     if network is not None:
@@ -226,6 +236,18 @@ def make_step(model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: t
         return train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
 
     return step, (None if network is None else time.perf_counter() - start)
+
+
+def _with_first_cause(error: BaseException) -> str:
+    """``Type: first line`` of ``error`` and of the error it was raised while handling, the first of
+    its chain, where there is one: a capture that fails inside reports the failure of ending the
+    capture, and the operation that broke it only as that error's context."""
+    first, seen = error, {id(error)}
+    while (earlier := first.__cause__ or first.__context__) is not None and id(earlier) not in seen:
+        first = earlier
+        seen.add(id(first))
+    said = f"{type(error).__name__}: {_first_line(error)}"
+    return said if first is error else f"{said}; first {type(first).__name__}: {_first_line(first)}"
 
 
 def _first_line(error: Exception) -> str:
