@@ -15,7 +15,9 @@
 # --runs-together 3: the article's experiment), the other benches (9 runs trained together first;
 # the eager ones repeat the issue's own table), diffusers; a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
-# kinds (env, bench-compile, bench, compare, tests, diffusers, verdict).
+# kinds (env, bench-compile, bench, compare, tests, diffusers, verdict). GPU_CHECK_RESUME=1 keeps
+# DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
+# "resumed": its seconds are this call's only); without it the comparison starts afresh.
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
 # advancing issue 9's GPU grid (`scripts/verdict-grid.sh --gpu`; in the dry run, tiny presets into
 # DIR), which resumes from its records in docs/verdict-600k-gpu; stopped at the budget (not a
@@ -30,7 +32,8 @@
 # directory of wheels to install pytest, and pytest-xdist if there, from where pytest is missing).
 #
 # DIR (default runs/gpu-check) receives logs/<step>.log for every step, the comparison under
-# compare/, steps.tsv and summary.json (the same object as the last line).
+# compare/, steps.tsv and summary.json (the same object as the last line, numbers to 4 significant
+# digits).
 set -uo pipefail
 
 usage() {
@@ -193,7 +196,13 @@ fi
 
 # ---- run ------------------------------------------------------------------------------------------
 mkdir -p "$out" || exit 2
-rm -rf "$out/logs" "$out/compare" "$out/steps.tsv" "$out/summary.json"
+resumed_compare=""
+if [ "${GPU_CHECK_RESUME:-0}" = 1 ] && [ -d "$out/compare" ]; then
+  resumed_compare=1
+else
+  rm -rf "$out/compare"
+fi
+rm -rf "$out/logs" "$out/steps.tsv" "$out/summary.json"
 mkdir -p "$out/logs"
 start=$(date +%s.%N)
 # The lent GPU machines have no pytest and no network: GPU_CHECK_WHEELS=DIR installs it from the
@@ -271,7 +280,7 @@ fi
 # ---- summary: one JSON object, the last line ----------------------------------------------------
 summary_py=python3
 command -v python3 >/dev/null 2>&1 || summary_py=$py
-"$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" "$verdict_records" <<'EOF'
+GPU_CHECK_RESUMED_COMPARE="$resumed_compare" "$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" "$verdict_records" <<'EOF'
 import glob, json, os, re, sys
 
 out, mode, python, data, seconds, budget, verdict_records = sys.argv[1:8]
@@ -315,6 +324,8 @@ def numbers(kind, log):
         evals = {os.path.basename(os.path.dirname(p)): sum(1 for line in open(p) if line.strip())
                  for p in sorted(glob.glob(os.path.join(compare_dir, "runs", "*", "evals.jsonl")))}
         result = {"evals_done": evals}
+        if os.environ.get("GPU_CHECK_RESUMED_COMPARE"):
+            result["resumed"] = True
         try:
             results = json.load(open(os.path.join(compare_dir, "results.json")))
         except (OSError, ValueError):
@@ -348,7 +359,7 @@ steps = []
 for line in open(os.path.join(out, "steps.tsv")):
     name, kind, status, rc, secs, reason = line.rstrip("\n").split("\t")
     log = os.path.join(out, "logs", name + ".log")
-    step = {"name": name, "status": status, "seconds": float(secs), "log": log}
+    step = {"name": name, "status": status, "seconds": float(secs)}
     if rc:
         step["rc"] = int(rc)
     if reason:
@@ -363,8 +374,22 @@ for line in open(os.path.join(out, "steps.tsv")):
 failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
 summary = {"check": "gpu-check", "mode": mode, "ok": not failed, "failed": failed, "seconds": int(seconds),
            "budget_s": int(budget), "python": python, "data_dir": data or None, "out": out, "steps": steps}
+
+
+def short(value):
+    """Four significant digits: the last line must fit the tail of output a remote runner returns."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: short(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [short(v) for v in value]
+    return value
+
+
+summary = short(summary)
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-print(json.dumps(summary))
+print(json.dumps(summary, separators=(",", ":")))
 sys.exit(1 if failed else 0)
 EOF

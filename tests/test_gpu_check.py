@@ -128,6 +128,35 @@ def test_the_summary_is_one_json_object_last_with_every_step(stub_python, tmp_pa
     assert all(isinstance(s["seconds"], float) for s in summary["steps"]) and summary["mode"] == "cpu-dry-run"
 
 
+def test_the_last_line_is_short_enough_for_a_remote_runner_to_return_whole(tmp_path, mnist_dir):
+    """A remote runner returns the last 12,000 characters of output: numbers keep 4 significant
+    digits, logs are found by step name, and the line has no padding."""
+    precise = tmp_path / "precise-python"
+    precise.write_text(STUB.replace('"train_images_per_s": 12.0', '"train_images_per_s": 12345.678901'))
+    precise.chmod(0o755)
+    out = tmp_path / "check"
+    result = gpu_check("--cpu-dry-run", "--out", out, env={"PYTHON": str(precise), "SIMPLE_DIT_DATA": str(mnist_dir)})
+    last = result.stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["steps"][1]["result"]["train_images_per_s"] == 12350.0 and ", " not in last and '"log"' not in last
+    assert all((out / "logs" / f"{s['name']}.log").is_file() for s in summary["steps"] if s["status"] != "not_run")
+
+
+def test_a_comparison_cut_off_resumes_only_when_asked(stub_python, tmp_path, mnist_dir):
+    out = tmp_path / "check"
+    env = {"PYTHON": str(stub_python), "SIMPLE_DIT_DATA": str(mnist_dir), "GPU_CHECK_ONLY": "compare"}
+    gpu_check("--cpu-dry-run", "--out", out, env=env)
+    kept = out / "compare" / "runs" / "b_lr0.01" / "evals.jsonl"  # a run trained before the cap stopped it
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}\n")
+    result = gpu_check("--cpu-dry-run", "--out", out, env=env | {"GPU_CHECK_RESUME": "1"})
+    compare = json.loads(result.stdout.strip().splitlines()[-1])["steps"][0]["result"]
+    assert compare["resumed"] is True and compare["evals_done"] == {"a_lr0.001": 1, "b_lr0.01": 1}
+    result = gpu_check("--cpu-dry-run", "--out", out, env=env)
+    compare = json.loads(result.stdout.strip().splitlines()[-1])["steps"][0]["result"]
+    assert "resumed" not in compare and compare["evals_done"] == {"a_lr0.001": 1} and not kept.exists()
+
+
 def test_a_step_past_its_limit_is_stopped_and_the_others_still_run(stub_python, tmp_path, mnist_dir):
     slow = tmp_path / "slow-python"
     slow.write_text(STUB.replace('"-m pytest"*) echo', '"-m pytest"*) sleep 30; echo'))
