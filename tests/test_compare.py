@@ -363,9 +363,9 @@ def test_mean_spread_and_verdict_over_seeds(sweep):
         (other,) = v["others"]
         a, b = (next(e["best_stats"][v["metric"]] for e in results["presets"] if e["label"] == label) for label in (v["leader"], other["label"]))
         assert other["difference"] == pytest.approx(abs(a["mean"] - b["mean"]))
-        assert other["spread"] == max(a["spread"], b["spread"]) and other["tie"] == (other["difference"] <= other["spread"])
+        assert other | C.difference_test(a, b) == other and other["tie"] == (other["p"] >= 0.05) and other["seeds"] == [2, 2]
     lines = results["verdict_text"]
-    assert len(lines) == 2 and all(("tie with" in line) != ("ahead of" in line) for line in lines)
+    assert len(lines) == 2 and all(("tie with" in line) != ("ahead of" in line) and "Welch's t-test over 2 and 2 seeds" in line for line in lines)
     assert all(line in sweep["stdout"] for line in lines)
     # One preset, two objectives: the objective's effect is the whole verdict, said once more as such.
     assert results["effects"] == [{"factor": "objective", "fixed": "dit-tiny", "verdict": results["verdict"]}]
@@ -424,14 +424,47 @@ def test_seed_stats_and_ties():
     assert C.seed_stats([1.0, 3.0])["kind"] == "min-max" and C.seed_stats([1.0, 3.0])["spread"] == 2.0
     assert C.seed_stats([2.0], ci=[1.5, 3.5]) | {"values": None} == {"mean": 2.0, "spread": 1.0, "kind": "ci", "lo": 1.5, "hi": 3.5, "values": None}
     assert C.seed_stats([2.0])["spread"] is None and math.isnan(C.seed_stats([1.0, None])["mean"])
+    assert C.seed_stats([2.0], ci=[None, None])["spread"] is None  # an interval not computed: no spread, not a crash
 
     def entry(label, fid, acc):
         return {"label": label, "best_stats": {"fid": C.seed_stats(fid), "label_accuracy": C.seed_stats(acc)}}
 
     fid, acc = C.verdict([entry("a", [5.0, 6.0], [0.5, 0.6]), entry("b", [1.0, 1.5], [0.52, 0.58]), entry("c", [9.0, 9.0], [0.1, 0.1])])
     assert fid["leader"] == "b" and [(o["label"], o["tie"]) for o in fid["others"]] == [("a", False), ("c", False)]
-    assert acc["leader"] == "a" and [(o["label"], o["tie"]) for o in acc["others"]] == [("b", True), ("c", False)]
-    assert acc["others"][0]["spread"] == pytest.approx(0.1) and acc["others"][0]["difference"] == pytest.approx(0.0)
+    # b against a: Welch's t = 4.25 / sqrt(0.125/2 + 0.5/2) = 7.60 on 1.47 degrees of freedom
+    assert fid["others"][0]["test"] == "welch" and fid["others"][0]["p"] == pytest.approx(0.0372, abs=1e-4)
+    # a against c: 0.45 apart, t = 9, but on one degree of freedom (two seeds, c without spread): p = 0.07
+    assert acc["leader"] == "a" and [(o["label"], o["tie"]) for o in acc["others"]] == [("b", True), ("c", True)]
+    assert acc["others"][0]["difference"] == pytest.approx(0.0) and acc["others"][0]["p"] == pytest.approx(1.0)
+
+
+def test_a_verdict_calls_a_difference_only_where_a_test_over_the_seeds_rejects_equal_means():
+    """Overlapping seed bands are no win: {9, 10, 11} against {10.5, 11.5, 12.5} is 1.5 apart, more
+    than either standard deviation (1.0), yet Welch's p is 0.14 (t = 1.84 on 4 degrees of freedom). One seed each is tested on its
+    bootstrap intervals; one seed against several, or a seed without an interval, is not tested."""
+    def entry(label, fid, ci=None):
+        return {"label": label, "best_stats": {"fid": C.seed_stats(fid, ci), "label_accuracy": C.seed_stats(fid, ci)}}
+
+    (fid, _) = C.verdict([entry("a", [9.0, 10.0, 11.0]), entry("b", [10.5, 11.5, 12.5])])
+    (other,) = fid["others"]
+    assert other["test"] == "welch" and other["p"] == pytest.approx(0.1401, abs=1e-4) and other["tie"] is True
+    (fid, _) = C.verdict([entry("a", [9.0, 10.0, 11.0]), entry("b", [13.0, 14.0, 15.0])])
+    assert fid["others"][0]["p"] == pytest.approx(0.0080, abs=1e-4) and fid["others"][0]["tie"] is False
+    (fid, _) = C.verdict([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5], [1.3, 1.7])])
+    # z = 0.5 / (hypot(0.2, 0.2) / 1.96) = 3.46
+    assert fid["others"][0]["test"] == "bootstrap" and fid["others"][0]["p"] == pytest.approx(0.00053, abs=5e-5) and not fid["others"][0]["tie"]
+    (fid, _) = C.verdict([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.1], [0.9, 1.3])])
+    assert fid["others"][0]["tie"] is True
+    for entries in ([entry("a", [10.0]), entry("b", [10.01])], [entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5, 1.6, 1.7])]):
+        (fid, _) = C.verdict(entries)
+        assert fid["others"][0] | {"difference": None} == {"label": "b", "difference": None, "seeds": fid["others"][0]["seeds"],
+                                                          "p": None, "test": None, "tie": None}  # fmt: skip
+
+
+@pytest.mark.parametrize("t, df, p", [(12.7062, 1, 0.05), (4.302653, 2, 0.05), (2.776445, 4, 0.05), (2.228139, 10, 0.05),
+                                      (1.983972, 100, 0.05), (0.0, 3, 1.0), (3.0, 2.5, 0.0726), (1.959964, 1e6, 0.05)])  # fmt: skip
+def test_student_t_tail_matches_the_tables(t, df, p):
+    assert C.runner.student_t_two_sided_p(t, df) == pytest.approx(p, abs=2e-4)
 
 
 def test_effects_separate_the_backbone_from_the_objective():
@@ -445,7 +478,7 @@ def test_effects_separate_the_backbone_from_the_objective():
     assert list(found) == [("backbone", "eps"), ("backbone", "flow"), ("objective", "unet"), ("objective", "dit")]
     fid = {key: (v[0]["leader"], [(o["label"], o["tie"]) for o in v[0]["others"]]) for key, v in found.items()}
     assert fid[("backbone", "eps")] == ("unet (eps)", [("dit (eps)", False)])
-    assert fid[("backbone", "flow")] == ("unet (flow)", [("dit (flow)", True)])  # 0.1 apart, spread 0.1
+    assert fid[("backbone", "flow")] == ("unet (flow)", [("dit (flow)", True)])  # 0.1 apart: Welch's p = 0.29
     assert fid[("objective", "dit")] == ("dit (flow)", [("dit (eps)", False)])
     assert C.effects(entries[:2]) == []  # one objective: the verdict is the backbones' already
     # Only entries scored the same way are judged: an unconfirmed preset leaves its groups out.

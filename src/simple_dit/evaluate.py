@@ -221,6 +221,8 @@ def precision_recall(
 CI_METRICS = ("fid", "label_accuracy", "precision", "recall")
 BOOTSTRAP_RESAMPLES = 200
 BOOTSTRAP_LEVEL = 0.95
+# A comparison's verdict calls a difference only where a test rejects equal means at this level.
+SIGNIFICANCE = 0.05
 BOOTSTRAP_SEED = 0
 _RECALL_NEIGHBOURS = 16  # nearest other fakes kept per fake: a resample's k-NN radius lies among them
 _RECALL_CANDIDATES = 32  # fakes per real that may cover it in some resample (the likeliest first)

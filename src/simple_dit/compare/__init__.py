@@ -23,7 +23,7 @@ At the end each learning rate's guidance is picked on the seed means of its fina
 (``evaluate.GUIDANCE_RULE``), each preset's best learning rate on the seed-mean final FID (then
 label accuracy), and ``OUT/report.md``, ``OUT/report.html`` (self-contained), ``OUT/results.json``
 (every seed's numbers) and the PNG figures are written, with a verdict that calls a difference
-smaller than the seeds' spread a tie.
+only where a test over the seeds rejects equal means (``runner.difference_test``), else a tie.
 
 The parsing and the evaluation schedule are in ``budget``, the training and scoring in
 ``runner``, the figures and report files in ``report``; the command-line parser is in ``cli``.
@@ -38,12 +38,12 @@ from .budget import (
 from .report import GRID_PER_CLASS, NOTES, effect_lines, fmt_stat, verdict_lines, write_frontier_figure, write_report
 from .runner import (
     EVALS_NAME, SETTINGS_NAME, PlannedRun, Settings, collect_results, compare, guidance_rows, pick_best, plan_runs,
-    effects, read_metrics, rewrite_report, run_config, seed_stats, settings_on_disk, verdict,
+    difference_test, effects, read_metrics, rewrite_report, run_config, seed_stats, settings_on_disk, verdict,
 )  # fmt: skip
 
 __all__ = [
     "DEFAULT_LRS", "EVALS_NAME", "GRID_PER_CLASS", "NOTES", "SETTINGS_NAME", "Budget", "PlannedRun", "Settings", "Target",
-    "collect_results", "compare", "effect_lines", "effects", "eval_fractions", "fmt_stat", "guidance_rows", "images_per_budget", "parse_budget",
+    "collect_results", "compare", "difference_test", "effect_lines", "effects", "eval_fractions", "fmt_stat", "guidance_rows", "images_per_budget", "parse_budget",
     "parse_guidances", "parse_lrs", "parse_objectives", "parse_presets", "parse_seeds", "pick_best", "plan_runs",
     "read_metrics", "rewrite_report", "run_config", "run_name", "schedule", "seed_stats", "settings_on_disk", "verdict", "verdict_lines",
     "write_frontier_figure", "write_report",

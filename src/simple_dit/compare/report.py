@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
-from ..evaluate import BOOTSTRAP_LEVEL, GUIDANCE_RULE
+from ..evaluate import BOOTSTRAP_LEVEL, GUIDANCE_RULE, SIGNIFICANCE
 from ..extras import require
 from ..io import atomic_write, ensure_writable_dir, write_json
 
@@ -324,9 +324,9 @@ def _spread_note(stats: list[dict | None]) -> str:
 
 
 def verdict_lines(results: dict, confirmed: bool = False) -> list[str]:
-    """The verdict in words: per metric, the leading preset and, against each other one, ahead
-    or a tie (a difference smaller than the larger spread of the two); ``confirmed``: on the
-    confirmation's fresh samples."""
+    """The verdict in words: per metric, the leading preset and, against each other one, ahead,
+    a tie or not tested (see ``runner.verdict``); ``confirmed``: on the confirmation's fresh
+    samples."""
     return _verdict_text(results.get("confirmed_verdict" if confirmed else "verdict", []), results, confirmed)
 
 
@@ -346,13 +346,27 @@ def _verdict_text(verdicts: list[dict], results: dict, confirmed: bool) -> list[
     for v in verdicts:
         m, spec = v["metric"], _SPECS[v["metric"]]
         better = "lower" if v["lower_is_better"] else "higher"
-        parts = [
-            f"{'tie with' if o['tie'] else 'ahead of'} {o['label']} {fmt_stat(stats[o['label']][m], spec)} "
-            f"(difference {o['difference']:{spec}} {'<=' if o['tie'] else '>'} spread {o['spread']:{spec}})"
-            for o in v["others"]
-        ]
+        parts = [f"{_OUTCOME[o.get('tie')]} {o['label']} {fmt_stat(stats[o['label']][m], spec)} ({_test_text(o, spec)})" for o in v["others"]]
         lines.append(f"{_METRIC_NAMES[m]} ({better} is better): {v['leader']} {fmt_stat(stats[v['leader']][m], spec)}, " + "; ".join(parts) + ".")
     return lines
+
+
+_OUTCOME = {True: "tie with", False: "ahead of", None: "not tested against"}
+
+
+def _test_text(other: dict, spec: str) -> str:
+    """The difference and its test, e.g. "difference 0.61, p = 0.003, Welch's t-test over 3 and 3 seeds"."""
+    said = f"difference {other['difference']:{spec}}"
+    a, b = other.get("seeds") or ("?", "?")
+    if other.get("test") == "welch":
+        return f"{said}, p = {_fmt_p(other['p'])}, Welch's t-test over {a} and {b} seeds"
+    if other.get("test") == "bootstrap":
+        return f"{said}, p = {_fmt_p(other['p'])} on the evaluation samples only: one seed each, so the spread between training seeds is unknown"
+    return f"{said}; {a} seed{'s' if a != 1 else ''} against {b}: no test"
+
+
+def _fmt_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -488,7 +502,10 @@ NOTES = (
     "guidance (ties: the highest label accuracy); a learning rate with a diverged seed is not picked. "
     "Spread: the standard deviation over seeds (3 or more), the min-max range (2), half the "
     f"{BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples (1). "
-    "In the verdict, a difference of seed means smaller than the larger spread of the two is a tie."
+    f"In the verdict each preset is tested against the leader, and is behind it only where the test rejects equal means at p < {SIGNIFICANCE:g} "
+    "(else a tie): Welch's t-test over the seeds where both have 2 or more; with one seed each, a z-test on the two bootstrap "
+    "intervals, which measures evaluation noise only, not the spread between training seeds; one seed against several is not tested. "
+    "Each pair is one test at that level (no correction for testing several pairs)."
 )
 
 EFFECTS_INTRO = ("The backbone apart from the objective: each backbone against the others trained with the same "
@@ -511,7 +528,7 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     summary = [("list", verdict)] if verdict else []
     if effects := effect_lines(results):
         summary += [("p", EFFECTS_INTRO), ("list", effects)]
-    summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + " Verdict: a difference smaller than the larger spread is a tie.")]
+    summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie (see the notes).")]
     if edge := _guidance_edge_note(results):
         summary.append(("note", edge))
     sections = [("summary", "Summary", summary)]

@@ -23,7 +23,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
-from ..evaluate import CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, pick_guidance, write_guidance
+from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, SIGNIFICANCE, GUIDANCE_RULE, pick_guidance, write_guidance
 from ..extras import require
 from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from ..logger import WandbOptions
@@ -869,7 +869,7 @@ def seed_stats(values: Sequence[float | None], ci: Sequence[float] | None = None
         out.update(spread=sd, kind="std", lo=mean - sd, hi=mean + sd)
     elif len(values) == 2:
         out.update(spread=max(values) - min(values), kind="min-max", lo=min(values), hi=max(values))
-    elif ci:
+    elif ci and all(is_number(x) and math.isfinite(x) for x in ci):  # a record may hold [null, null]
         out.update(spread=(ci[1] - ci[0]) / 2, kind="ci", lo=ci[0], hi=ci[1])
     return out
 
@@ -922,11 +922,51 @@ def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
     }  # fmt: skip
 
 
+def student_t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` >= 1 degrees of freedom (not necessarily whole,
+    as Welch's are). With t = sqrt(df) tan(theta) the density is proportional to
+    cos(theta)^(df-1) on (-pi/2, pi/2), bounded for df >= 1: the tail is that integral from
+    atan(|t|/sqrt(df)) to pi/2 (Simpson's rule) over its whole, whose closed form is
+    sqrt(pi) Gamma(df/2) / (2 Gamma((df+1)/2))."""
+    if not df >= 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    if df > 1000:  # the density is a sharp peak for the rule below, and the normal's to 4 digits
+        return math.erfc(abs(t) / math.sqrt(2))
+    start, intervals = math.atan(abs(t) / math.sqrt(df)), 2000
+    h = (math.pi / 2 - start) / intervals
+    weights = (1 if i in (0, intervals) else 4 if i % 2 else 2 for i in range(intervals + 1))
+    tail = h / 3 * sum(w * math.cos(start + i * h) ** (df - 1) for i, w in enumerate(weights))
+    whole = math.sqrt(math.pi) / 2 * math.exp(math.lgamma(df / 2) - math.lgamma((df + 1) / 2))
+    return min(1.0, max(0.0, tail / whole))
+
+
+def difference_test(a: dict, b: dict) -> dict:
+    """Whether two ``seed_stats`` differ in mean, as ``{"p", "test"}``: Welch's t-test over the
+    seeds where both have two or more; with one seed each, a z-test on the bootstrap intervals
+    (evaluation noise only: one seed says nothing of the spread between training seeds); with one
+    seed against several, or no interval, no test (p None)."""
+    na, nb = len(a["values"]), len(b["values"])
+    difference = abs(a["mean"] - b["mean"])
+    if na >= 2 and nb >= 2:
+        va, vb = statistics.variance(a["values"]) / na, statistics.variance(b["values"]) / nb
+        if va + vb == 0:
+            return {"p": 0.0 if difference else 1.0, "test": "welch"}
+        df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+        return {"p": student_t_two_sided_p(difference / math.sqrt(va + vb), df), "test": "welch"}
+    if na == nb == 1 and a["kind"] == b["kind"] == "ci":
+        z_level = statistics.NormalDist().inv_cdf(0.5 + BOOTSTRAP_LEVEL / 2)
+        se = math.hypot((a["hi"] - a["lo"]) / 2, (b["hi"] - b["lo"]) / 2) / z_level
+        if se == 0:
+            return {"p": 0.0 if difference else 1.0, "test": "bootstrap"}
+        return {"p": math.erfc(difference / se / math.sqrt(2)), "test": "bootstrap"}
+    return {"p": None, "test": None}
+
+
 def verdict(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     """For FID and label accuracy: the leading preset (at its best learning rate and guidance)
-    and, for each other, the difference of the seed means and whether it is a tie: no larger
-    than the larger of the two spreads. ``stats_key``: the scores of the selection ("best_stats")
-    or of the confirmation ("confirmed_stats")."""
+    and, for each other, the difference of the seed means, its ``difference_test`` and whether it
+    is a tie (p >= ``SIGNIFICANCE``; None where it cannot be tested). ``stats_key``: the scores of
+    the selection ("best_stats") or of the confirmation ("confirmed_stats")."""
     out = []
     for metric, lower_is_better in (("fid", True), ("label_accuracy", False)):
         ranked = [e for e in entries if e.get(stats_key) and math.isfinite(e[stats_key][metric]["mean"])]
@@ -937,9 +977,9 @@ def verdict(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
         others = []
         for e in ranked[1:]:
             s = e[stats_key][metric]
-            spread = max(x for x in (lead["spread"], s["spread"], 0.0) if x is not None)
-            difference = abs(lead["mean"] - s["mean"])
-            others.append({"label": e["label"], "difference": difference, "spread": spread, "tie": difference <= spread})
+            test = difference_test(lead, s)
+            others.append({"label": e["label"], "difference": abs(lead["mean"] - s["mean"]), "seeds": [len(lead["values"]), len(s["values"])],
+                           **test, "tie": None if test["p"] is None else test["p"] >= SIGNIFICANCE})  # fmt: skip
         out.append({"metric": metric, "lower_is_better": lower_is_better, "leader": ranked[0]["label"], "others": others})
     return out
 
