@@ -359,14 +359,14 @@ def _test_text(other: dict, spec: str) -> str:
     said = f"difference {other['difference']:{spec}}"
     a, b = other.get("seeds") or ("?", "?")
     if other.get("test") == "welch":
-        return f"{said}, p = {_fmt_p(other['p'])}, Welch's t-test over {a} and {b} seeds"
+        return f"{said}, {_fmt_p(other['p'])}, Welch's t-test over {a} and {b} seeds"
     if other.get("test") == "bootstrap":
-        return f"{said}, p = {_fmt_p(other['p'])} on the evaluation samples only: one seed each, so the spread between training seeds is unknown"
+        return f"{said}, {_fmt_p(other['p'])} on the evaluation samples only: one seed each, so the spread between training seeds is unknown"
     return f"{said}; {a} seed{'s' if a != 1 else ''} against {b}: no test"
 
 
 def _fmt_p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
