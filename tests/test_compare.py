@@ -499,6 +499,7 @@ def test_effects_separate_the_backbone_from_the_objective():
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-every-frac", "2"], "--eval-every-frac"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "3"], "--eval-n"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--eval-n", "60001"], "more than the 60,000 training images"),
+        (["--presets", "dit-tiny", "--budget", "640-images", "--final-n", "60001"], "--final-n 60,001 is more than the 60,000 training images"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--sampler", "euler"], "sampler 'euler'"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", ""], "malformed --seeds ''"),
         (["--presets", "dit-tiny", "--budget", "640-images", "--seeds", "0,x"], "malformed --seeds '0,x'"),
@@ -621,7 +622,10 @@ def test_final_n_confirms_each_run_on_fresh_samples_once(sweep, tmp_path):
         assert st["fid"]["values"] == [c["fid"] for c in confirmations] and st["fid"]["kind"] == "min-max"
         assert st["label_accuracy"]["values"] != entry["best_stats"]["label_accuracy"]["values"] or st["fid"]["values"] != entry["best_stats"]["fid"]["values"]
     assert [v["metric"] for v in results["confirmed_verdict"]] == ["fid", "label_accuracy"]
+    # its own real-data floor: FID's bias depends on n, so the selection's floor is no yardstick here
+    assert results["confirmed_floor"]["n"] == 40 and results["floor"]["n"] == kwargs["eval_n"]
     md = (out / "report.md").read_text()
+    assert md.count("| real data (floor) |") == 2
     assert "Confirmed on 40 fresh samples" in md and all(line in md for line in results["confirmed_verdict_text"])
     snapshot = {p: p.read_bytes() for p in out.glob("runs/*/confirm.jsonl")}
     with pytest.MonkeyPatch.context() as mp:
@@ -646,7 +650,9 @@ def test_seeds_confirmed_at_another_guidance_than_their_presets_pick_are_not_poo
     entry = next(e for e in json.loads((out / "results.json").read_text())["presets"] if e["objective"] == "flow")
     other = 1.0 if entry["best_guidance"] == 2.0 else 2.0
     flow.write_text(json.dumps(read_jsonl(flow)[0] | {"guidance": other}) + "\n")  # as if its own pick had been the other scale
-    assert main_report_only(out) == 0
+    with pytest.MonkeyPatch.context() as mp:  # both real-data floors come from the last report
+        mp.setattr(C.runner._Meters, "get", lambda *a: pytest.fail("a floor was scored again"))
+        assert main_report_only(out) == 0
     results = json.loads((out / "results.json").read_text())
     assert [e["label"] for e in results["presets"] if e["confirmed_stats"] is None] == ["dit-tiny (flow)"] and not results["confirmed_verdict"]
     assert "The confirmed verdict waits for the confirmation of dit-tiny (flow)" in (out / "report.md").read_text()

@@ -407,6 +407,8 @@ def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         if st:
             rows.append([e["label"], _fmt(e["best_lr"], "g"), _fmt(e["best_guidance"], "g"), *(fmt_stat(st[m], _SPECS[m]) for m in _SPECS),
                          str(len(st["fid"]["values"]))])  # fmt: skip
+    if f := results.get("confirmed_floor"):  # scored at the confirmation's own sample count
+        rows.append(["real data (floor)", "", "", *(_fmt_ci(f, m) for m in _SPECS), ""])
     return head, rows
 
 
@@ -496,7 +498,8 @@ NOTES = (
     "Training seconds count optimiser steps only (no sample grids, checkpoints or evaluations). "
     "Training FLOPs are 3 x the forward FLOPs per image x images seen. "
     "FID is measured in the feature space of the package's small evaluator CNN (not Inception) and is biased upwards "
-    "for small sample counts: compare only numbers with the same n, and against the real-data floor (training images scored the same way). "
+    "for small sample counts: compare only numbers with the same n, and against the real-data floor at that n (training images scored "
+    "the same way; the evaluator learned from them, so the floor's label accuracy is somewhat above its accuracy on unseen digits). "
     f"Guidance is chosen the way the learning rate is: of each learning rate's guidance scales, the one with {GUIDANCE_RULE}, "
     "on the seed means of the final scores. The best learning rate of a preset has the lowest seed-mean final FID at its "
     "guidance (ties: the highest label accuracy); a learning rate with a diverged seed is not picked. "

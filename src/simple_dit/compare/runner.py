@@ -539,8 +539,9 @@ def compare(
     eval_n, final_n = int(eval_n), int(final_n)  # NumPy ints would not save as JSON
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if eval_n > DATASETS[dataset].train_count:  # known now, not after every run has trained
-        raise UserError(f"--eval-n {eval_n:,} is more than the {DATASETS[dataset].train_count:,} training images the real-data floor is drawn from")
+    for flag, n in (("--eval-n", eval_n), ("--final-n", final_n)):  # known now, not after every run has trained
+        if n > DATASETS[dataset].train_count:
+            raise UserError(f"{flag} {n:,} is more than the {DATASETS[dataset].train_count:,} training images the real-data floor is drawn from")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for preset in preset_names:  # e.g. --sampler euler for an eps model, or more steps than it has: fail now, not after training
@@ -684,20 +685,22 @@ def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device
 
 
 def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter,
-            floor: dict | None = None, machine: dict | None = None, score_missing: bool = True) -> dict:  # fmt: skip
-    """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floor``:
-    the real-data floor, scored here where it is not given; ``machine``: the one that trained, where
-    it is not this one; ``score_missing``: confirm the runs of each preset's best learning rate at
-    its picked guidance where they are not yet)."""
-    if floor is None:
-        meter = meter or _Meters.get(settings.dataset, data_dir)
-        floor = {k: v for k, v in dataclasses.asdict(meter.floor(settings.eval_n, seed=settings.seeds[0])).items() if v is not None}
+            floors: dict | None = None, machine: dict | None = None, score_missing: bool = True) -> dict:  # fmt: skip
+    """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floors``:
+    real-data floors by ``_floor_specs`` key, each scored here where it is not given; ``machine``:
+    the one that trained, where it is not this one; ``score_missing``: confirm the runs of each
+    preset's best learning rate at its picked guidance where they are not yet)."""
+    floors = dict(floors or {})
+    for key, (n, seed) in _floor_specs(settings).items():
+        if key not in floors:
+            meter = meter or _Meters.get(settings.dataset, data_dir)
+            floors[key] = {k: v for k, v in dataclasses.asdict(meter.floor(n, seed=seed)).items() if v is not None}
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
-    results = collect_results(out_dir, covering, stats, plan + earlier, floor, device, machine=machine)
+    results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
     if score_missing and _confirm_at_picks(out_dir, covering, results, plan + earlier, tried=plan, data_dir=data_dir, device=device,
                                            log=log, meter=meter):  # fmt: skip
-        results = collect_results(out_dir, covering, stats, plan + earlier, floor, device, machine=machine)
+        results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -724,7 +727,7 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
             raise UserError(f"{out_dir} holds no runs yet")
         last = _last_results(out_dir)
         return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
-                       floor=_saved_floor(last, settings), machine=_saved_machine(last), score_missing=False)  # fmt: skip
+                       floors=_saved_floors(last, settings), machine=_saved_machine(last), score_missing=False)  # fmt: skip
 
 
 def _confirm_at_picks(out_dir: Path, settings: Settings, results: dict, runs: list[PlannedRun], *, tried: list[PlannedRun], **kwargs) -> bool:
@@ -763,20 +766,29 @@ def _saved_machine(last: dict | None) -> dict | None:
     return None
 
 
-def _saved_floor(last: dict | None, settings: Settings) -> dict | None:
-    """The real-data floor of the last report, where it was scored as ``settings`` would score it
+def _floor_specs(settings: Settings) -> dict[str, tuple[int, int]]:
+    """The real-data floors a report shows, as (sample count, seed): the selection's, and with
+    ``final_n`` the confirmation's, scored at its own count (FID's bias depends on n)."""
+    specs = {"floor": (settings.eval_n, settings.seeds[0])}
+    if settings.final_n:
+        specs["confirmed_floor"] = (settings.final_n, settings.seeds[0] + CONFIRM_SEED_OFFSET)
+    return specs
+
+
+def _saved_floors(last: dict | None, settings: Settings) -> dict:
+    """The real-data floors of the last report that were scored as ``settings`` would score them
     (same dataset, sample count and seed): a report rewritten from records then needs no dataset."""
-    if last is None:
-        return None
+    saved = {}
     try:
-        same = all(last["settings"][key] == getattr(settings, key) for key in ("dataset", "eval_n"))
-        floor = last["floor"]
-        if (same and last["settings"]["seeds"][0] == settings.seeds[0] and _are_scores(floor) and floor.get("n") == settings.eval_n
-                and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy"))):  # fmt: skip
-            return floor
+        if last is None or last["settings"]["dataset"] != settings.dataset or last["settings"]["seeds"][0] != settings.seeds[0]:
+            return saved
+        for key, (n, _) in _floor_specs(settings).items():
+            floor = last.get(key)
+            if _are_scores(floor) and floor.get("n") == n and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy")):
+                saved[key] = floor
     except (KeyError, TypeError, IndexError):
-        pass  # no usable report yet: the floor is scored again
-    return None
+        pass  # no usable report yet: the floors are scored again
+    return saved
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -1001,7 +1013,7 @@ def effects(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     return out
 
 
-def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floor: dict, device,
+def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[PlannedRun], floors: dict, device,
                     machine: dict | None = None) -> dict:  # fmt: skip
     import torch
 
@@ -1055,7 +1067,8 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     every_confirmed = bool(entries) and all(e["confirmed_stats"] for e in entries)
     return {
         "settings": settings.to_dict(),
-        "floor": floor,
+        "floor": floors["floor"],
+        "confirmed_floor": floors.get("confirmed_floor"),
         "machine": machine or {"device": device_name(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "presets": entries,
