@@ -666,6 +666,21 @@ def test_seeds_confirmed_at_another_guidance_than_their_presets_pick_are_not_poo
     assert all(e["confirmed_stats"] for e in results["presets"]) and results["confirmed_verdict"]
 
 
+def test_a_preset_whose_every_run_diverged_is_named_not_dropped_silently(sweep, tmp_path):
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name in SWEEP_RUNS:
+        if "flow" in name:
+            evals = out / "runs" / name / C.EVALS_NAME
+            (record,) = read_jsonl(evals)
+            evals.write_text(json.dumps({k: record[k] for k in ("point", "fraction", "target_kind", "target", "step", "images_seen",
+                                                                  "train_seconds")} | {"diverged": True, "message": "loss is nan"}) + "\n")  # fmt: skip
+    assert main_report_only(out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert not results["verdict"]
+    assert "Not in the verdict: dit-tiny (flow) (no learning rate with every seed finished and scored" in (out / "report.md").read_text()
+
+
 def main_report_only(out) -> int:
     from simple_dit.cli import main
 

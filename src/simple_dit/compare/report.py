@@ -529,6 +529,9 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     ("table", (head, rows)), ("img", path) or ("grids", [(path, caption)])."""
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
+    if left_out := [e["label"] for e in results["presets"] if not _finite(e["best_stats"]["fid"]["mean"])]:
+        summary.append(("note", f"Not in the verdict: {', '.join(left_out)} (no learning rate with every seed finished and scored: "
+                                "diverged, or still training)."))
     if effects := effect_lines(results):
         summary += [("p", EFFECTS_INTRO), ("list", effects)]
     summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie (see the notes).")]
