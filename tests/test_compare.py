@@ -461,6 +461,24 @@ def test_a_verdict_calls_a_difference_only_where_a_test_over_the_seeds_rejects_e
                                                           "p": None, "test": None, "tie": None}  # fmt: skip
 
 
+def test_every_pair_is_tested_not_only_each_against_the_leader():
+    """The UNet against the article's DiT, both behind a smaller DiT: the verdict tests each against
+    the leader; the pairwise table answers the question about the two others."""
+    from simple_dit.compare.report import _pairwise_rows
+
+    def entry(label, fid, acc):
+        return {"label": label, "best_stats": {"fid": C.seed_stats(fid), "label_accuracy": C.seed_stats(acc)}}
+
+    entries = [entry("mini", [0.5, 0.6, 0.7], [0.99, 0.99, 1.0]), entry("unet", [1.0, 1.2, 1.4], [0.97, 0.98, 0.99]),
+               entry("dit", [9.0, 11.0, 13.0], [0.5, 0.7, 0.9]), entry("broken", [math.nan], [math.nan])]  # fmt: skip
+    pairs = C.runner.pairwise(entries)
+    assert [(p["a"], p["b"]) for p in pairs] == [("mini", "unet"), ("mini", "dit"), ("unet", "dit")]  # a preset without scores is left out
+    unet_dit = pairs[2]
+    assert unet_dit["fid"] == C.difference_test(entries[1]["best_stats"]["fid"], entries[2]["best_stats"]["fid"]) and unet_dit["fid"]["p"] < 0.05
+    head, rows = _pairwise_rows(pairs)
+    assert head == ["", "unet", "dit"] and rows[0][0] == "mini" and rows[1][1] == "" and rows[1][2].startswith(f"{unet_dit['fid']['p']:.3f}*")
+
+
 @pytest.mark.parametrize("t, df, p", [(12.7062, 1, 0.05), (4.302653, 2, 0.05), (2.776445, 4, 0.05), (2.228139, 10, 0.05),
                                       (1.983972, 100, 0.05), (0.0, 3, 1.0), (3.0, 2.5, 0.0726), (1.959964, 1e6, 0.05)])  # fmt: skip
 def test_student_t_tail_matches_the_tables(t, df, p):

@@ -369,6 +369,23 @@ def _fmt_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _pairwise_rows(pairs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every pair's p (FID / label accuracy) as the upper triangle of a preset-by-preset table."""
+    labels = list(dict.fromkeys([p["a"] for p in pairs] + [p["b"] for p in pairs]))
+    cell = {(p["a"], p["b"]): " / ".join(_fmt_pair_p(p[m]["p"]) for m in ("fid", "label_accuracy")) for p in pairs}
+    return ["", *labels[1:]], [[a, *(cell.get((a, b), "") for b in labels[1:])] for a in labels[:-1]]
+
+
+def _fmt_pair_p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return ("< 0.001" if p < 0.001 else f"{p:.3f}") + ("*" if p < SIGNIFICANCE else "")
+
+
+PAIRWISE_NOTE = (f"Every pair: p of the verdict's test for FID / label accuracy (* below {SIGNIFICANCE:g}: the two differ; "
+                 "– not tested). Each cell is one test; with several, a few small p are expected by chance.")
+
+
 def _summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     head = ["preset", "params (M)", "GFLOPs / image (fwd)", "train images/s", "best lr", "guidance", "FID", "label acc.",
             "precision", "recall", "images seen", "train s", "seeds"]  # fmt: skip
@@ -535,6 +552,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     if effects := effect_lines(results):
         summary += [("p", EFFECTS_INTRO), ("list", effects)]
     summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie (see the notes).")]
+    if len(pairs := results.get("pairwise", [])) > 1:
+        summary += [("table", _pairwise_rows(pairs)), ("note", PAIRWISE_NOTE)]
     if edge := _guidance_edge_note(results):
         summary.append(("note", edge))
     sections = [("summary", "Summary", summary)]
@@ -553,6 +572,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
         if effects := effect_lines(results, confirmed=True):
             blocks += [("p", EFFECTS_INTRO), ("list", effects)]
         blocks += [("table", _confirmed_rows(results)), ("note", _spread_note([e.get("confirmed_stats") for e in results["presets"]]))]
+        if len(pairs := results.get("confirmed_pairwise", [])) > 1:
+            blocks += [("table", _pairwise_rows(pairs)), ("note", PAIRWISE_NOTE)]
         sections.append(("confirmed", f"Confirmed on {n:,} fresh samples", blocks))
     sections.append(("samples", "Samples (each preset at its best learning rate and guidance)", [("grids", list(grids.values()))]))
     for key, path in figures.items():

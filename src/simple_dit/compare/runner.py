@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
-from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, SIGNIFICANCE, GUIDANCE_RULE, pick_guidance, write_guidance
+from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, pick_guidance, write_guidance
 from ..extras import require
 from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from ..logger import WandbOptions
@@ -996,6 +997,16 @@ def verdict(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     return out
 
 
+def pairwise(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
+    """Every pair of presets scored under ``stats_key``, in the entries' order, with the
+    ``difference_test`` of FID and of label accuracy: the verdict tests each against the leader
+    only, and the question may be about two others (e.g. the UNet against the DiT, both behind a
+    smaller DiT)."""
+    scored = [e for e in entries if e.get(stats_key) and all(math.isfinite(e[stats_key][m]["mean"]) for m in ("fid", "label_accuracy"))]
+    return [{"a": a["label"], "b": b["label"], **{m: difference_test(a[stats_key][m], b[stats_key][m]) for m in ("fid", "label_accuracy")}}
+            for a, b in itertools.combinations(scored, 2)]  # fmt: skip
+
+
 def effects(entries: list[dict], stats_key: str = "best_stats") -> list[dict]:
     """The backbone's effect apart from the objective's: the verdict among the presets trained with
     one objective ("backbone", fixed: the objective) and among the objectives of one preset
@@ -1076,4 +1087,6 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         "confirmed_verdict": verdict(entries, "confirmed_stats") if every_confirmed else [],
         "effects": effects(entries),
         "confirmed_effects": effects(entries, "confirmed_stats"),
+        "pairwise": pairwise(entries),
+        "confirmed_pairwise": pairwise(entries, "confirmed_stats"),
     }
