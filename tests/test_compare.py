@@ -455,7 +455,8 @@ def test_a_verdict_calls_a_difference_only_where_a_test_over_the_seeds_rejects_e
     assert fid["others"][0]["test"] == "bootstrap" and fid["others"][0]["p"] == pytest.approx(0.00053, abs=5e-5) and not fid["others"][0]["tie"]
     (fid, _) = C.verdict([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.1], [0.9, 1.3])])
     assert fid["others"][0]["tie"] is True
-    for entries in ([entry("a", [10.0]), entry("b", [10.01])], [entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5, 1.6, 1.7])]):
+    for entries in ([entry("a", [10.0]), entry("b", [10.01])], [entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5, 1.6, 1.7])],
+                    [entry("a", [0.9, 0.9]), entry("b", [1.0, 1.0])]):  # identical seeds: no spread measured
         (fid, _) = C.verdict(entries)
         assert fid["others"][0] | {"difference": None} == {"label": "b", "difference": None, "seeds": fid["others"][0]["seeds"],
                                                           "p": None, "test": None, "tie": None}  # fmt: skip
@@ -477,6 +478,21 @@ def test_every_pair_is_tested_not_only_each_against_the_leader():
     assert unet_dit["fid"] == C.difference_test(entries[1]["best_stats"]["fid"], entries[2]["best_stats"]["fid"]) and unet_dit["fid"]["p"] < 0.05
     head, rows = _pairwise_rows(pairs)
     assert head == ["", "unet", "dit"] and rows[0][0] == "mini" and rows[1][1] == "" and rows[1][2].startswith(f"{unet_dit['fid']['p']:.3f}*")
+
+
+def test_the_verdict_says_which_test_it_used():
+    def entry(label, fid, ci=None):
+        return {"label": label, "best_stats": {"fid": C.seed_stats(fid, ci), "label_accuracy": C.seed_stats(fid, ci)}}
+
+    for entries, said in [
+        ([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5], [1.3, 1.7])],
+         "ahead of b 1.50 [1.30, 1.70] (difference 0.50, p < 0.001 on the evaluation samples only: one seed each, so the spread between "
+         "training seeds is unknown)"),
+        ([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5, 1.6, 1.7])], "not tested against b 1.60 ± 0.10 (difference 0.60; 1 seed against 3: no test)"),
+        ([entry("a", [9.0, 10.0, 11.0]), entry("b", [10.5, 11.5, 12.5])], "tie with b 11.50 ± 1.00 (difference 1.50, p = 0.140, Welch's t-test over 3 and 3 seeds)"),
+    ]:  # fmt: skip
+        results = {"presets": entries, "verdict": C.verdict(entries)}
+        assert said in C.verdict_lines(results)[0]
 
 
 @pytest.mark.parametrize("t, df, p", [(12.7062, 1, 0.05), (4.302653, 2, 0.05), (2.776445, 4, 0.05), (2.228139, 10, 0.05),
@@ -696,7 +712,74 @@ def test_a_preset_whose_every_run_diverged_is_named_not_dropped_silently(sweep, 
     assert main_report_only(out) == 0
     results = json.loads((out / "results.json").read_text())
     assert not results["verdict"]
-    assert "Not in the verdict: dit-tiny (flow) (no learning rate with every seed finished and scored" in (out / "report.md").read_text()
+    assert "Not in the verdict: dit-tiny (flow) (no learning rate with a finished seed and none diverged" in (out / "report.md").read_text()
+
+
+def test_a_preset_out_of_the_verdict_does_not_hold_back_the_confirmed_one(sweep, tmp_path):
+    """A third preset whose only run diverged has no scores to confirm: the two that do are still
+    judged on their confirmation."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], final_n=40))
+    src, dst = out / "runs" / SWEEP_RUNS[0], out / "runs" / "unet-tiny_lr0.001"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "confirm.jsonl"))
+    (dst / "config.json").write_text(json.dumps(json.loads((dst / "config.json").read_text()) | {"preset": "unet-tiny"}))
+    (record,) = read_jsonl(dst / C.EVALS_NAME)
+    (dst / C.EVALS_NAME).write_text(json.dumps({k: record[k] for k in ("point", "fraction", "target_kind", "target", "step", "images_seen",
+                                                                      "train_seconds")} | {"diverged": True, "message": "loss is nan"}) + "\n")  # fmt: skip
+    assert main_report_only(out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "unet-tiny (eps)" in [e["label"] for e in results["presets"]] and results["verdict"] and results["confirmed_verdict"]
+
+
+def test_report_only_without_the_dataset_leaves_out_a_confirmed_floor_it_cannot_score(sweep, tmp_path):
+    """A comparison confirmed before the confirmation had its own floor: rewriting its report
+    from records on a machine without the dataset leaves that row out, and says so."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], final_n=40))
+    last = json.loads((out / "results.json").read_text())
+    del last["confirmed_floor"]
+    (out / "results.json").write_text(json.dumps(last))
+
+    def no_dataset(*args):
+        raise UserError("no MNIST in nowhere")
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(C.runner._Meters, "get", no_dataset)
+        assert main(["compare", "--report-only", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["confirmed_floor"] is None
+    assert "real-data floor at 40 samples is left out (no MNIST in nowhere)" in err.getvalue()
+    assert (out / "report.md").read_text().count("| real data (floor) |") == 1
+
+
+def test_a_floor_is_reused_at_the_seed_it_was_drawn_with(sweep, tmp_path):
+    """An invocation with --seeds 1 in a directory that also holds seed 0 draws its floor at seed
+    1, while results.json's settings cover seeds 0 and 1: the floor records its own seed."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    (out / "compare.json").write_text(json.dumps(json.loads((out / "compare.json").read_text()) | {"seeds": [1]}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: sweep["kwargs"]["meter"])
+        assert main_report_only(out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1] and results["floor"]["seed"] == 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner._Meters, "get", lambda *a: pytest.fail("the floor was scored again"))
+        assert main_report_only(out) == 0
+
+
+def test_a_final_record_from_before_guidance_sweeps_is_confirmed_at_the_default_scale(sweep, tmp_path):
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    run = out / "runs" / SWEEP_RUNS[0]
+    records = [{k: v for k, v in r.items() if k not in ("guidance", "by_guidance")} for r in read_jsonl(run / C.EVALS_NAME)]
+    (run / C.EVALS_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], final_n=40))
+    assert [r["guidance"] for r in read_jsonl(run / C.runner.CONFIRM_NAME)] == [1.0]
 
 
 def main_report_only(out) -> int:

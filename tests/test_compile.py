@@ -238,9 +238,18 @@ def test_a_failing_capture_names_the_operation_that_broke_it(monkeypatch, capsys
         except RuntimeError:
             raise ValueError("operation failed due to a previous error during capture")  # noqa: B904 - as torch.cuda.graph's exit raises
 
-    monkeypatch.setattr(train_module, "CapturedStep", chained)
+    def hidden(*args, **kwargs):
+        try:
+            raise KeyError("internal")
+        except KeyError:
+            raise ValueError("operation failed") from None
+
+    monkeypatch.setattr(train_module, "CapturedStep", hidden)
     config, (a, b), (opt_a, opt_b), diffusion = _step_pair("dit-tiny", "cpu")
     x0, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, capture=True)
+    assert "(ValueError: operation failed); training without it" in capsys.readouterr().err  # a suppressed context is no cause
+    monkeypatch.setattr(train_module, "CapturedStep", chained)
     train_module.make_step(b, b, diffusion, opt_b, x0, y, precision="fp32", grad_clip=1.0, capture=True)
     assert capsys.readouterr().err == ("simple-dit: CUDA graph capture failed (ValueError: operation failed due to a previous error during "
                                        "capture; first RuntimeError: operation not permitted when stream is capturing); training without it\n")  # fmt: skip

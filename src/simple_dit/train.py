@@ -185,7 +185,7 @@ class CapturedStep:
                 generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
                 generator.graphsafe_set_state(generator.clone_state())
                 for p in params:
-                    p.grad = None
+                    p.grad = None  # the failed capture's gradients live in its memory pool, which is gone
                 raise
             finally:
                 previous.wait_stream(stream)
@@ -243,7 +243,8 @@ def _with_first_cause(error: BaseException) -> str:
     its chain, where there is one: a capture that fails inside reports the failure of ending the
     capture, and the operation that broke it only as that error's context."""
     first, seen = error, {id(error)}
-    while (earlier := first.__cause__ or first.__context__) is not None and id(earlier) not in seen:
+    # A context its raiser suppressed (``raise ... from None``) is not a cause.
+    while (earlier := first.__cause__ or (None if first.__suppress_context__ else first.__context__)) is not None and id(earlier) not in seen:
         first = earlier
         seen.add(id(first))
     said = f"{type(error).__name__}: {_first_line(error)}"

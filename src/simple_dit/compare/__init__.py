@@ -23,7 +23,8 @@ At the end each learning rate's guidance is picked on the seed means of its fina
 (``evaluate.GUIDANCE_RULE``), each preset's best learning rate on the seed-mean final FID (then
 label accuracy), and ``OUT/report.md``, ``OUT/report.html`` (self-contained), ``OUT/results.json``
 (every seed's numbers) and the PNG figures are written, with a verdict that calls a difference
-only where a test over the seeds rejects equal means (``runner.difference_test``), else a tie.
+only where a test over the seeds rejects equal means (``runner.difference_test``), else a tie
+(or, where no test applies, says it did not test).
 
 The parsing and the evaluation schedule are in ``budget``, the training and scoring in
 ``runner``, the figures and report files in ``report``; the command-line parser is in ``cli``.

@@ -366,7 +366,11 @@ def _test_text(other: dict, spec: str) -> str:
 
 
 def _fmt_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return f"p {_p_value(p)}" if p < 0.001 else f"p = {_p_value(p)}"
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _pairwise_rows(pairs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -379,7 +383,7 @@ def _pairwise_rows(pairs: list[dict]) -> tuple[list[str], list[list[str]]]:
 def _fmt_pair_p(p: float | None) -> str:
     if p is None:
         return "–"
-    return ("< 0.001" if p < 0.001 else f"{p:.3f}") + ("*" if p < SIGNIFICANCE else "")
+    return _p_value(p) + ("*" if p < SIGNIFICANCE else "")
 
 
 PAIRWISE_NOTE = (f"Every pair: p of the verdict's test for FID / label accuracy (* below {SIGNIFICANCE:g}: the two differ; "
@@ -547,11 +551,11 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
     if left_out := [e["label"] for e in results["presets"] if not _finite(e["best_stats"]["fid"]["mean"])]:
-        summary.append(("note", f"Not in the verdict: {', '.join(left_out)} (no learning rate with every seed finished and scored: "
-                                "diverged, or still training)."))
+        summary.append(("note", f"Not in the verdict: {', '.join(left_out)} (no learning rate with a finished seed and none "
+                                "diverged)."))
     if effects := effect_lines(results):
         summary += [("p", EFFECTS_INTRO), ("list", effects)]
-    summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie (see the notes).")]
+    summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie, or not tested (see the notes).")]
     if len(pairs := results.get("pairwise", [])) > 1:
         summary += [("table", _pairwise_rows(pairs)), ("note", PAIRWISE_NOTE)]
     if edge := _guidance_edge_note(results):

@@ -440,7 +440,7 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
     final = _final_record(run_dir, targets)
     if not settings.final_n or final is None:
         return False
-    g = final["guidance"] if guidance is None else guidance
+    g = final.get("guidance", settings.guidances[0]) if guidance is None else guidance  # records before guidance sweeps have none
     if _confirmed(settings, {"final": final, "confirmed": read_confirmations(run_dir)}, g):
         return False
     state = _train_state(run_dir)
@@ -692,16 +692,30 @@ def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: di
     the one that trained, where it is not this one; ``score_missing``: confirm the runs of each
     preset's best learning rate at its picked guidance where they are not yet)."""
     floors = dict(floors or {})
-    for key, (n, seed) in _floor_specs(settings).items():
-        if key not in floors:
-            meter = meter or _Meters.get(settings.dataset, data_dir)
-            floors[key] = {k: v for k, v in dataclasses.asdict(meter.floor(n, seed=seed)).items() if v is not None}
+    specs = _floor_specs(settings)
+
+    def score_floor(key: str) -> None:
+        nonlocal meter
+        n, seed = specs[key]
+        meter = meter or _Meters.get(settings.dataset, data_dir)
+        floors[key] = {k: v for k, v in dataclasses.asdict(meter.floor(n, seed=seed)).items() if v is not None} | {"seed": seed}
+
+    if "floor" not in floors:
+        score_floor("floor")
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
     if score_missing and _confirm_at_picks(out_dir, covering, results, plan + earlier, tried=plan, data_dir=data_dir, device=device,
                                            log=log, meter=meter):  # fmt: skip
         results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
+    if "confirmed_floor" in specs and "confirmed_floor" not in floors and any(e["confirmed_stats"] for e in results["presets"]):
+        try:
+            score_floor("confirmed_floor")
+        except UserError as e:
+            if score_missing:
+                raise
+            log(f"the confirmed table's real-data floor at {specs['confirmed_floor'][0]:,} samples is left out ({e}); --data-dir scores it")
+        results["confirmed_floor"] = floors.get("confirmed_floor")
     write_report(out_dir, results)
     log(f"wrote report.md, report.html and results.json to {out_dir}")
     return results
@@ -709,8 +723,9 @@ def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: di
 
 def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, device=None, log: Callable[[str], None] | None = None, meter=None) -> dict:
     """Write the report of what the comparison in ``out_dir`` holds now, training and scoring
-    nothing, under its last settings; return results.json's content. The real-data floor comes
-    from the last report where it has one (else it is scored, which needs the dataset).
+    nothing, under its last settings; return results.json's content. The real-data floors and the
+    machine block come from the last report where it has them (a missing selection floor is
+    scored, which needs the dataset; a missing confirmation floor is left out without one).
     E.g. an interim report of a long grid from its records (no weights needed), while the grid
     itself goes on in another directory. Unfinished runs appear with the points they have."""
     from ..runtime import parse_device
@@ -734,7 +749,8 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
 def _confirm_at_picks(out_dir: Path, settings: Settings, results: dict, runs: list[PlannedRun], *, tried: list[PlannedRun], **kwargs) -> bool:
     """Confirm every finished run of each preset's best learning rate at that preset's picked
     guidance (a seed whose own pick was another scale was confirmed at that one when it finished);
-    return whether any was scored. ``tried``: the runs already confirmed at their own pick."""
+    return whether any was scored. ``tried``: the runs whose confirmation at their own pick was
+    already attempted (scored, or found without weights) in this invocation."""
     planned = {str(run.run_dir.relative_to(out_dir)): run for run in runs}
     tried_dirs = {run.run_dir for run in tried}
     scored = False
@@ -781,11 +797,13 @@ def _saved_floors(last: dict | None, settings: Settings) -> dict:
     (same dataset, sample count and seed): a report rewritten from records then needs no dataset."""
     saved = {}
     try:
-        if last is None or last["settings"]["dataset"] != settings.dataset or last["settings"]["seeds"][0] != settings.seeds[0]:
+        if last is None or last["settings"]["dataset"] != settings.dataset:
             return saved
-        for key, (n, _) in _floor_specs(settings).items():
+        for key, (n, seed) in _floor_specs(settings).items():
             floor = last.get(key)
-            if _are_scores(floor) and floor.get("n") == n and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy")):
+            # Reports before floors recorded their seed drew them at their comparison's first seed.
+            if (_are_scores(floor) and floor.get("n") == n and floor.get("seed", seed if key == "confirmed_floor" else last["settings"]["seeds"][0]) == seed
+                    and is_number(floor.get("fid")) and is_number(floor.get("label_accuracy"))):  # fmt: skip
                 saved[key] = floor
     except (KeyError, TypeError, IndexError):
         pass  # no usable report yet: the floors are scored again
@@ -962,8 +980,8 @@ def difference_test(a: dict, b: dict) -> dict:
     difference = abs(a["mean"] - b["mean"])
     if na >= 2 and nb >= 2:
         va, vb = statistics.variance(a["values"]) / na, statistics.variance(b["values"]) / nb
-        if va + vb == 0:
-            return {"p": 0.0 if difference else 1.0, "test": "welch"}
+        if va + vb == 0:  # identical seeds on both sides (e.g. label accuracies of 1.0) say nothing of the spread
+            return {"p": None, "test": None} if difference else {"p": 1.0, "test": "welch"}
         df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
         return {"p": student_t_two_sided_p(difference / math.sqrt(va + vb), df), "test": "welch"}
     if na == nb == 1 and a["kind"] == b["kind"] == "ci":
@@ -1075,7 +1093,9 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     entries = list(presets.values())
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
     # confirmed verdict needs every preset confirmed.
-    every_confirmed = bool(entries) and all(e["confirmed_stats"] for e in entries)
+    # A preset with no scores at all (every lr diverged, or unfinished) is out of both verdicts alike.
+    judged = [e for e in entries if e["best"]]
+    every_confirmed = bool(judged) and all(e["confirmed_stats"] for e in judged)
     return {
         "settings": settings.to_dict(),
         "floor": floors["floor"],
