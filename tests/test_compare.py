@@ -456,7 +456,8 @@ def test_a_verdict_calls_a_difference_only_where_a_test_over_the_seeds_rejects_e
     (fid, _) = C.verdict([entry("a", [1.0], [0.8, 1.2]), entry("b", [1.1], [0.9, 1.3])])
     assert fid["others"][0]["tie"] is True
     for entries in ([entry("a", [10.0]), entry("b", [10.01])], [entry("a", [1.0], [0.8, 1.2]), entry("b", [1.5, 1.6, 1.7])],
-                    [entry("a", [0.9, 0.9]), entry("b", [1.0, 1.0])]):  # identical seeds: no spread measured
+                    [entry("a", [0.9, 0.9]), entry("b", [1.0, 1.0])],  # identical seeds: no spread measured
+                    [entry("a", [0.9], [0.9, 0.9]), entry("b", [1.0], [1.0, 1.0])]):  # nor in the evaluation samples
         (fid, _) = C.verdict(entries)
         assert fid["others"][0] | {"difference": None} == {"label": "b", "difference": None, "seeds": fid["others"][0]["seeds"],
                                                           "p": None, "test": None, "tie": None}  # fmt: skip

@@ -504,11 +504,12 @@ def compare(
     scales scored at every evaluation point. ``meter`` is the ``evaluate.QualityMeter`` to score
     with (default: one for ``dataset``, made once per process). ``wandb`` (a W&B project) logs
     every run to Weights & Biases, grouped under the name of ``out_dir``. ``compile`` trains with
-    ``torch.compile`` (see ``train``). ``final_n`` > 0 scores the runs of each preset's best learning rate
-    once more, at its guidance picked on the seed means, on ``final_n`` fresh samples (seeds offset
-    by ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict. ``together`` > 1 trains up to that many runs of the same preset and objective
-    at once, as one batched network (``batched.train_together``; for budgets of images or FLOPs:
-    runs trained together share their clock)."""
+    ``torch.compile`` (see ``train``). ``final_n`` > 0 scores the runs of each preset's best
+    learning rate once more, at its guidance picked on the seed means, on ``final_n`` fresh samples
+    (seeds offset by ``CONFIRM_SEED_OFFSET``): the report's confirmed table and verdict.
+    ``together`` > 1 trains up to that many runs of the same preset and objective at once, as one
+    batched network (``batched.train_together``; for budgets of images or FLOPs: runs trained
+    together share their clock)."""
     from ..config import get_preset
     from ..data import DATASETS
     from ..diffusion import GaussianDiffusion, check_sampler, make_process
@@ -987,8 +988,8 @@ def difference_test(a: dict, b: dict) -> dict:
     if na == nb == 1 and a["kind"] == b["kind"] == "ci":
         z_level = statistics.NormalDist().inv_cdf(0.5 + BOOTSTRAP_LEVEL / 2)
         se = math.hypot((a["hi"] - a["lo"]) / 2, (b["hi"] - b["lo"]) / 2) / z_level
-        if se == 0:
-            return {"p": 0.0 if difference else 1.0, "test": "bootstrap"}
+        if se == 0:  # as for identical seeds: no variation measured is no evidence of none
+            return {"p": None, "test": None} if difference else {"p": 1.0, "test": "bootstrap"}
         return {"p": math.erfc(difference / se / math.sqrt(2)), "test": "bootstrap"}
     return {"p": None, "test": None}
 
