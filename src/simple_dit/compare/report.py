@@ -528,7 +528,8 @@ NOTES = (
     f"{BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples (1). "
     f"In the verdict each preset is tested against the leader, and is behind it only where the test rejects equal means at p < {SIGNIFICANCE:g} "
     "(else a tie): Welch's t-test over the seeds where both have 2 or more; with one seed each, a z-test on the two bootstrap "
-    "intervals, which measures evaluation noise only, not the spread between training seeds; one seed against several is not tested. "
+    "intervals, which measures evaluation noise only, not the spread between training seeds; one seed against several, or "
+    "values with no spread at all on both sides (e.g. every seed's label accuracy 1.000), is not tested. "
     "Each pair is one test at that level (no correction for testing several pairs)."
 )
 
