@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, is_number
 from .errors import UserError
 from .io import atomic_write
 from .runtime import all_finite, is_integer, rng_state, set_rng_state
@@ -131,8 +131,7 @@ def _is_train_state(state) -> bool:
     return (
         isinstance(state, dict) and set(state) == {"step", "images_seen", "train_seconds"}
         and all(is_integer(state[key]) and state[key] >= 0 for key in ("step", "images_seen"))
-        and isinstance(state["train_seconds"], (int, float)) and not isinstance(state["train_seconds"], bool)
-        and math.isfinite(state["train_seconds"]) and state["train_seconds"] >= 0
+        and is_number(state["train_seconds"]) and math.isfinite(state["train_seconds"]) and state["train_seconds"] >= 0
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_PRESET, PRESETS, get_preset, validate_config
-from .data import DATASETS, get_spec
+from .data import DATASETS
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
 from .extras import require
@@ -335,7 +335,7 @@ def cmd_eval(args) -> None:
     from .compare.budget import parse_guidances
     from .diffusion import check_sampler
     from .evaluate import GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
-    from .evaluate import load_npz, pick_guidance, report, write_guidance
+    from .evaluate import check_floor_count, load_npz, pick_guidance, report, write_guidance
     from .io import ensure_writable_dir
 
     guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
@@ -377,10 +377,8 @@ def cmd_eval(args) -> None:
 
     else:
         raise UserError(f"{args.source} is neither a run directory nor an .npz file")
-    n, train_count = (args.n if args.source.is_dir() else images.shape[0]), get_spec(dataset).train_count
-    if n > train_count:  # the floor's real images: known before the evaluator is set up or anything sampled
-        raise UserError(f"{f'--n {n:,} is' if args.source.is_dir() else f'{args.source} holds {n:,} images,'} more than the "
-                        f"{train_count:,} training images the real-data floor is drawn from")  # fmt: skip
+    n = args.n if args.source.is_dir() else images.shape[0]
+    check_floor_count(n, dataset, f"--n {n:,} is" if args.source.is_dir() else f"{args.source} holds {n:,} images,")
     meter = QualityMeter(dataset, args.data_dir)
     rows, scored, floor = [], [], None
     for g in guidances or [None]:

@@ -423,6 +423,15 @@ class QualityMeter:
         return self.score(self.train_set.images[idx], self.train_set.labels[idx], **kwargs)
 
 
+def check_floor_count(n: int, dataset: str, subject: str) -> None:
+    """Refuse ``n`` samples where the real-data floor, ``n`` training images, cannot be drawn:
+    known from the dataset's spec, before anything is loaded, trained or sampled. ``subject``
+    names what asked for them, e.g. "--n 70,000 is"."""
+    train_count = get_spec(dataset).train_count
+    if n > train_count:
+        raise UserError(f"{subject} more than the {train_count:,} training images the real-data floor is drawn from")
+
+
 def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (N, C, H, W) uint8 and labels (or None) from an ADM-style npz."""
     try:

@@ -24,7 +24,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
-from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, pick_guidance, write_guidance
+from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, check_floor_count, pick_guidance, write_guidance
 from ..extras import require
 from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from ..logger import WandbOptions
@@ -440,7 +440,7 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
     final = _final_record(run_dir, targets)
     if not settings.final_n or final is None:
         return False
-    g = final.get("guidance", settings.guidances[0]) if guidance is None else guidance  # records before guidance sweeps have none
+    g = _own_pick(settings, final) if guidance is None else guidance
     if _confirmed(settings, {"final": final, "confirmed": read_confirmations(run_dir)}, g):
         return False
     state = _train_state(run_dir)
@@ -542,8 +542,7 @@ def compare(
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     for flag, n in (("--eval-n", eval_n), ("--final-n", final_n)):  # known now, not after every run has trained
-        if n > DATASETS[dataset].train_count:
-            raise UserError(f"{flag} {n:,} is more than the {DATASETS[dataset].train_count:,} training images the real-data floor is drawn from")
+        check_floor_count(n, dataset, f"{flag} {n:,} is")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for preset in preset_names:  # e.g. --sampler euler for an eps model, or more steps than it has: fail now, not after training
@@ -655,6 +654,12 @@ def _covering(settings: Settings, runs: list[PlannedRun]) -> Settings:
     )  # fmt: skip
 
 
+def _own_pick(settings: Settings, final: dict) -> float:
+    """The guidance a run's final evaluation picked (records from before guidance sweeps have
+    none: they were scored at the first scale)."""
+    return final.get("guidance", settings.guidances[0])
+
+
 def _confirmation_key(settings: Settings, final: dict, guidance: float) -> dict:
     return {"n": settings.final_n, "guidance": guidance, "steps": settings.steps, "step": final["step"]}
 
@@ -760,7 +765,7 @@ def _confirm_at_picks(out_dir: Path, settings: Settings, results: dict, runs: li
             p = planned.get(run["run_dir"])
             if not (settings.final_n and p and run["lr"] == entry["best_lr"] and run["final"]):
                 continue
-            if p.run_dir in tried_dirs and run["final"].get("guidance") == entry["best_guidance"]:
+            if p.run_dir in tried_dirs and _own_pick(settings, run["final"]) == entry["best_guidance"]:
                 continue
             scored |= _confirm_run(p.run_dir, settings, p.targets, p.seed, guidance=entry["best_guidance"], **kwargs)
     return scored
