@@ -280,10 +280,10 @@ fi
 # ---- summary: one JSON object, the last line ----------------------------------------------------
 summary_py=python3
 command -v python3 >/dev/null 2>&1 || summary_py=$py
-GPU_CHECK_RESUMED_COMPARE="$resumed_compare" "$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" "$verdict_records" <<'EOF'
+"$summary_py" - "$out" "$mode" "$py" "${data:-}" "$(elapsed)" "$budget_s" "$verdict_records" "$resumed_compare" <<'EOF'
 import glob, json, os, re, sys
 
-out, mode, python, data, seconds, budget, verdict_records = sys.argv[1:8]
+out, mode, python, data, seconds, budget, verdict_records, resumed_compare = sys.argv[1:9]
 BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "device", "torch", "params_m", "gflops_per_image",
               "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "train_cuda_graph", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
@@ -324,7 +324,7 @@ def numbers(kind, log):
         evals = {os.path.basename(os.path.dirname(p)): sum(1 for line in open(p) if line.strip())
                  for p in sorted(glob.glob(os.path.join(compare_dir, "runs", "*", "evals.jsonl")))}
         result = {"evals_done": evals}
-        if os.environ.get("GPU_CHECK_RESUMED_COMPARE"):
+        if resumed_compare:
             result["resumed"] = True
         try:
             results = json.load(open(os.path.join(compare_dir, "results.json")))

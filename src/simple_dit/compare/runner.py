@@ -692,11 +692,12 @@ def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device
 
 
 def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: dict, *, data_dir, device, log, meter,
-            floors: dict | None = None, machine: dict | None = None, score_missing: bool = True) -> dict:  # fmt: skip
+            floors: dict | None = None, machine: dict | None = None, report_only: bool = False) -> dict:  # fmt: skip
     """Write the report of the ``plan``'s runs and of every other run ``out_dir`` holds (``floors``:
     real-data floors by ``_floor_specs`` key, each scored here where it is not given; ``machine``:
-    the one that trained, where it is not this one; ``score_missing``: confirm the runs of each
-    preset's best learning rate at its picked guidance where they are not yet)."""
+    the one that trained, where it is not this one; ``report_only``: confirm no run, and leave out a
+    confirmation floor that cannot be scored instead of failing; otherwise the runs of each
+    preset's best learning rate are confirmed at its picked guidance where they are not yet)."""
     floors = dict(floors or {})
     specs = _floor_specs(settings)
 
@@ -711,14 +712,14 @@ def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: di
     earlier = runs_on_disk(out_dir, settings, plan, stats)
     covering = _covering(settings, plan + earlier)
     results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
-    if score_missing and _confirm_at_picks(out_dir, covering, results, plan + earlier, tried=plan, data_dir=data_dir, device=device,
+    if not report_only and _confirm_at_picks(out_dir, covering, results, plan + earlier, tried=plan, data_dir=data_dir, device=device,
                                            log=log, meter=meter):  # fmt: skip
         results = collect_results(out_dir, covering, stats, plan + earlier, floors, device, machine=machine)
     if "confirmed_floor" in specs and "confirmed_floor" not in floors and any(e["confirmed_stats"] for e in results["presets"]):
         try:
             score_floor("confirmed_floor")
         except UserError as e:
-            if score_missing:
+            if not report_only:
                 raise
             log(f"the confirmed table's real-data floor at {specs['confirmed_floor'][0]:,} samples is left out ({e}); --data-dir scores it")
         results["confirmed_floor"] = floors.get("confirmed_floor")
@@ -749,7 +750,7 @@ def rewrite_report(out_dir: str | os.PathLike, *, data_dir: str | None = None, d
             raise UserError(f"{out_dir} holds no runs yet")
         last = _last_results(out_dir)
         return _report(out_dir, settings, held, stats, data_dir=data_dir, device=device, log=log, meter=meter,
-                       floors=_saved_floors(last, settings), machine=_saved_machine(last), score_missing=False)  # fmt: skip
+                       floors=_saved_floors(last, settings), machine=_saved_machine(last), report_only=True)  # fmt: skip
 
 
 def _confirm_at_picks(out_dir: Path, settings: Settings, results: dict, runs: list[PlannedRun], *, tried: list[PlannedRun], **kwargs) -> bool:
