@@ -410,7 +410,7 @@ def test_running_out_of_memory_is_one_line_and_other_errors_keep_their_traceback
     def allocate(args):  # what PyTorch's CPU allocator raises for a batch that does not fit
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 4799999999952 bytes")
 
-    monkeypatch.setattr(simple_dit.cli, "cmd_bench", allocate)
+    monkeypatch.setitem(simple_dit.cli.COMMANDS, "bench", allocate)
     assert main(["bench", "--preset", "dit-tiny"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["simple-dit: error: out of memory; ask for less at a time (--batch-size, --n, --bootstrap)"]
@@ -418,7 +418,7 @@ def test_running_out_of_memory_is_one_line_and_other_errors_keep_their_traceback
     def bug(args):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(simple_dit.cli, "cmd_bench", bug)
+    monkeypatch.setitem(simple_dit.cli.COMMANDS, "bench", bug)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         main(["bench", "--preset", "dit-tiny"])
 

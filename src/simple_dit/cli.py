@@ -497,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+            "serve": cmd_serve, "bench": cmd_bench}
+
+
 def _run(parser: argparse.ArgumentParser, args) -> int:
     """The command ``args`` names; its exit status, with one line on stderr for what is not a bug."""
     try:
@@ -504,20 +508,8 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             if args.command is not None:
                 raise UserError(f"--list-presets lists the presets and runs nothing; give it alone, without {args.command}")
             print(list_presets())
-        elif args.command == "train":
-            cmd_train(args)
-        elif args.command == "sample":
-            cmd_sample(args)
-        elif args.command == "eval":
-            cmd_eval(args)
-        elif args.command == "bench":
-            cmd_bench(args)
-        elif args.command == "compare":
-            cmd_compare(args)
-        elif args.command == "serve":
-            cmd_serve(args)
-        elif args.command == "export":
-            cmd_export(args)
+        elif args.command in COMMANDS:
+            COMMANDS[args.command](args)
         else:
             parser.print_help()
             return 2
