@@ -120,34 +120,32 @@ def test_sample_files_match_the_python_api(cli_run):
         assert np.array_equal(npz["arr_0"], images.permute(0, 2, 3, 1).numpy())
 
 
-def test_list_presets_names_every_preset(capsys, monkeypatch):
-    """Every preset gets a row with its parameter count and the GFLOPs forward_gflops reports.
+def test_list_presets_names_every_preset(capsys):
+    """Every preset gets a row with its shape, parameter count, GFLOPs, lr, batch and description."""
+    from simple_dit.models import parameters_and_gflops
 
-    The models are built on the meta device and forward_gflops is replaced by a recorder: the
-    table needs only shapes, and initialising and running the paper-size DiTs for real would take
-    most of a minute on a small CPU. (forward_gflops itself is tested below.)"""
-    import simple_dit.models as models
-
-    seen = []
-
-    def fake_gflops(model, image_size=28):
-        seen.append((type(model).__name__, models.count_parameters(model)))
-        return 1.234
-
-    monkeypatch.setattr(models, "forward_gflops", fake_gflops)
-    with torch.device("meta"):
-        assert main(["--list-presets"]) == 0
+    assert main(["--list-presets"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == list(PRESETS)
-    assert len(seen) == len(PRESETS)
-    for row, (arch, n_params), config in zip(rows, seen, PRESETS.values()):
+    for row, config in zip(rows, PRESETS.values()):
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert arch == ("DiT" if config.model.arch == "dit" else "UNetCond")
+        n_params, gflops = parameters_and_gflops(config.model)
+        assert cells[1].startswith("DiT" if config.model.arch == "dit" else "UNet")
         assert cells[2] == f"{n_params / 1e6:.2f}" and n_params > 0
-        assert cells[3] == "1.234"
-        assert cells[6] == config.description
+        assert cells[3] == f"{gflops:.3f}" and gflops > 0
+        assert cells[4:] == [f"{config.train.lr:g}", str(config.train.batch_size), config.description]
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_sizes_counted_on_the_meta_device_are_those_of_the_real_network(preset):
+    from simple_dit.config import get_preset
+    from simple_dit.models import build_model, count_parameters, forward_gflops, parameters_and_gflops
+
+    config = get_preset(preset).model
+    model = build_model(config)
+    assert parameters_and_gflops(config) == (count_parameters(model), forward_gflops(model, config.input_size))
 
 
 def test_forward_gflops_of_a_tiny_model():

@@ -355,3 +355,15 @@ def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):
                        capsys).returncode == 0  # fmt: skip
     assert _in_process(["eval", damaged, "--n", 30, "--steps", 2, "--bootstrap", 0, "--guidance", "1,2", "--device", "cpu"], capsys).returncode == 0
     assert json.loads((damaged / "guidance.json").read_text())["guidance"] in (1, 2)
+
+
+def test_the_tables_show_a_confidence_column_only_where_there_are_intervals():
+    from simple_dit.evaluate import format_guidance_table, format_report
+
+    plain = {"n": 100, "fid": 1.0, "label_accuracy": 0.9, "floor_fid": 0.1, "floor_label_accuracy": 0.99}
+    with_ci = plain | {"fid_ci": [0.9, 1.1], "label_accuracy_ci": [0.8, 0.95]}
+    assert "CI" not in format_report(plain) and "  1.0000        0.1000" in format_report(plain)
+    assert "95% CI" in format_report(with_ci) and "[0.9000, 1.1000]" in format_report(with_ci)
+    rows = [{"guidance": 1.0, "fid": 1.0, "label_accuracy": 0.9}]
+    assert "CI" not in format_guidance_table(rows, {"fid": 0.1}, 1.0).splitlines()[0]
+    assert "FID [95% CI]" in format_guidance_table([rows[0] | {"fid_ci": [0.9, 1.2]}], {"fid": 0.1}, 1.0).splitlines()[0]

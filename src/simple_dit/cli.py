@@ -112,7 +112,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only where the path's time (0 = data, 1 = noise) is in [LO, HI] "
                    "(default: 0.3,1 for flow models, where guidance near the data changes little; 0,1 for eps models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_count(1), default=250)
+    p.add_argument("--batch-size", type=_count(1), default=250, help="images drawn at a time (default 250)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU; on a CPU its "
@@ -149,12 +149,12 @@ def _add_export(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time training steps and denoiser evaluations of a preset")
-    p.add_argument("--preset", type=_nonempty, default=DEFAULT_PRESET)
-    p.add_argument("--batch-size", type=_count(1))
-    p.add_argument("--what", choices=["train", "sample", "all"], default="all")
+    p.add_argument("--preset", type=_nonempty, default=DEFAULT_PRESET, help=f"default {DEFAULT_PRESET}")
+    p.add_argument("--batch-size", type=_count(1), help="default: the preset's")
+    p.add_argument("--what", choices=["train", "sample", "all"], default="all", help="default all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported; default 5)")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step (on a GPU replayed as one CUDA graph, as training "
                    "runs it) and forward (compile time reported apart)")
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
@@ -172,9 +172,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", required=True, type=_path, help="report directory (created; rerun with the same --out to resume)")
     p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
     p.add_argument("--eval-n", type=_count(6), default=1000, help="samples per evaluation (default 1000)")
-    p.add_argument("--steps", "--sample-steps", dest="steps", type=_count(1), default=20, help="sampler steps of the evaluation samples (default 20)")
+    p.add_argument("--steps", type=_count(1), default=20, help="sampler steps of the evaluation samples (default 20)")
     p.add_argument("--sampler", choices=sorted(set(SAMPLERS)), help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--guidances", "--guidance", dest="guidances", default=f"{DEFAULT_GUIDANCE:g}",
+    p.add_argument("--guidances", default=f"{DEFAULT_GUIDANCE:g}",
                    help=f"comma-separated classifier-free guidance scales, each scored at every evaluation point (default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--objective", help="comma-separated objectives (eps,flow) overriding each preset's own (default: each preset's own)")
     p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
@@ -218,18 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_presets() -> str:
-    from .models import build_model, count_parameters, forward_gflops
+    from .models import parameters_and_gflops
 
     rows = ["| preset | model | params (M) | GFLOPs / image (fwd) | lr | batch | description |", "|---|---|---|---|---|---|---|"]
     for name, cfg in PRESETS.items():
         m = cfg.model
-        model = build_model(m)
+        params, gflops = parameters_and_gflops(m)
         shape = (
             f"DiT p{m.patch_size} d{m.hidden_size} x{m.depth} h{m.num_heads}" if m.arch == "dit"
             else f"UNet {'-'.join(map(str, m.channels))}"
         )  # fmt: skip
         rows.append(
-            f"| {name} | {shape} | {count_parameters(model) / 1e6:.2f} | {forward_gflops(model, m.input_size):.3f} "
+            f"| {name} | {shape} | {params / 1e6:.2f} | {gflops:.3f} "
             f"| {cfg.train.lr:g} | {cfg.train.batch_size} | {cfg.description} |"
         )
     return "\n".join(rows)

@@ -485,12 +485,12 @@ def _ci_text(interval) -> str:
 
 
 def format_report(result: dict) -> str:
-    level = f"{BOOTSTRAP_LEVEL:.0%} CI"
+    keys = [key for key in ("fid", "label_accuracy", "precision", "recall", "class_balance_tv") if key in result]
+    width = 24 if any(result.get(key + "_ci") for key in keys) else 0  # no empty column where --bootstrap 0
     head = f"n = {result['n']}" + (f", guidance {result['guidance']:g}" if result.get("guidance") is not None else "")
-    lines = [head, f"{'metric':<18}{'samples':>12}  {level:<24}{'real floor':>12}"]
-    for key in ("fid", "label_accuracy", "precision", "recall", "class_balance_tv"):
-        if key in result:
-            lines.append(f"{key:<18}{result[key]:>12.4f}  {_ci_text(result.get(key + '_ci')):<24}{result.get('floor_' + key, float('nan')):>12.4f}")
+    lines = [head, f"{'metric':<18}{'samples':>12}  {f'{BOOTSTRAP_LEVEL:.0%} CI' if width else '':<{width}}{'real floor':>12}"]
+    for key in keys:
+        lines.append(f"{key:<18}{result[key]:>12.4f}  {_ci_text(result.get(key + '_ci')):<{width}}{result.get('floor_' + key, float('nan')):>12.4f}")
     return "\n".join(lines)
 
 
@@ -531,7 +531,8 @@ def format_guidance_table(rows: list[dict], floor: dict, picked: float) -> str:
         return format(row[key], spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
 
     keys = (("fid", "FID", ".3f"), ("label_accuracy", "label acc.", ".4f"), ("precision", "precision", ".4f"), ("recall", "recall", ".4f"))
-    head = f"  {'guidance':<10}" + "".join(f"{title + f' [{BOOTSTRAP_LEVEL:.0%} CI]':>28}" for _, title, _ in keys)
+    level = f" [{BOOTSTRAP_LEVEL:.0%} CI]" if any(row.get(key + "_ci") for row in rows for key, _, _ in keys) else ""
+    head = f"  {'guidance':<10}" + "".join(f"{title + level:>28}" for _, title, _ in keys)
     lines = [head]
     for row in rows:
         mark = "*" if row["guidance"] == picked else " "

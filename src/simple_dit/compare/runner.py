@@ -457,14 +457,14 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
 
 def _model_stats(preset: str) -> dict:
     from ..config import get_preset
-    from ..models import build_model, count_parameters, forward_gflops
+    from ..models import parameters_and_gflops
 
     config = get_preset(preset)
-    model = build_model(config.model)
+    params, gflops = parameters_and_gflops(config.model)
     return {
         "arch": config.model.arch,
-        "params": count_parameters(model),
-        "gflops_per_image": forward_gflops(model, config.model.input_size),
+        "params": params,
+        "gflops_per_image": gflops,
         "batch_size": config.train.batch_size,
         "description": config.description,
     }
