@@ -186,6 +186,21 @@ def test_a_point_lost_from_evals_jsonl_is_not_rescored_from_later_weights(resume
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
 
 
+def test_a_point_missing_from_a_run_whose_weights_are_gone_keeps_the_other_records(resumed, tmp_path):
+    """Training the run again would have replaced its other points' records (and on another
+    machine, with other scores): it is refused, and nothing is deleted."""
+    out = tmp_path / "report"
+    shutil.copytree(resumed["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    evals = out / "runs" / RUN_NAMES[0] / C.EVALS_NAME
+    evals.write_text("".join(evals.read_text().splitlines(keepends=True)[:-1]))  # point 2's record gone, point 1's kept
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        with pytest.raises(UserError, match="has no record of evaluation point 2 .* and the run's weights are gone"):
+            C.compare(PRESETS, BUDGET, out, **resumed["kwargs"])
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
 def test_compare_writes_a_consistent_report(resumed):
     out, results = resumed["out"], resumed["results"]
     for name in ("report.md", "report.html", "results.json", "loss.png", "samples_dit-tiny.png", "samples_unet-tiny.png",
@@ -905,34 +920,59 @@ def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, caps
 @pytest.mark.parametrize("damage", [
     lambda r: r.pop("step"), lambda r: r.update(fid="bad", target_kind="epochs"), lambda r: r.update(fid_ci=[1.0]),
     lambda r: r.update(by_guidance=[{}], images_seen=None), lambda r: r.update(grid="/etc/passwd"),
-    lambda r: r.update(by_guidance=[]), lambda r: r.update(grid="../../x.png", sampler=["x"]),
+    lambda r: r.update(by_guidance=[]), lambda r: r.update(grid="../../x.png", sampler=["x"]), lambda r: r.update(fid=float("nan")),
+    "<<<<<<< HEAD",
 ])  # fmt: skip
-def test_a_damaged_evaluation_record_is_skipped_and_scored_again(sweep, tmp_path, capsys, damage):
-    """A record edited by hand (or from a damaged file) is not a traceback in the report: its
-    point counts as not scored, and the next run of the comparison scores it again."""
+def test_a_damaged_evaluation_record_is_one_line_and_nothing_is_rewritten(sweep, tmp_path, capsys, damage):
+    """A record edited by hand, or a damaged file (a merge's conflict markers), stops the report
+    and the comparison with one line naming it: skipped, its point would count as not scored, and
+    where the run's weights are gone its other records would be lost to training it again."""
     from simple_dit.cli import main
 
     out = tmp_path / "report"
     shutil.copytree(sweep["out"], out)
     damaged = out / "runs" / SWEEP_RUNS[0] / C.EVALS_NAME
-    records = read_jsonl(damaged)
-    damage(records[-1])
+    lines = [json.dumps(r) for r in read_jsonl(damaged)]
+    if isinstance(damage, str):
+        lines.append(damage)
+    else:
+        record = json.loads(lines[-1])
+        damage(record)
+        lines[-1] = json.dumps(record)
+    damaged.write_text("".join(line + "\n" for line in lines))
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    assert main(["compare", "--report-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{len(lines)} of {damaged} is not" in err[0] and "restore the file" in err[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
+        with pytest.raises(UserError, match=f"{len(lines)} of {re.escape(str(damaged))} is not"):
+            C.compare("dit-tiny", "320-images", out, **sweep["kwargs"])
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
+def test_a_final_record_that_lost_its_newline_and_damaged_training_logs_are_kept(sweep, tmp_path):
+    """An editor that drops the file's last newline does not make a finished run without weights
+    train again, nor do unreadable loss records (the report draws the others)."""
+    from simple_dit.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
+    evals = out / "runs" / SWEEP_RUNS[0] / C.EVALS_NAME
+    records = read_jsonl(evals)
+    evals.write_text(evals.read_text().rstrip("\n"))
     metrics = out / "runs" / SWEEP_RUNS[0] / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + json.dumps({"step": "x", "loss": 1.0}) + "\n" + json.dumps({"step": 3, "loss": "nan"}) + "\n")
-    damaged.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(C.runner._Meters, "get", lambda *a: sweep["kwargs"]["meter"])
         assert main(["compare", "--report-only", "--out", str(out)]) == 0
     runs = {run["run_dir"]: run for entry in json.loads((out / "results.json").read_text())["presets"] for run in entry["runs"]}
-    assert len(runs[f"runs/{SWEEP_RUNS[0]}"]["evals"]) == len(records) - 1 and not runs[f"runs/{SWEEP_RUNS[0]}"]["complete"]
-    assert "report:" in capsys.readouterr().out
-    scored = []
+    assert len(runs[f"runs/{SWEEP_RUNS[0]}"]["evals"]) == len(records) and runs[f"runs/{SWEEP_RUNS[0]}"]["complete"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
-        evaluate = C.runner._evaluate
-        mp.setattr(C.runner, "_evaluate", lambda run_dir, *a, **k: scored.append(run_dir.name) or evaluate(run_dir, *a, **k))
+        mp.setattr(C.runner, "_evaluate", lambda *a, **k: pytest.fail("scored again"))
         C.compare("dit-tiny", "320-images", out, **sweep["kwargs"])
-    assert scored[0] == SWEEP_RUNS[0] and len(read_jsonl(damaged)) == len(records) + 1
+    assert read_jsonl(evals) == records and evals.read_text().endswith("}\n")
 
 
 def test_report_only_takes_the_real_data_floor_of_the_last_report(sweep, tmp_path):

@@ -152,27 +152,40 @@ def dumps_strict(obj, **kwargs) -> str:
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
 
 
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """The complete JSON lines of ``path``. A trailing line without its newline (a write that was
-    interrupted) is ignored, and with ``repair`` cut off so that the next append starts cleanly;
-    lines that are not JSON objects are skipped."""
+def read_jsonl(path: Path, repair: bool = False, strict: bool = False) -> list[dict]:
+    """The JSON-object lines of ``path``. A trailing line without its newline that is not JSON (a
+    write that was interrupted) is ignored, and with ``repair`` cut off so that the next append
+    starts cleanly; one that is JSON only lost its newline, and ``repair`` gives it back. Other
+    lines that are not JSON objects are skipped, or with ``strict`` refused with their number."""
     path = Path(path)
     if not path.is_file():
         return []
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if repair and len(complete) < len(data):
+    if len(complete) < len(data) and _json_object(data[len(complete):]) is not None:  # only the newline is missing
+        complete = data + b"\n"
+        if repair:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    elif repair and len(complete) < len(data):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     records = []
-    for line in complete.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
+    for number, line in enumerate(complete.splitlines(), 1):
+        rec = _json_object(line)
+        if rec is not None:
             records.append(rec)
+        elif strict and line.strip():
+            raise UserError(f"line {number} of {path} is not a JSON record (damaged or edited by hand): restore the file, or delete the line")
     return records
+
+
+def _json_object(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def append_jsonl(path: Path, record: dict) -> None:

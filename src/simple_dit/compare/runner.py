@@ -335,14 +335,17 @@ def _run_one(
 
 
 def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
-    """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with no
-    checkpoint starts over: its other files are from an attempt that never checkpointed."""
+    """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with neither
+    checkpoint nor records starts over: its other files are from an attempt that never checkpointed."""
     records = read_evals(run_dir, repair=True)
     if any(rec.get("diverged") for rec in records):
         return None
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if todo and not (run_dir / CHECKPOINT_NAME).is_file():
+        if records or read_confirmations(run_dir):  # scored from a checkpoint, so its weights were deleted since
+            raise UserError(f"{run_dir / EVALS_NAME} has no record of evaluation point {todo[0].point} ({todo[0].describe()}) and the "
+                            f"run's weights are gone: restore the file, or delete {run_dir} to train the run again")  # fmt: skip
         for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME, "samples.png"):
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "eval_samples", ignore_errors=True)
@@ -856,15 +859,23 @@ _SCORE_KEYS = {"n", "fid", "label_accuracy", "precision", "recall", "class_balan
 
 
 def read_evals(run_dir: Path, *, repair: bool = False) -> list[dict]:
-    """The evaluation records of the run's evals.jsonl. A record the report could not read (edited
-    by hand, or from a damaged file) is skipped: its point counts as not yet scored, and a rerun
-    scores it again."""
-    return [rec for rec in read_jsonl(Path(run_dir) / EVALS_NAME, repair=repair) if _is_eval_record(rec)]
+    """The evaluation records of the run's evals.jsonl. A record this version cannot read (edited
+    by hand, or from a damaged file) is refused with its line number: skipped, its point would
+    count as not scored, and the run's weights may be gone."""
+    return _checked_records(Path(run_dir) / EVALS_NAME, _is_eval_record, repair=repair)
 
 
 def read_confirmations(run_dir: Path) -> list[dict]:
-    """The confirmation records of the run's confirm.jsonl, skipping unreadable ones as ``read_evals`` does."""
-    return [rec for rec in read_jsonl(Path(run_dir) / CONFIRM_NAME) if _are_scores(rec) and is_integer(rec.get("step"))]
+    """The confirmation records of the run's confirm.jsonl, checked as ``read_evals`` does."""
+    return _checked_records(Path(run_dir) / CONFIRM_NAME, lambda rec: _are_scores(rec) and is_integer(rec.get("step")))
+
+
+def _checked_records(path: Path, readable: Callable[[dict], bool], repair: bool = False) -> list[dict]:
+    records = read_jsonl(path, repair=repair, strict=True)
+    bad = next((i for i, rec in enumerate(records, 1) if not readable(rec)), None)
+    if bad is not None:
+        raise UserError(f"record {bad} of {path} is not one this version wrote (damaged or edited by hand): restore the file, or delete the record")
+    return records
 
 
 def _is_eval_record(rec: dict) -> bool:
@@ -883,11 +894,14 @@ def _is_eval_record(rec: dict) -> bool:
 
 def _are_scores(rec) -> bool:
     """Scores as ``evaluate.Scores`` writes them: numbers (null where not finite), intervals [lo, hi]."""
-    def interval(v) -> bool:
-        return v is None or (isinstance(v, list) and len(v) == 2 and all(x is None or is_number(x) for x in v))
+    def score(v) -> bool:  # the writer puts null for a score that is not finite
+        return v is None or (is_number(v) and math.isfinite(v))
 
-    return (isinstance(rec, dict) and (rec.get("guidance") is None or is_number(rec["guidance"]))
-            and all(rec.get(k) is None or is_number(rec[k]) for k in _SCORE_KEYS if not k.endswith("_ci"))
+    def interval(v) -> bool:
+        return v is None or (isinstance(v, list) and len(v) == 2 and all(score(x) for x in v))
+
+    return (isinstance(rec, dict) and score(rec.get("guidance"))
+            and all(score(rec.get(k)) for k in _SCORE_KEYS if not k.endswith("_ci"))
             and all(interval(rec.get(f"{m}_ci")) for m in CI_METRICS))  # fmt: skip
 
 
