@@ -360,6 +360,11 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--epochs", "1e306"], "steps at batch 32, more than a run can take"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--minutes", "3e306"], "--minutes must be at most 10,000,000"),
         (["compare", "--presets", "dit-tiny", "--budget", "1e-12s", "--out", "{tmp}/c"], "less than a second of training"),
+        # Near the counts' limit the images alone take terabytes: refused, not killed by the OOM killer.
+        (["sample", "{run}", "--out", "{tmp}/x", "--n", str(2**31 - 1), "--no-gif"], "GiB, more than this machine's"),
+        (["eval", "{run}", "--n", str(2**31 - 1)], "images and their labels take"),
+        (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "2", "--eval-every", "1", "--eval-n", "2000000000"],
+         "--eval-n 2,000,000,000: its images and labels take"),
     ],
 )
 def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import os
 import sys
 
 import numpy as np
@@ -56,6 +57,17 @@ def check_positive_int(value, name: str) -> int:
     if not is_integer(value) or not 0 < value <= MAX_COUNT:
         raise UserError(f"{name} must be a positive integer (at most {MAX_COUNT:,}), got {value!r}")
     return int(value)
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """A UserError where ``what`` needs more than this machine's memory: Linux would rather end the
+    process without a word (its OOM killer) than fail the allocation."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # a system that does not say
+        return
+    if nbytes > memory:
+        raise UserError(f"{what} take {nbytes / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB of memory; ask for fewer")
 
 
 def check_seed(seed, name: str = "--seed") -> int:

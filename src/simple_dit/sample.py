@@ -21,7 +21,7 @@ from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
 from .models import build_model
-from .runtime import all_finite, autocast, check_positive_int, check_seed, parse_device, resolve_precision
+from .runtime import all_finite, autocast, check_fits_in_memory, check_positive_int, check_seed, parse_device, resolve_precision
 
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
@@ -42,6 +42,11 @@ def _check_model_matches(model_config, model: torch.nn.Module) -> None:
         differs = first and f"{first} is {shapes.get(first, 'missing')}, the config's {wanted.get(first, 'absent')}"
     if differs:
         raise UserError(f"the model is not the network config.model describes ({differs}); build it with simple_dit.models.build_model(config.model)")
+
+
+def image_bytes(config: RunConfig) -> int:
+    """What one generated image and its label take in memory (uint8 pixels, an int64 label)."""
+    return 8 + config.model.in_channels * config.model.input_size**2
 
 
 class Pipeline:
@@ -130,7 +135,13 @@ class Pipeline:
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
-        return torch.arange(check_positive_int(n, "the number of images")) % self.num_classes
+        return torch.arange(self.check_image_count(n)) % self.num_classes
+
+    def check_image_count(self, n: int) -> int:
+        """``n`` where this machine can hold n images with their labels, else a UserError."""
+        n = check_positive_int(n, "the number of images")
+        check_fits_in_memory(n * image_bytes(self.config), f"{n:,} images and their labels")
+        return n
 
     def validate_labels(self, labels) -> torch.Tensor:
         """``labels`` as a 1-D long tensor on the CPU; anything but class indices is a UserError."""
@@ -170,6 +181,7 @@ class Pipeline:
         GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
+        self.check_image_count(len(labels))
         if trajectory is not None and not isinstance(trajectory, list):
             raise UserError(f"trajectory must be a list (it receives the frames) or None, got {type(trajectory).__name__}")
         guidance = self.guidance if guidance is None else check_guidance(guidance)

@@ -33,7 +33,7 @@ from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, wri
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
-    MAX_COUNT, autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    MAX_COUNT, autocast, check_fits_in_memory, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
     total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
@@ -509,7 +509,7 @@ def train(
     Raises ``TrainingDiverged`` on a non-finite loss and ``Interrupted`` after SIGINT/SIGTERM,
     both with the last good checkpoint on disk.
     """
-    from .sample import Pipeline
+    from .sample import Pipeline, image_bytes
 
     validate_config(config)
     if wandb is not None and not isinstance(wandb, (str, WandbOptions)):
@@ -528,6 +528,8 @@ def train(
         torch.cuda.set_device(device)
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
+    if tc.eval_every:  # refused now, not at the first evaluation
+        check_fits_in_memory(tc.eval_n * image_bytes(config), f"--eval-n {tc.eval_n:,}: its images and labels")
     precision = training_precision(tc.precision, device)
 
     with contextlib.ExitStack() as cleanup:
