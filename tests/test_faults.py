@@ -407,6 +407,23 @@ def test_a_checkpoint_with_a_non_finite_optimiser_state_is_damaged_not_diverged(
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
 
 
+@pytest.mark.parametrize("keep", [lambda name: not name.startswith("optim."), lambda name: "exp_avg_sq" not in name])
+def test_a_checkpoint_missing_optimiser_moments_is_damaged_not_a_fresh_optimiser(keep, straight, tmp_path):
+    """Loading what is left would restart AdamW's moments where they are missing: a resumed run
+    that silently differs from the one it continues."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+
+    def strip(tensors):
+        for name in [k for k in tensors if not keep(k)]:
+            del tensors[name]
+
+    _rewrite_checkpoint(out / "checkpoint.safetensors", tensors=strip)
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    assert_user_error(run_cli(*RESUME, "--out", out, "--max-steps", STEPS + 5), "lacks part of its optimiser state: it is damaged")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+
+
 @pytest.mark.parametrize("field, value", [("step", -5), ("step", 2.5), ("step", "x"), ("step", None), ("step", True),
                                           ("images_seen", -1), ("train_seconds", float("nan")), ("train_seconds", -1.0)])  # fmt: skip
 def test_a_checkpoint_with_damaged_counters_is_refused_before_anything_is_written(field, value, straight, tmp_path):

@@ -29,7 +29,8 @@ def _optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+    # The names, so that a file missing some (damaged, or edited) is not read as a fresh optimiser.
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars, "tensors": sorted(tensors)}
 
 
 def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -180,8 +181,12 @@ def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
     # places each step counter by them: a counter loaded as unfused stays on the CPU, where CUDA's
     # fused kernel refuses it.
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
+    moments = _read(handle, path, "optim.")
+    listed = meta["optimizer"].get("tensors") if isinstance(meta["optimizer"], dict) else None  # absent from older checkpoints
+    if isinstance(listed, list) and sorted(f"optim.{name}" for name in moments) != sorted(listed):
+        raise UserError(f"checkpoint {path} lacks part of its optimiser state: it is damaged; restore it or train again")
     try:
-        saved = _optimizer_from_flat(_read(handle, path, "optim."), meta["optimizer"])
+        saved = _optimizer_from_flat(moments, meta["optimizer"])
         for group, kernel in zip(saved["param_groups"], kernels):
             group.update(kernel)
         optimizer.load_state_dict(saved)
