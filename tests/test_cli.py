@@ -473,6 +473,9 @@ def test_outputs_in_the_way_and_counts_past_the_data_are_refused_before_sampling
         (["eval", run, "--n", "60001", "--steps", "2"], "--n 60,001 is more than the 60,000 training images"),
         (["serve", run, "--host", ""], "argument --host: must not be empty"),
         (["sample", run, "--out", f"{run}/samples.png", "--n", "3"], "samples.png is the run's own final grid"),
+        (["eval", run, "--n", "6", "--guidance", "1,2", "--steps", "2", "--plot", f"{run}/samples.png"], "samples.png is the run's own final grid"),
+        (["eval", run, "--n", "6", "--guidance", "1,2", "--steps", "2", "--plot", f"{run}/samples/step_0000005.png"], "is one of the run's grids"),
+        (["sample", run, "--out", f"{run}/samples/step_0000005", "--n", "3"], "is one of the run's grids"),
     ):
         before = files()
         rc = main(argv)

@@ -282,8 +282,23 @@ def cmd_train(args) -> None:
         torch.distributed.destroy_process_group()  # train's (under torchrun); NCCL warns at exit about a group left alive
 
 
+def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
+    """A UserError where ``png`` is a grid a run writes (final, periodic or an evaluation point's)
+    or a figure of a comparison's report: writing over it would lose it without a word."""
+    from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME
+
+    def is_run(d: Path) -> bool:  # a comparison's finished runs keep their config, not their weights
+        return (d / CHECKPOINT_NAME).is_file() or (d / CONFIG_NAME).is_file()
+
+    parent = png.parent
+    owner = ("the run's own final grid" if png.name == "samples.png" and is_run(parent)
+             else "one of the run's grids" if parent.name in ("samples", "eval_samples") and is_run(parent.parent)
+             else "a figure of the comparison's report" if png.exists() and (parent / "compare.json").is_file() else None)  # fmt: skip
+    if owner:
+        raise UserError(f"{flag} {png} is {owner}; choose another file")
+
+
 def cmd_sample(args) -> None:
-    from .checkpoint import CHECKPOINT_NAME
     from .diffusion import check_guidance_interval
     from .io import ensure_writable_dir, replace_set
     from .sample import Pipeline, save_gif, save_npz
@@ -310,8 +325,7 @@ def cmd_sample(args) -> None:
         labels = torch.arange(k).repeat_interleave(10 if args.per_class is None else args.per_class)
     labels = pipe.validate_labels(labels)
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
-    if out.name == "samples" and (out.parent / CHECKPOINT_NAME).exists():
-        raise UserError(f"{out}.png is the run's own final grid; choose another --out")
+    _refuse_a_file_of_a_run(out.with_name(out.name + ".png"), "--out")
     ensure_writable_dir(out.parent)
     for suffix in (".png", ".npz") + (() if args.no_gif else (".gif",)):  # all or none of them: fail before sampling
         if out.with_name(out.name + suffix).is_dir():
@@ -342,6 +356,7 @@ def cmd_eval(args) -> None:
     if args.plot is not None:
         from .compare.report import check_plot_path
 
+        _refuse_a_file_of_a_run(args.plot, "--plot")
         check_plot_path(args.plot)
     if args.source.is_dir():
         from .sample import Pipeline
