@@ -127,3 +127,37 @@ def test_fashion_mnist_loads_while_env_points_at_flat_mnist_dir(mnist_dir, monke
     monkeypatch.setenv("SIMPLE_DIT_DATA", str(mnist_dir))
     ds = load_dataset("fashion-mnist", "test", download=False)
     assert len(ds) == 10000
+
+
+def _mirrored(monkeypatch, mirror: str) -> None:
+    """MNIST's download mirrors replaced by one local URL (no network in the tests)."""
+    import dataclasses
+
+    import simple_dit.data as data
+
+    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(data.DATASETS["mnist"], mirrors=(mirror,)))
+
+
+def test_a_missing_file_is_downloaded_checked_and_loaded(mnist_dir, tmp_path, monkeypatch):
+    _mirrored(monkeypatch, mnist_dir.resolve().as_uri() + "/")
+    target = tmp_path / "new" / "data"
+    ds = load_dataset("mnist", "test", data_dir=target)
+    assert sorted(p.name for p in target.iterdir()) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert torch.bincount(ds.labels, minlength=10).tolist() == MNIST_TEST_COUNTS
+
+
+def test_a_download_that_fails_leaves_no_directory_behind(tmp_path, monkeypatch):
+    _mirrored(monkeypatch, (tmp_path / "no-mirror").as_uri() + "/")
+    with pytest.raises(UserError, match="could not be downloaded"):
+        load_dataset("mnist", "test", data_dir=tmp_path / "typo" / "dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+def test_a_download_never_replaces_another_dataset_s_file_of_the_same_name(mnist_dir, tmp_path, monkeypatch):
+    _mirrored(monkeypatch, mnist_dir.resolve().as_uri() + "/")
+    shutil.copy(FASHION_DIR / "t10k-images-idx3-ubyte.gz", tmp_path)
+    before = (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()
+    with pytest.raises(UserError, match="downloading it would replace that file"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+    assert (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes() == before

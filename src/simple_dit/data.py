@@ -123,10 +123,26 @@ def _read_verified(path: Path, spec: IdxFile) -> bytes:
 
 
 def _download(spec: DatasetSpec, file: IdxFile, dest_dir: Path) -> Path:
+    dest = dest_dir / file.name
+    if dest.exists():  # a file of the same name that is not this one: another dataset's, or damaged
+        raise UserError(f"{dest} is not {spec.name}'s {file.name} (md5 {file.gz_md5}), and downloading it would replace that file; "
+                        f"give {spec.name} a --data-dir of its own, or remove the file")  # fmt: skip
+    created = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]  # deepest first: removed again if nothing comes
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(spec, file, dest_dir, dest)
+    except UserError:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something else was put there meanwhile
+                break
+        raise
+
+
+def _fetch(spec: DatasetSpec, file: IdxFile, dest_dir: Path, dest: Path) -> Path:
     from tqdm import tqdm
 
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / file.name
     errors = []
     for mirror in spec.mirrors:
         url = mirror + file.name
