@@ -357,6 +357,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--eval-every-frac", "1e-9", "--out", "{tmp}/c"], "at most 1000 evaluations"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--out", "{run}"], "holds a training run"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "1", "--data-dir", "{run}/config.json"], "is not a directory"),
+        (["train", "--preset", "dit-tiny", "--out", "{run}/samples/sub", "--max-steps", "1"], "is inside the training run"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--epochs", "1e306"], "steps at batch 32, more than a run can take"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--minutes", "3e306"], "--minutes must be at most 10,000,000"),
         (["compare", "--presets", "dit-tiny", "--budget", "1e-12s", "--out", "{tmp}/c"], "less than a second of training"),

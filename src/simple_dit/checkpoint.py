@@ -88,6 +88,14 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, 
         raise OSError(str(e).replace("Error while serializing: ", "")) from None
 
 
+def check_not_inside_a_run(out_dir: str | os.PathLike) -> None:
+    """A UserError where ``out_dir`` lies inside a training run (its samples/ or tb/, say): the
+    run's own files and what is written there would mix."""
+    enclosing = next((d for d in Path(out_dir).resolve().parents if (d / CHECKPOINT_NAME).is_file()), None)
+    if enclosing is not None:
+        raise UserError(f"--out {out_dir} is inside the training run {enclosing}; choose a directory outside it")
+
+
 def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
     from .compare.runner import SETTINGS_NAME
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, load_weights
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights
 from .config import RunConfig, validate_config
 from .errors import UserError
 from .io import atomic_write, ensure_writable_dir, is_temporary, write_json
@@ -57,10 +57,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"--out {out_dir} is the run directory itself; choose another directory")
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"--out {out_dir} holds a training run; choose another directory")
-    # Nor inside one (its samples/ or tb/): the run's own files would be mixed with an export's.
-    run_above = next((d for d in out_dir.resolve().parents if (d / CHECKPOINT_NAME).is_file()), None)
-    if run_above is not None:
-        raise UserError(f"--out {out_dir} is inside the training run {run_above}; choose a directory outside it")
+    check_not_inside_a_run(out_dir)
     # An earlier export's files are replaced, and files of other names (a model card, samples, a
     # clone's .git) left alone; files of an export's names that are not an export's are refused.
     in_the_way = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).is_dir()]

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_training_state, read_config_json, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, check_not_inside_a_run, load_training_state, read_config_json, save_checkpoint
 from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
@@ -437,6 +437,7 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         if not resume:
             _check_only_an_unfinished_attempt(out_dir)
+            check_not_inside_a_run(out_dir)
 
     try:
         check()  # before the lock, so that a refused command leaves the directory untouched
