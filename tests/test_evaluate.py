@@ -367,3 +367,17 @@ def test_the_tables_show_a_confidence_column_only_where_there_are_intervals():
     rows = [{"guidance": 1.0, "fid": 1.0, "label_accuracy": 0.9}]
     assert "CI" not in format_guidance_table(rows, {"fid": 0.1}, 1.0).splitlines()[0]
     assert "FID [95% CI]" in format_guidance_table([rows[0] | {"fid_ci": [0.9, 1.2]}], {"fid": 0.1}, 1.0).splitlines()[0]
+
+
+def test_score_refuses_what_is_not_an_image_tensor_and_a_bootstrap_past_its_limit(meter):
+    import numpy as np
+
+    from simple_dit.errors import UserError
+    from simple_dit.evaluate import MAX_BOOTSTRAP
+
+    images = load_dataset("mnist", "test").images[:12]
+    with pytest.raises(UserError, match="expected a torch.uint8 tensor of images"):
+        meter.score(list(images))
+    with pytest.raises(UserError, match=f"up to {MAX_BOOTSTRAP:,}"):
+        meter.score(images, bootstrap=MAX_BOOTSTRAP + 1)
+    assert meter.score(images, bootstrap=10, level=np.float32(0.9)).fid_ci is not None

@@ -17,6 +17,7 @@ from .config import DEFAULT_PRESET, PRESETS, get_preset, validate_config
 from .data import DATASETS
 from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
+from .evaluate import MAX_BOOTSTRAP
 from .extras import require
 from .runtime import MAX_COUNT, PRECISIONS, keep_freed_memory
 
@@ -41,9 +42,9 @@ def _nonempty(text: str) -> str:
     return text
 
 
-def _count(minimum: int):
-    """An argparse type for a whole number of at least ``minimum``, so that a bad count fails
-    before a model is loaded; the Python API checks the same values again for its own callers."""
+def _count(minimum: int, maximum: int = MAX_COUNT):
+    """An argparse type for a whole number from ``minimum`` to ``maximum``, so that a bad count
+    fails before a model is loaded; the Python API checks the same values again for its own callers."""
 
     def parse(text: str) -> int:
         try:
@@ -52,8 +53,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
-        if value > MAX_COUNT:
-            raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {value}")
         return value
 
     return parse
@@ -135,7 +136,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-dir", type=_nonempty)
     p.add_argument("--device", type=_nonempty)
     p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
-    p.add_argument("--bootstrap", type=_count(0), default=None, help="bootstrap resamples of the confidence intervals (default 200; 0 = none)")
+    p.add_argument("--bootstrap", type=_count(0, MAX_BOOTSTRAP), default=None,
+                   help=f"bootstrap resamples of the confidence intervals (default 200, at most {MAX_BOOTSTRAP:,}; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 

@@ -201,6 +201,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     from .data import DATASETS
     from .runtime import MAX_COUNT, PRECISIONS, check_seed
 
+    _check(isinstance(config, RunConfig), f"expected a RunConfig (e.g. get_preset('dit-mini')), got {type(config).__name__}")
     _check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
            and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
     tc, m, d = config.train, config.model, config.diffusion

@@ -298,8 +298,9 @@ class RectifiedFlow(_Process):
         return 4 if sampler == "euler" else 10
 
     def timesteps(self, steps: int) -> list[float]:
-        if steps < 1:
-            raise UserError(f"--steps must be positive, got {steps}")
+        # As for DDPM, at most one step per time the network was trained to tell apart.
+        if not 1 <= steps <= self.num_timesteps:
+            raise UserError(f"--steps must be between 1 and {self.num_timesteps}, got {steps}")
         return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
     def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):

@@ -220,6 +220,7 @@ def precision_recall(
 
 CI_METRICS = ("fid", "label_accuracy", "precision", "recall")
 BOOTSTRAP_RESAMPLES = 200
+MAX_BOOTSTRAP = 10_000  # far past what a 95% interval needs; the resamples are held in memory at once
 BOOTSTRAP_LEVEL = 0.95
 # A comparison's verdict calls a difference only where a test rejects equal means at this level.
 SIGNIFICANCE = 0.05
@@ -395,12 +396,15 @@ class QualityMeter:
               level: float = BOOTSTRAP_LEVEL, seed: int = BOOTSTRAP_SEED) -> Scores:  # fmt: skip
         """Scores of ``images_uint8`` (generated for ``labels``), with ``level`` bootstrap
         confidence intervals over ``bootstrap`` resamples (default ``self.bootstrap``; 0: none)."""
+        if not isinstance(images_uint8, torch.Tensor):
+            raise UserError(f"expected a torch.uint8 tensor of images (N, 1, 28, 28), got {type(images_uint8).__name__}")
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1:] != (1, 28, 28):
             raise UserError(f"expected uint8 images of shape (N, 1, 28, 28), got {tuple(images_uint8.shape)} {images_uint8.dtype}")
         bootstrap = self.bootstrap if bootstrap is None else bootstrap
-        if not is_integer(bootstrap) or bootstrap < 0:
-            raise UserError(f"bootstrap must be 0 (no intervals) or a positive number of resamples, got {bootstrap!r}")
+        if not is_integer(bootstrap) or not 0 <= bootstrap <= MAX_BOOTSTRAP:
+            raise UserError(f"bootstrap must be 0 (no intervals) or a number of resamples up to {MAX_BOOTSTRAP:,}, got {bootstrap!r}")
         bootstrap = int(bootstrap)
+        level = float(level) if isinstance(level, np.floating) else level
         if not (isinstance(level, float) and 0 < level < 1):
             raise UserError(f"the confidence level must be a number in (0, 1), got {level!r}")
         check_seed(seed, "the bootstrap seed")

@@ -46,9 +46,10 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     """Write ``run_dir``'s EMA weights as ``out_dir/model.safetensors`` in ``dtype`` and its
     config as ``out_dir/config.json``; ``metadata`` adds entries to the weights file's metadata.
     Returns the weights file."""
+    from .compare.runner import SETTINGS_NAME
     from .evaluate import GUIDANCE_NAME, read_guidance
 
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config, weights, state = load_weights(run_dir, use_ema=True)
@@ -58,6 +59,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"--out {out_dir} holds a training run; choose another directory")
     check_not_inside_a_run(out_dir)
+    if (out_dir / SETTINGS_NAME).is_file():  # loading the directory would then find the export, not the comparison
+        raise UserError(f"--out {out_dir} holds a comparison; choose another directory")
     # An earlier export's files are replaced, and files of other names (a model card, samples, a
     # clone's .git) left alone; files of an export's names that are not an export's are refused.
     in_the_way = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).is_dir()]
@@ -67,6 +70,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         theirs = [name for name in (MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME) if (out_dir / name).exists()]
         if theirs:
             raise UserError(f"--out {out_dir} holds {', '.join(theirs)} of no simple-dit export; choose another directory")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UserError(f"export metadata is a dict of strings to strings, got {type(metadata).__name__}")
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
             raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")
@@ -168,7 +173,8 @@ def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> t
     an export does not say)."""
     path = resolve_pretrained(source)
     if path.is_dir() and not (path / MODEL_NAME).exists() and not (path / CHECKPOINT_NAME).exists() and (path / CONFIG_NAME).is_file():
-        raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}; restore the weights file")
+        raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}: "
+                        "restore the weights file, or train the run again (one stopped before its first checkpoint has none)")
     if is_export(path):
         if not use_ema:
             raise UserError(f"{path} is an export, which holds only the EMA weights; drop --no-ema (use_ema=False)")

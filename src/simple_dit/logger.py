@@ -31,6 +31,10 @@ class WandbOptions:
     project: str = DEFAULT_WANDB_PROJECT
     group: str | None = None
 
+    def __post_init__(self):  # refused before anything is written, not by W&B once a run has started
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise UserError(f"--wandb takes a W&B project name, got {self.project!r}")
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool = True, config: dict | None = None, wandb: WandbOptions | str | None = None):

@@ -36,8 +36,9 @@ def _check_model_matches(model_config, model: torch.nn.Module) -> None:
     if not isinstance(given, type(expected)):
         differs = f"a {type(given).__name__} for a {type(expected).__name__}"
     else:
-        shapes = {name: tuple(t.shape) for name, t in given.state_dict().items()}
-        wanted = {name: tuple(t.shape) for name, t in expected.state_dict().items()}
+        # Buffers too: the DiT's positions are not saved with its weights, but fix its image size.
+        shapes = {name: tuple(t.shape) for name, t in [*given.named_parameters(), *given.named_buffers()]}
+        wanted = {name: tuple(t.shape) for name, t in [*expected.named_parameters(), *expected.named_buffers()]}
         first = next((name for name in wanted if shapes.get(name) != wanted[name]), None) or next((n for n in shapes if n not in wanted), None)
         differs = first and f"{first} is {shapes.get(first, 'missing')}, the config's {wanted.get(first, 'absent')}"
     if differs:
@@ -66,7 +67,7 @@ class Pipeline:
         _check_model_matches(config.model, model)
         if not isinstance(compile, bool):  # "no" would be true
             raise UserError(f"compile must be True or False, got {compile!r}")
-        self.config = config
+        self.config = copy.deepcopy(config)  # the network's: a caller's later edit must not describe another one
         self.compile = compile  # torch.compile the sampling network (CUDA graphs on a GPU)
         self._compiled = None  # (its weights, the compiled network), made on the first call
         self._guidance = check_guidance(guidance)  # the default of __call__: a run's guidance.json, else DEFAULT_GUIDANCE
@@ -79,7 +80,9 @@ class Pipeline:
         if kinds - {torch.float32}:  # bf16 sampling is autocast over fp32 weights (precision="bf16")
             raise UserError(f"a Pipeline samples from fp32 weights (bf16 by autocast, precision='bf16'); the model's are {sorted(map(str, kinds))}: pass model.float()")
         self.num_classes = config.model.num_classes
-        dataset = DATASETS.get(config.train.dataset)
+        dataset = DATASETS.get(config.train.dataset) if isinstance(config.train.dataset, str) else None
+        if isinstance(class_names, str):  # would be one name per letter
+            raise UserError(f"class_names is a sequence of names, one per class, not the string {class_names!r}")
         self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
         if not all(isinstance(name, str) for name in self.class_names):
             raise UserError(f"class_names must be strings, got {list(self.class_names)[:3]!r}...")

@@ -513,6 +513,11 @@ def train(
     from .sample import Pipeline, image_bytes
 
     validate_config(config)
+    for name, value in (("resume", resume), ("progress", progress), ("final_samples", final_samples)):
+        if not isinstance(value, bool):  # "no" is truthy: a run would be resumed that was not to be
+            raise UserError(f"{name} must be True or False, got {value!r}")
+    if wandb is not None and not isinstance(wandb, WandbOptions):
+        wandb = WandbOptions(wandb)  # a project name, checked before anything is written
     if wandb is not None and not isinstance(wandb, (str, WandbOptions)):
         raise UserError(f"wandb must be a W&B project name or WandbOptions, got {wandb!r}")
     out_dir, tc = Path(out_dir), config.train

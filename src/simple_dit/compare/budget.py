@@ -139,6 +139,8 @@ def parse_objectives(text: str | Sequence[str] | None) -> list[str] | None:
 def parse_presets(text: str | Sequence[str]) -> list[str]:
     from ..config import PRESETS
 
+    if not isinstance(text, (str, list, tuple)):
+        raise UserError(f"--presets takes comma-separated preset names or a list of them, e.g. unet-seed,dit-seed; got {text!r}")
     names = [p.strip() for p in text.split(",")] if isinstance(text, str) else [str(p).strip() for p in text]
     if not names or any(not n for n in names):
         raise UserError(f"malformed --presets {text!r}: expected comma-separated preset names, e.g. unet-seed,dit-seed")

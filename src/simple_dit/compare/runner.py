@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME, check_not_inside_a_run
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
@@ -515,12 +515,16 @@ def compare(
     together share their clock)."""
     from ..config import get_preset
     from ..data import DATASETS
-    from ..diffusion import GaussianDiffusion, check_sampler, make_process
+    from ..diffusion import check_sampler, make_process
     from ..runtime import MAX_COUNT, PRECISIONS, check_positive_int, parse_device
 
     require("matplotlib", "report", "simple-dit compare")  # now, not after hours of training
     if wandb is not None:
         require("wandb", "wandb", "--wandb")
+    if log is not None and not callable(log):
+        raise UserError(f"log must be a function taking one line of text, got {type(log).__name__}")
+    if meter is not None and not callable(getattr(meter, "score", None)):  # found out only after every run had trained
+        raise UserError(f"meter must be an evaluate.QualityMeter, got {type(meter).__name__}")
     log = log or (lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True))
     preset_names = parse_presets(presets)
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -542,7 +546,7 @@ def compare(
     if not isinstance(compile, bool):  # "no" would be true
         raise UserError(f"compile must be True or False, got {compile!r}")
     eval_n, final_n = int(eval_n), int(final_n)  # NumPy ints would not save as JSON
-    if dataset not in DATASETS:
+    if not isinstance(dataset, str) or dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     for flag, n in (("--eval-n", eval_n), ("--final-n", final_n)):  # known now, not after every run has trained
         check_floor_count(n, dataset, f"{flag} {n:,} is")
@@ -552,8 +556,7 @@ def compare(
         for objective in objective_list or [get_preset(preset).diffusion.objective]:
             process = make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective))
             check_sampler(process, sampler)
-            if isinstance(process, GaussianDiffusion):
-                process.timesteps(steps)
+            process.timesteps(steps)
     stats = {p: _model_stats(p) for p in preset_names}
     for preset in preset_names:  # a budget of more steps than a run can take
         schedule(budget, fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
@@ -562,12 +565,13 @@ def compare(
     out_dir = Path(out_dir)
     if (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"{out_dir} holds a training run; a comparison needs a directory of its own (--out)")
+    check_not_inside_a_run(out_dir)
     _comparison_in(out_dir)  # before the lock, so that a refused directory is left as it was
+    wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
         _check_settings(out_dir, settings)  # again under the lock
         ensure_writable_dir(out_dir / "runs")
-        wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
         return _run_all(out_dir, settings, stats, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
 
 

@@ -1,0 +1,126 @@
+"""Bad input through the Python API: a UserError naming the argument, before anything is written.
+
+Found by an audit of the public entry points (train, Pipeline, compare, export): each case here
+used to end in an error from deep inside Python or torch, in a silent misreading, or after files
+had been written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import snapshot, tiny_config
+
+from simple_dit import compare as C
+from simple_dit.config import get_preset
+from simple_dit.errors import UserError
+from simple_dit.export import export
+from simple_dit.models import build_model
+from simple_dit.sample import Pipeline
+from simple_dit.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist_dir):
+    run = tmp_path_factory.mktemp("api") / "run"
+    train(tiny_config(max_steps=2), run, data_dir=str(mnist_dir), device="cpu", progress=False)
+    return run
+
+
+def unchanged(run: Path):
+    return {k: v for k, v in snapshot(run).items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("flags", [{"resume": "no"}, {"resume": 1}, {"progress": "no"}, {"final_samples": "False"}])
+def test_train_refuses_a_flag_that_is_not_a_bool(tiny_run, mnist_dir, flags):
+    """resume="no" is truthy: it used to train the run on."""
+    before = unchanged(tiny_run)
+    with pytest.raises(UserError, match=f"{next(iter(flags))} must be True or False"):
+        train(tiny_config(max_steps=4), tiny_run, data_dir=str(mnist_dir), device="cpu", **flags)
+    assert unchanged(tiny_run) == before
+
+
+@pytest.mark.parametrize("config", [None, "dit-tiny", get_preset("dit-tiny").to_dict()])
+def test_train_refuses_what_is_not_a_run_config(tmp_path, config):
+    with pytest.raises(UserError, match="expected a RunConfig"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_wandb_project_that_is_not_a_name(tmp_path, mnist_dir):
+    with pytest.raises(UserError, match="--wandb takes a W&B project name"):
+        train(tiny_config(max_steps=1), tmp_path / "run", data_dir=str(mnist_dir), device="cpu", wandb=5)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pipeline_refuses_a_dit_built_for_another_image_size():
+    """The positions are a buffer, not saved with the weights; the network failed at its first call."""
+    config = get_preset("dit-tiny")
+    config.model.input_size = 14
+    with pytest.raises(UserError, match="pos_embed is"):
+        Pipeline(config, build_model(get_preset("dit-tiny").model))
+
+
+def test_a_pipeline_keeps_its_own_config():
+    config = get_preset("dit-tiny")
+    pipe = Pipeline(config, build_model(config.model))
+    config.model.input_size = 14  # the caller's object, edited afterwards
+    assert pipe.config.model.input_size == 28 and pipe([1], steps=1).shape == (1, 1, 28, 28)
+
+
+def test_a_pipeline_refuses_class_names_given_as_one_string():
+    config = get_preset("dit-tiny")
+    with pytest.raises(UserError, match="class_names is a sequence of names"):
+        Pipeline(config, build_model(config.model), class_names="abcdefghij")
+
+
+@pytest.mark.parametrize("objective", ["eps", "flow"])
+def test_a_billion_sampler_steps_are_refused_before_sampling(objective):
+    config = get_preset("dit-tiny")
+    config.diffusion.objective = objective
+    sampler = "euler" if objective == "flow" else "ddim"
+    with pytest.raises(UserError, match="--steps must be between 1 and 1000"):
+        Pipeline(config, build_model(config.model))([1], steps=10**9, sampler=sampler)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"meter": "x"}, "meter must be an evaluate.QualityMeter"), ({"log": 5}, "log must be a function"),
+    ({"dataset": ["mnist"]}, "unknown dataset"), ({"wandb": 5}, "--wandb takes a W&B project name"),
+    ({"objectives": "flow", "steps": 10**9}, "--steps must be between 1 and 1000"),
+])  # fmt: skip
+def test_compare_refuses_bad_arguments_before_writing_anything(tmp_path, kwargs, fragment):
+    if "wandb" in kwargs:
+        pytest.importorskip("wandb")
+    with pytest.raises(UserError, match=fragment):
+        C.compare("dit-tiny", "64-images", tmp_path / "cmp", device="cpu", **kwargs)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("presets", [None, 123])
+def test_compare_names_presets_that_are_not_names(tmp_path, presets):
+    with pytest.raises(UserError, match="--presets takes comma-separated preset names"):
+        C.compare(presets, "64-images", tmp_path / "cmp")
+
+
+def test_compare_inside_a_training_run_writes_nothing_there(tiny_run):
+    before = unchanged(tiny_run)
+    with pytest.raises(UserError, match="is inside the training run"):
+        C.compare("dit-tiny", "64-images", tiny_run / "cmp", device="cpu")
+    assert unchanged(tiny_run) == before and not (tiny_run / "cmp").exists()
+
+
+def test_export_refuses_a_comparison_and_arguments_of_the_wrong_kind(tiny_run, tmp_path):
+    comparison = tmp_path / "cmp"
+    comparison.mkdir()
+    (comparison / C.SETTINGS_NAME).write_text(json.dumps({}))
+    with pytest.raises(UserError, match="holds a comparison"):
+        export(tiny_run, comparison)
+    assert sorted(p.name for p in comparison.iterdir()) == [C.SETTINGS_NAME]
+    with pytest.raises(UserError, match="unknown --dtype"):
+        export(tiny_run, tmp_path / "e", dtype=["fp32"])
+    with pytest.raises(UserError, match="export metadata is a dict"):
+        export(tiny_run, tmp_path / "e", metadata="x")
+    assert not (tmp_path / "e").exists()
