@@ -124,3 +124,27 @@ def test_export_refuses_a_comparison_and_arguments_of_the_wrong_kind(tiny_run, t
     with pytest.raises(UserError, match="export metadata is a dict"):
         export(tiny_run, tmp_path / "e", metadata="x")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"guidance": 2.0, "guidances": "1,3"}, "not both"), ({"eval_every_frac": True}, "--eval-every-frac must be in"),
+])  # fmt: skip
+def test_compare_refuses_arguments_it_would_misread(tmp_path, kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        C.compare("dit-tiny", "64-images", tmp_path / "cmp", device="cpu", **kwargs)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_pipeline_refuses_booleans_among_labels_and_empty_class_names():
+    config = get_preset("dit-tiny")
+    pipe = Pipeline(config, build_model(config.model))
+    with pytest.raises(UserError, match="not True or False"):
+        pipe([3, True], steps=1)
+    with pytest.raises(UserError, match="must name the model's 10 classes, got 0"):
+        Pipeline(config, build_model(config.model), class_names=[])
+
+
+def test_a_data_dir_that_is_not_a_path_is_named(tmp_path):
+    with pytest.raises(UserError, match="data_dir must be a path, got int"):
+        train(tiny_config(max_steps=1), tmp_path / "run", data_dir=5, device="cpu")
+    assert not (tmp_path / "run").exists()

@@ -252,6 +252,8 @@ def load_dataset(
     dataset: str = "mnist", split: str = "train", data_dir: str | os.PathLike | None = None, download: bool = True
 ) -> ImageDataset:
     """A whole split, parsed once per process (the result is shared: treat it as read-only)."""
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise UserError(f"data_dir must be a path, got {type(data_dir).__name__}")
     return _load_dataset(dataset, split, None if data_dir is None else str(data_dir), os.environ.get("SIMPLE_DIT_DATA"), download)
 
 

@@ -83,7 +83,7 @@ class Pipeline:
         dataset = DATASETS.get(config.train.dataset) if isinstance(config.train.dataset, str) else None
         if isinstance(class_names, str):  # would be one name per letter
             raise UserError(f"class_names is a sequence of names, one per class, not the string {class_names!r}")
-        self.class_names = tuple(class_names or (dataset.class_names if dataset else map(str, range(self.num_classes))))
+        self.class_names = tuple(class_names if class_names is not None else dataset.class_names if dataset else map(str, range(self.num_classes)))
         if not all(isinstance(name, str) for name in self.class_names):
             raise UserError(f"class_names must be strings, got {list(self.class_names)[:3]!r}...")
         if len(self.class_names) != self.num_classes:
@@ -148,6 +148,8 @@ class Pipeline:
 
     def validate_labels(self, labels) -> torch.Tensor:
         """``labels`` as a 1-D long tensor on the CPU; anything but class indices is a UserError."""
+        if isinstance(labels, (list, tuple)) and any(isinstance(v, bool) for v in labels):  # [3, True] would sample class 1
+            raise UserError(f"labels must be class indices, not True or False: {list(labels)[:8]!r}")
         try:
             labels = torch.as_tensor(labels, device="cpu")
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:

@@ -157,7 +157,7 @@ MIN_EVAL_EVERY_FRAC = 1e-3  # each evaluation samples and scores --eval-n images
 
 def eval_fractions(every: float) -> list[float]:
     """Evaluation points as fractions of the budget: every 0.25 -> 0.25, 0.5, 0.75, 1."""
-    if not (isinstance(every, (int, float)) and math.isfinite(every) and MIN_EVAL_EVERY_FRAC <= every <= 1):
+    if not (isinstance(every, (int, float)) and not isinstance(every, bool) and math.isfinite(every) and MIN_EVAL_EVERY_FRAC <= every <= 1):
         raise UserError(f"--eval-every-frac must be in [{MIN_EVAL_EVERY_FRAC:g}, 1] (at most {round(1 / MIN_EVAL_EVERY_FRAC)} evaluations per run), got {every}")
     n = math.ceil(1 / every - 1e-9)
     return [min(1.0, round(k * every, 12)) for k in range(1, n + 1)]

@@ -483,7 +483,7 @@ def compare(
     eval_n: int = 1000,
     steps: int = 20,
     sampler: str | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = None,
     dataset: str = "mnist",
     data_dir: str | None = None,
     seed: int = 0,
@@ -531,7 +531,9 @@ def compare(
     lr_list = parse_lrs(lrs)
     seed_list = parse_seeds(seed if seeds is None else seeds)
     objective_list = parse_objectives(objectives)
-    guidance_list = parse_guidances([guidance] if guidances is None else guidances)
+    if guidance is not None and guidances is not None:  # one of them would be ignored without a word
+        raise UserError("give guidance (one scale) or guidances (several), not both")
+    guidance_list = parse_guidances([DEFAULT_GUIDANCE if guidance is None else guidance] if guidances is None else guidances)
     fractions = eval_fractions(eval_every_frac)
     if not is_integer(eval_n) or not 6 <= eval_n <= MAX_COUNT:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
