@@ -288,6 +288,7 @@ def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
     """A UserError where ``png`` is a grid a run writes (final, periodic or an evaluation point's)
     or a figure of a comparison's report: writing over it would lose it without a word."""
     from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME
+    from .compare.runner import SETTINGS_NAME
 
     def is_run(d: Path) -> bool:  # a comparison's finished runs keep their config, not their weights
         return (d / CHECKPOINT_NAME).is_file() or (d / CONFIG_NAME).is_file()
@@ -295,7 +296,7 @@ def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
     parent = png.parent
     owner = ("the run's own final grid" if png.name == "samples.png" and is_run(parent)
              else "one of the run's grids" if parent.name in ("samples", "eval_samples") and is_run(parent.parent)
-             else "a figure of the comparison's report" if png.exists() and (parent / "compare.json").is_file() else None)  # fmt: skip
+             else "a figure of the comparison's report" if png.exists() and (parent / SETTINGS_NAME).is_file() else None)  # fmt: skip
     if owner:
         raise UserError(f"{flag} {png} is {owner}; choose another file")
 

@@ -162,12 +162,13 @@ def read_jsonl(path: Path, repair: bool = False, strict: bool = False) -> list[d
         return []
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data) and _json_object(data[len(complete):]) is not None:  # only the newline is missing
+    tail = data[len(complete):]
+    if tail and _json_object(tail) is not None:  # only the newline is missing
         complete = data + b"\n"
         if repair:
             with open(path, "ab") as f:
                 f.write(b"\n")
-    elif repair and len(complete) < len(data):
+    elif tail and repair:
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     records = []

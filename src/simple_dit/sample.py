@@ -45,9 +45,13 @@ def _check_model_matches(model_config, model: torch.nn.Module) -> None:
         raise UserError(f"the model is not the network config.model describes ({differs}); build it with simple_dit.models.build_model(config.model)")
 
 
-def image_bytes(config: RunConfig) -> int:
-    """What one generated image and its label take in memory (uint8 pixels, an int64 label)."""
-    return 8 + config.model.in_channels * config.model.input_size**2
+def check_image_count(n: int, config: RunConfig, what: str | None = None) -> int:
+    """``n`` where this machine can hold n images of ``config``'s model with their labels (uint8
+    pixels, int64 labels), else a UserError saying so of ``what`` (default: the n images)."""
+    n = check_positive_int(n, "the number of images")
+    image_bytes = 8 + config.model.in_channels * config.model.input_size**2
+    check_fits_in_memory(n * image_bytes, what or f"{n:,} images and their labels")
+    return n
 
 
 class Pipeline:
@@ -138,13 +142,7 @@ class Pipeline:
 
     def cycled_labels(self, n: int) -> torch.Tensor:
         """0, 1, ..., K-1, 0, 1, ... for n images: every class equally often (within one)."""
-        return torch.arange(self.check_image_count(n)) % self.num_classes
-
-    def check_image_count(self, n: int) -> int:
-        """``n`` where this machine can hold n images with their labels, else a UserError."""
-        n = check_positive_int(n, "the number of images")
-        check_fits_in_memory(n * image_bytes(self.config), f"{n:,} images and their labels")
-        return n
+        return torch.arange(check_image_count(n, self.config)) % self.num_classes
 
     def validate_labels(self, labels) -> torch.Tensor:
         """``labels`` as a 1-D long tensor on the CPU; anything but class indices is a UserError."""
@@ -186,7 +184,7 @@ class Pipeline:
         GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
-        self.check_image_count(len(labels))
+        check_image_count(len(labels), self.config)
         if trajectory is not None and not isinstance(trajectory, list):
             raise UserError(f"trajectory must be a list (it receives the frames) or None, got {type(trajectory).__name__}")
         guidance = self.guidance if guidance is None else check_guidance(guidance)

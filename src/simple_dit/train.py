@@ -33,7 +33,7 @@ from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, wri
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
-    MAX_COUNT, autocast, check_fits_in_memory, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    MAX_COUNT, autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
     total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
@@ -510,7 +510,7 @@ def train(
     Raises ``TrainingDiverged`` on a non-finite loss and ``Interrupted`` after SIGINT/SIGTERM,
     both with the last good checkpoint on disk.
     """
-    from .sample import Pipeline, image_bytes
+    from .sample import Pipeline, check_image_count
 
     validate_config(config)
     for name, value in (("resume", resume), ("progress", progress), ("final_samples", final_samples)):
@@ -518,8 +518,6 @@ def train(
             raise UserError(f"{name} must be True or False, got {value!r}")
     if wandb is not None and not isinstance(wandb, WandbOptions):
         wandb = WandbOptions(wandb)  # a project name, checked before anything is written
-    if wandb is not None and not isinstance(wandb, (str, WandbOptions)):
-        raise UserError(f"wandb must be a W&B project name or WandbOptions, got {wandb!r}")
     out_dir, tc = Path(out_dir), config.train
     rank, world, local_rank = init_distributed()
     is_main = rank == 0
@@ -535,7 +533,7 @@ def train(
     if tc.batch_size % world:
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by the {world} processes")
     if tc.eval_every:  # refused now, not at the first evaluation
-        check_fits_in_memory(tc.eval_n * image_bytes(config), f"--eval-n {tc.eval_n:,}: its images and labels")
+        check_image_count(tc.eval_n, config, f"--eval-n {tc.eval_n:,}: its images and labels")
     precision = training_precision(tc.precision, device)
 
     with contextlib.ExitStack() as cleanup:
