@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot, tiny_config
+from conftest import devices, snapshot, tiny_config
 
 from simple_dit import compare as C
 from simple_dit.config import get_preset
@@ -50,6 +50,16 @@ def test_train_refuses_what_is_not_a_run_config(tmp_path, config):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("field, value", [("preset", 5), ("description", None)])
+def test_train_refuses_a_preset_name_or_description_that_is_not_a_string(tmp_path, field, value):
+    """It used to be written into config.json as given, and the run's reports to name preset 5."""
+    config = tiny_config(max_steps=1)
+    setattr(config, field, value)
+    with pytest.raises(UserError, match="preset and description are strings"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_refuses_a_wandb_project_that_is_not_a_name(tmp_path, mnist_dir):
     with pytest.raises(UserError, match="--wandb takes a W&B project name"):
         train(tiny_config(max_steps=1), tmp_path / "run", data_dir=str(mnist_dir), device="cpu", wandb=5)
@@ -62,6 +72,15 @@ def test_a_pipeline_refuses_a_dit_built_for_another_image_size():
     config.model.input_size = 14
     with pytest.raises(UserError, match="pos_embed is"):
         Pipeline(config, build_model(get_preset("dit-tiny").model))
+
+
+def test_a_pipeline_refuses_a_model_without_values():
+    """A network built on the meta device failed inside torch's .to()."""
+    config = get_preset("dit-tiny")
+    with torch.device("meta"):
+        model = build_model(config.model)
+    with pytest.raises(UserError, match="on the meta device"):
+        Pipeline(config, model)
 
 
 def test_a_pipeline_keeps_its_own_config():
@@ -148,3 +167,31 @@ def test_a_data_dir_that_is_not_a_path_is_named(tmp_path):
     with pytest.raises(UserError, match="data_dir must be a path, got int"):
         train(tiny_config(max_steps=1), tmp_path / "run", data_dir=5, device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", devices)
+def test_a_grid_takes_images_on_any_device(tmp_path, device):
+    config = get_preset("dit-tiny")
+    pipe = Pipeline(config, build_model(config.model))
+    images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8, device=device)
+    assert pipe.save_grid(images, [3, 7], tmp_path / "g.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("images, fragment", [
+    (torch.zeros(2, 5, 28, 28, dtype=torch.uint8), "got 5 channels"),
+    (torch.zeros(2, 1, 28, 28, dtype=torch.uint8, device="meta"), "on meta"),
+])  # fmt: skip
+def test_a_grid_names_images_it_cannot_draw(tmp_path, images, fragment):
+    """PIL's "Cannot handle this data type" and torch's meta errors, before."""
+    config = get_preset("dit-tiny")
+    pipe = Pipeline(config, build_model(config.model))
+    with pytest.raises(UserError, match=fragment):
+        pipe.save_grid(images, [3, 7], tmp_path / "g.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_path_with_a_nul_character_is_named(tmp_path):
+    config = get_preset("dit-tiny")
+    pipe = Pipeline(config, build_model(config.model))
+    with pytest.raises(UserError, match="NUL character"):
+        pipe.save_grid(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), [3], str(tmp_path / "a\0b.png"))

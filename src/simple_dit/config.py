@@ -204,6 +204,8 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check(isinstance(config, RunConfig), f"expected a RunConfig (e.g. get_preset('dit-mini')), got {type(config).__name__}")
     _check(isinstance(config.model, (DiTConfig, UNetConfig)) and isinstance(config.diffusion, DiffusionConfig)
            and isinstance(config.train, TrainConfig), "a RunConfig holds a DiTConfig or UNetConfig, a DiffusionConfig and a TrainConfig")  # fmt: skip
+    _check(isinstance(config.preset, str) and isinstance(config.description, str),
+           f"a RunConfig's preset and description are strings, got {config.preset!r} and {config.description!r}")  # fmt: skip
     tc, m, d = config.train, config.model, config.diffusion
 
     def number(name: str) -> float:

@@ -37,6 +37,8 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` only once it is complete on disk."""
     path = Path(path)
+    if "\0" in str(path):  # the OS's "embedded null byte" is a ValueError, not an OSError
+        raise UserError(f"cannot write {str(path)!r}: a path cannot hold a NUL character")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

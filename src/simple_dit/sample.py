@@ -80,6 +80,8 @@ class Pipeline:
         self._guidance_note: str | None = None  # an outdated one, said when the default is first used
         self.device = parse_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise UserError("the model's weights are on the meta device (shapes without values): load weights into it first")
         kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if kinds - {torch.float32}:  # bf16 sampling is autocast over fp32 weights (precision="bf16")
             raise UserError(f"a Pipeline samples from fp32 weights (bf16 by autocast, precision='bf16'); the model's are {sorted(map(str, kinds))}: pass model.float()")
@@ -254,7 +256,9 @@ class Pipeline:
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)):
             raise UserError(f"a grid takes uint8 images (N, C, H, W) and one label per image, got {getattr(images, 'dtype', type(images))} "
                             f"{tuple(getattr(images, 'shape', ()))} and {len(labels)} labels")  # fmt: skip
-        return labelled_grid(images, labels, self.class_names, check_positive_int(max_per_row, "max_per_row"))
+        if images.shape[1] not in (1, 3) or images.is_meta:
+            raise UserError(f"a grid takes grey (1 channel) or RGB (3 channel) images with values, got {images.shape[1]} channels on {images.device}")
+        return labelled_grid(images.cpu(), labels, self.class_names, check_positive_int(max_per_row, "max_per_row"))
 
     def save_grid(self, images: torch.Tensor, labels, path: str | Path) -> Path:
         if not isinstance(path, (str, os.PathLike)) or Path(path).suffix.lower() != ".png":
