@@ -15,6 +15,7 @@ from simple_dit.batched import train_together
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.errors import UserError
+from simple_dit.io import read_jsonl
 from simple_dit.train import train
 
 
@@ -76,13 +77,25 @@ def test_runs_trained_together_train_as_they_would_alone(preset, precision, devi
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("preset,precision", [("dit-tiny", "bf16"), ("unet-tiny", "fp32")])
 def test_runs_trained_together_resume_exactly(preset, precision, device, tmp_path, mnist_dir):
-    train_together(_group(preset, tmp_path, "straight", steps=8, precision=precision), device=device)
-    train_together(_group(preset, tmp_path, "resumed", steps=4, precision=precision), device=device)
-    train_together(_group(preset, tmp_path, "resumed", steps=8, precision=precision, resume=True), device=device)
+    def group(name: str, steps: int, resume: bool = False) -> list:
+        runs = _group(preset, tmp_path, name, steps=steps, precision=precision, resume=resume)
+        for config, _, _ in runs:
+            config.train.log_every = 3  # the first call stops inside the second window
+        return runs
+
+    train_together(group("straight", 8), device=device)
+    train_together(group("resumed", 4), device=device)
+    train_together(group("resumed", 8, resume=True), device=device)
     for k in range(2):
         for use_ema in (False, True):
             worst = largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"resumed{k}", use_ema=use_ema)
             assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}, run {k}: resumed weights differ by up to {worst}"
+        # The window the first call stopped in is completed, not logged in two halves.
+        straight, resumed = ([{key: v for key, v in record.items() if key not in ("images_per_s", "train_seconds")}
+                              for record in read_jsonl(tmp_path / f"{name}{k}" / "metrics.jsonl")] for name in ("straight", "resumed"))  # fmt: skip
+        assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+        if device == "cpu":
+            assert resumed == straight
 
 
 def test_a_diverging_run_stops_alone(tmp_path, mnist_dir):

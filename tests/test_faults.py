@@ -88,19 +88,31 @@ def straight(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
 def test_resume_equals_straight_for_every_family_and_precision(preset, precision, device, tmp_path, mnist_dir):
+    """Weights, EMA and the training records: the run stopped at step 6, inside its second logging
+    window, logs that partial window; resumed, it logs the windows of a run that never stopped."""
+
     def config(steps: int):
         c = get_preset(preset)
-        c.train.max_steps, c.train.sample_every, c.train.checkpoint_every = steps, 0, 0
+        c.train.max_steps, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = steps, 0, 0, 4
         c.train.precision, c.train.batch_size = precision, 16
         return c
 
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     train(config(12), straight_dir, progress=False, device=device, final_samples=False)
     train(config(6), resumed_dir, progress=False, device=device, final_samples=False)
+    assert [r["step"] for r in strict_json_lines(resumed_dir / "metrics.jsonl")] == [4, 6]
     train(config(12), resumed_dir, resume=True, progress=False, device=device, final_samples=False)
     for use_ema in (False, True):
         worst = largest_weight_difference(straight_dir, resumed_dir, use_ema=use_ema)
         assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
+    wall_clock = ("images_per_s", "train_seconds")
+    straight, resumed = ([{k: v for k, v in r.items() if k not in wall_clock} for r in strict_json_lines(d / "metrics.jsonl")]
+                         for d in (straight_dir, resumed_dir))  # fmt: skip
+    assert [r["step"] for r in resumed] == [4, 8, 12]
+    if device == "cpu":
+        assert resumed == straight
+    else:
+        assert all(r == pytest.approx(s, rel=RESUME_TOLERANCE[device]) for r, s in zip(resumed, straight))
 
 
 # ---- kill -9 at random moments -----------------------------------------------------------------
@@ -424,8 +436,14 @@ def test_a_checkpoint_missing_optimiser_moments_is_damaged_not_a_fresh_optimiser
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
 
 
+OPEN_WINDOW = {"steps": 3, "images": 48, "seconds": 0.5, "lr": 1e-3, "loss_sum": 2.5, "grad_norm_sum": 1.5}  # as a checkpoint keeps it
+
+
 @pytest.mark.parametrize("field, value", [("step", -5), ("step", 2.5), ("step", "x"), ("step", None), ("step", True),
-                                          ("images_seen", -1), ("train_seconds", float("nan")), ("train_seconds", -1.0)])  # fmt: skip
+                                          ("images_seen", -1), ("train_seconds", float("nan")), ("train_seconds", -1.0),
+                                          ("open_window", "x"), ("open_window", {"steps": 3}),
+                                          ("open_window", dict(OPEN_WINDOW, steps=0)), ("open_window", dict(OPEN_WINDOW, loss_sum=float("nan"))),
+                                          ("open_window", dict(OPEN_WINDOW, images=-16))])  # fmt: skip
 def test_a_checkpoint_with_damaged_counters_is_refused_before_anything_is_written(field, value, straight, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(straight), str(out)], check=True)

@@ -82,6 +82,7 @@ class _Run:
 
     def checkpoint(self, device: torch.device) -> None:
         self.window.check_finite(self.state, self.last_checkpoint)
+        self.state.open_window = self.window.saved()
         with self.own_rng(device):  # the checkpoint stores the global RNG: this run's
             save_checkpoint(self.out_dir, config=self.config, model=self.model, ema=self.ema, optimizer=self.optimizer,
                             train_state=dataclasses.asdict(self.state))  # fmt: skip
@@ -232,13 +233,13 @@ def train_together(
             out_dir, tc = Path(out_dir), config.train
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
             model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device)
-            record_start(config, out_dir, state.step)
+            record_start(config, out_dir, state)
             logger = RunLogger(out_dir, enabled=True, config=config.to_dict())
             cleanup.callback(logger.close)
             max_steps = planned_steps(tc, len(dataset))  # never 0: --minutes is refused above
             order = EpochOrder(len(dataset), tc.seed, tc.batch_size, device)
             members.append(_Run(config, out_dir, model.train(), ema, optimizer, state, order, logger, max_steps,
-                                rng_state(device), state.step if resume else None))  # fmt: skip
+                                rng_state(device), state.step if resume else None, _Window.resumed(state.open_window)))  # fmt: skip
         signals = cleanup.enter_context(StopSignals())
         diffusion = make_process(configs[0].diffusion).ready_for(device)
         loss_fn = BatchedLoss(members[0].model, diffusion)
@@ -315,8 +316,8 @@ def train_together(
             if run.out_dir in diverged:
                 continue
             try:
+                run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
                 run.log_window(len(dataset), together)  # the last, partial window
-                run.checkpoint(device)
             except TrainingDiverged as e:
                 diverged[run.out_dir] = e
     return diverged

@@ -136,12 +136,31 @@ def _open(path: Path):
 
 
 def _is_train_state(state) -> bool:
-    """A run's counters as training writes them: whole step and image counts, finite seconds."""
+    """A run's counters as training writes them: whole step and image counts, finite seconds, and
+    the logging window open at the checkpoint (absent from older checkpoints)."""
     return (
-        isinstance(state, dict) and set(state) == {"step", "images_seen", "train_seconds"}
-        and all(is_integer(state[key]) and state[key] >= 0 for key in ("step", "images_seen"))
-        and is_number(state["train_seconds"]) and math.isfinite(state["train_seconds"]) and state["train_seconds"] >= 0
+        isinstance(state, dict) and set(state) - {"open_window"} == {"step", "images_seen", "train_seconds"}
+        and _are_counts(state, ("step", "images_seen")) and _are_finite(state, ("train_seconds",))
+        and _is_open_window(state.get("open_window", {}))
     )  # fmt: skip
+
+
+def _is_open_window(window) -> bool:
+    """{} or the sums of a logging window of at least one step (train._Window.saved)."""
+    return isinstance(window, dict) and (
+        not window
+        or set(window) == {"steps", "images", "seconds", "lr", "loss_sum", "grad_norm_sum"} and window["steps"] != 0
+        and _are_counts(window, ("steps", "images")) and _are_finite(window, ("seconds", "lr", "loss_sum", "grad_norm_sum"))
+    )  # fmt: skip
+
+
+def _are_counts(record: dict, keys) -> bool:
+    return all(is_integer(record[key]) and record[key] >= 0 for key in keys)
+
+
+def _are_finite(record: dict, keys) -> bool:
+    """Finite and not negative: seconds, a learning rate, sums of losses and gradient norms."""
+    return all(is_number(record[key]) and math.isfinite(record[key]) and record[key] >= 0 for key in keys)
 
 
 def _read(handle, path: Path, prefix: str) -> dict[str, torch.Tensor]:

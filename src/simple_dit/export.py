@@ -89,7 +89,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
             tmp.unlink(missing_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "config": json.dumps(config.to_dict()), "dtype": dtype, "weights": "ema",
-        "source_run": source.resolve().name, "train_state": json.dumps(state),
+        "source_run": source.resolve().name, "train_state": json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds")}),
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     } | (metadata or {})  # fmt: skip
     path = out_dir / MODEL_NAME

@@ -81,16 +81,19 @@ class RunLogger:
             self.wandb.close()
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: Path, step: int, *, partial_window: bool = False) -> None:
     """Drop the records a killed run logged after its last checkpoint (they are about to be redone),
-    and lines that are not records (torn or garbled): the readable ones around them stay."""
+    with ``partial_window`` the training record of step ``step`` too (a stopped run's last, partial
+    logging window, which the resumed run completes), and lines that are not records (torn or
+    garbled): the readable ones around them stay."""
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return
     kept = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            if record["step"] < step or (record["step"] == step and not (partial_window and "loss" in record)):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue

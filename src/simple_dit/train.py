@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,9 @@ class TrainState:
     step: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0  # optimiser steps only: grids, evaluations and checkpoints are not counted
+    # The logging window open at the checkpoint (_Window.saved): a run resumed from it logs the
+    # records of a run that never stopped, not a window cut in two.
+    open_window: dict = field(default_factory=dict)
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -314,6 +317,23 @@ class _Window:
 
     SCALARS = {k: f"train/{k}" for k in ("loss", "grad_norm", "lr", "images_per_s")}  # the TensorBoard names
 
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the window ({} when it is empty); reads the sums (a host sync,
+        as a checkpoint makes anyway). The fp32 sums are exact as Python floats, so a resumed
+        window adds up to the same record."""
+        if not self.steps:
+            return {}
+        return {"steps": self.steps, "images": self.images, "seconds": self.seconds, "lr": self.lr,
+                "loss_sum": float(self.loss_sum), "grad_norm_sum": float(self.grad_norm_sum)}  # fmt: skip
+
+    @classmethod
+    def resumed(cls, saved: dict) -> "_Window":
+        window = cls()
+        if saved:
+            window.steps, window.images, window.seconds, window.lr = saved["steps"], saved["images"], saved["seconds"], saved["lr"]
+            window.loss_sum, window.grad_norm_sum = saved["loss_sum"], saved["grad_norm_sum"]
+        return window
+
     def record(self, state: TrainState, num_examples: int) -> dict:
         """The window's metrics.jsonl record; reading the sums is the loop's only host sync."""
         return {
@@ -415,11 +435,12 @@ def start_run(config: RunConfig, out_dir: Path, *, resume: bool, device: torch.d
     return model, ema, optimizer, state
 
 
-def record_start(config: RunConfig, out_dir: Path, step: int) -> None:
-    """Bring ``out_dir``'s records in line with a run (re)starting at ``step``: the records past it
-    (for a new run: of an attempt that never checkpointed) are about to be redone, and config.json
-    is rewritten on resume too, which records a new stopping rule and repairs a damaged copy."""
-    truncate_metrics(out_dir, step)
+def record_start(config: RunConfig, out_dir: Path, state: TrainState) -> None:
+    """Bring ``out_dir``'s records in line with a run (re)starting at ``state``: the records past
+    its step (for a new run: of an attempt that never checkpointed) are about to be redone, as is
+    the record of a logging window the run stopped in the middle of, and config.json is rewritten
+    on resume too, which records a new stopping rule and repairs a damaged copy."""
+    truncate_metrics(out_dir, state.step, partial_window=bool(state.open_window))
     (out_dir / METRICS_NAME).touch()  # a run has its record from the start, empty until the first log
     write_json(out_dir / CONFIG_NAME, config.to_dict())
 
@@ -573,13 +594,13 @@ def train(
         logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
         cleanup.callback(logger.close)
         if is_main:
-            record_start(config, out_dir, state.step)
+            record_start(config, out_dir, state)
             recorded = True
         signals = cleanup.enter_context(StopSignals())
         # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
         ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
         grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
-        window, last_checkpoint, meter = _Window(), (state.step if resume else None), None
+        window, last_checkpoint, meter = _Window.resumed(state.open_window), (state.step if resume else None), None
 
         def log_window() -> None:
             nonlocal window
@@ -593,6 +614,7 @@ def train(
         def checkpoint() -> None:
             nonlocal last_checkpoint
             window.check_finite(state, last_checkpoint)
+            state.open_window = window.saved()
             save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
             last_checkpoint = state.step
 
@@ -664,9 +686,10 @@ def train(
             if due(tc.checkpoint_every):
                 checkpoint()
 
+        if is_main:
+            checkpoint()  # before the partial window is logged: it stays open for a resumed run
         log_window()  # the last, partial window: a short run still logs its loss and speed
         if is_main:
-            checkpoint()
             if final_samples:
                 shutil.copyfile(sample_grid(), out_dir / "samples.png")
     if world > 1:
