@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from simple_dit.checkpoint import load_weights
 
 
@@ -38,3 +40,25 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     assert third.returncode == 0, third.stderr[-2000:]
     state = load_weights(out)[2]
     assert state["step"] > 10 and state["train_seconds"] >= spent["train_seconds"] + 3
+
+
+def test_two_processes_stopped_and_resumed_train_what_an_unbroken_run_does(tmp_path, mnist_dir):
+    """Rank 1's noise comes from a seed of its rank and step, so a resumed run draws the noise an
+    unbroken one did (it used to be seeded once per start: the resumed steps drew other noise)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simple_dit.cli", "train",
+                "--preset", "dit-tiny", "--no-progress", "--device", "cpu", "--precision", "fp32", "--sample-every", "0"]  # fmt: skip
+    for out, *stop in ((tmp_path / "straight", "--max-steps", "8"), (tmp_path / "resumed", "--max-steps", "4"),
+                       (tmp_path / "resumed", "--resume", "--max-steps", "8")):  # fmt: skip
+        result = subprocess.run([*torchrun, "--out", str(out), *stop], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    _, straight, _ = load_weights(tmp_path / "straight", use_ema=False)
+    _, resumed, _ = load_weights(tmp_path / "resumed", use_ema=False)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    def records(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "train_seconds")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+
+    assert 4 not in [r["step"] for r in records(tmp_path / "resumed")]  # the window the first call stopped in is completed, not cut in two
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")

@@ -581,9 +581,6 @@ def train(
                       "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
             return out_dir / CHECKPOINT_NAME
         diffusion = make_process(config.diffusion).ready_for(device)
-        if rank > 0:
-            # The checkpoint holds rank 0's RNG; the others draw fresh, reproducible noise.
-            torch.manual_seed(tc.seed + 1_000_003 * rank + state.step)
         forward_model = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -657,6 +654,10 @@ def train(
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             x0, y = resident.batch(order.indices(state.step, rank * local_batch, local_batch))
+            if rank > 0:
+                # The checkpoint holds rank 0's RNG; the others draw each step's noise from a seed
+                # of their rank and the step, so that a resumed run draws what an unbroken one did.
+                torch.manual_seed(tc.seed + 1_000_003 * rank + state.step)
             lr = lr_at(state.step, tc.lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
