@@ -33,7 +33,7 @@ from .errors import Interrupted, TrainingDiverged, UserError
 from .logger import RunLogger
 from .models.dit import Attention, plain_attention
 from .models.embeddings import LabelEmbedder
-from .runtime import autocast, compile_model, parse_device, rng_state, set_rng_state, synchronize
+from .runtime import autocast, compile_model, deterministic_compiled_kernels, parse_device, rng_state, set_rng_state, synchronize
 from .train import (
     EpochOrder, StopSignals, TrainState, _Window, clip_and_step, ema_decay_at, load_training_set, lr_at, planned_steps,
     prepare_output_dir, record_start, start_run, training_precision, update_ema, warm_up_compiled,
@@ -281,10 +281,11 @@ def train_together(
                         run.logger.log({"step": run.state.step, "compile_seconds": seconds})
             step_start, together = time.perf_counter(), len(active)
             lrs = [lr_at(run.state.step, run.config.train.lr, run.config.train.warmup_steps) for run in active]
-            losses, grad_norms = train_step_together(
-                batched, models, [run.optimizer for run in active], *draws(active), lrs=lrs, precision=precision,
-                grad_clips=[run.config.train.grad_clip for run in active],
-            )  # fmt: skip
+            with deterministic_compiled_kernels(device) if batched is compiled else contextlib.nullcontext():
+                losses, grad_norms = train_step_together(
+                    batched, models, [run.optimizer for run in active], *draws(active), lrs=lrs, precision=precision,
+                    grad_clips=[run.config.train.grad_clip for run in active],
+                )  # fmt: skip
             for k, run in enumerate(active):
                 tc = run.config.train
                 update_ema(run.ema, run.model, ema_decay_at(run.state.step, tc.ema_decay))

@@ -218,6 +218,32 @@ def compile_model(model: torch.nn.Module, device: torch.device, *, cudagraphs: b
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" and cudagraphs else "default", dynamic=False)
 
 
+@contextlib.contextmanager
+def deterministic_compiled_kernels(device: torch.device):
+    """Around every pass of a network ``compile_model`` compiled for training on a CPU: PyTorch's
+    deterministic mode, which inductor reads when it lowers a graph (and guards on, so the flag
+    must be the same at every call). Without it the label embedding's backward is a parallel loop
+    of atomic float additions, whose order, and so whose rounding, changes from run to run on
+    more than one thread; with it, that one op runs PyTorch's own kernel and a compiled run repeats
+    and resumes bit for bit. Uninitialised memory is left as it is (the mode would fill it, at a
+    cost, to expose reads of it). On a GPU, where many kernels add in a varying order anyway,
+    nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    import torch.utils.deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    filled = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = filled
+
+
 def cudagraph_skips() -> int:
     """How many compiled graphs inductor has left without CUDA graphs in this process. It does so
     quietly (the reason goes to ``TORCH_LOGS=perf_hints``), and such a step keeps the Python

@@ -33,7 +33,7 @@ from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, wri
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
-    MAX_COUNT, autocast, compile_model, cudagraph_skips, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    MAX_COUNT, autocast, compile_model, cudagraph_skips, deterministic_compiled_kernels, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
     total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
@@ -236,7 +236,8 @@ def make_step(model, forward_model, diffusion, optimizer, x0: torch.Tensor, y: t
         forward_model = network
 
     def step(x0: torch.Tensor, y: torch.Tensor):
-        return train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
+        with deterministic_compiled_kernels(x0.device) if network is not None else contextlib.nullcontext():
+            return train_step(forward_model, diffusion, optimizer, x0, y, precision=precision, grad_clip=grad_clip)
 
     return step, (None if network is None else time.perf_counter() - start)
 
@@ -270,7 +271,7 @@ def warm_up_compiled(loss: Callable[[], torch.Tensor], models: list[torch.nn.Mod
     """
     start, skips = time.perf_counter(), cudagraph_skips()
     parameters = [p for model in models for p in model.parameters()]
-    with leaving_as_found(models, device):
+    with leaving_as_found(models, device), deterministic_compiled_kernels(device):
         try:
             # CUDA graph trees run a step eagerly, record the second and replay from the third.
             for _ in range(3 if device.type == "cuda" else 1):
