@@ -29,7 +29,7 @@ from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
-from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, write_json
+from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
 from .models import build_model
 from .runtime import (
@@ -652,6 +652,14 @@ def train(
         # stays on lines of its own.
         bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
         cleanup.callback(bar.close)
+        if resume and is_main and state.step:
+            # A stop signal checkpoints the step it finished without that step's grid and
+            # evaluation (a scheduler's grace period is short): they are made now, from the same
+            # EMA weights and seeds, so the run's records are those of one that never stopped.
+            if due(tc.sample_every) and not (out_dir / "samples" / f"step_{state.step:07d}.png").exists():
+                sample_grid()
+            if due(tc.eval_every) and not any(r.get("step") == state.step and any(k.startswith("eval_") for k in r) for r in read_jsonl(out_dir / METRICS_NAME)):
+                evaluate()
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             x0, y = resident.batch(order.indices(state.step, rank * local_batch, local_batch))
