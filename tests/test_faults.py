@@ -516,13 +516,13 @@ def test_an_unreadable_checkpoint_is_not_called_damaged(straight, monkeypatch):
 def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, mnist_dir, monkeypatch):
     """A stop signal checkpoints the step it finished and leaves before that step's periodic grid
     and evaluation; the resumed run makes them first, so its records and grids are those of a run
-    that never stopped (the evaluation of step 4 used to be missing)."""
+    that never stopped (the evaluation of step 2 used to be missing)."""
     import simple_dit.train as training
     from simple_dit.errors import Interrupted
 
     def config():
         c = get_preset("dit-tiny")
-        c.train.max_steps, c.train.batch_size, c.train.precision = 6, 16, "fp32"
+        c.train.max_steps, c.train.batch_size, c.train.precision = 4, 16, "fp32"
         c.train.sample_every, c.train.eval_every, c.train.eval_n, c.train.log_every, c.train.checkpoint_every = 2, 2, 10, 2, 0
         return c
 
@@ -530,22 +530,22 @@ def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, m
     train(config(), tmp_path / "straight", **run)
     lr_at = training.lr_at
 
-    def signal_during_step_4(step, *args):
-        if step == 3:  # the step about to become step 4
+    def signal_during_step_2(step, *args):
+        if step == 1:  # the step about to become step 2
             os.kill(os.getpid(), signal.SIGINT)
         return lr_at(step, *args)
 
-    monkeypatch.setattr(training, "lr_at", signal_during_step_4)
+    monkeypatch.setattr(training, "lr_at", signal_during_step_2)
     with pytest.raises(Interrupted):
         train(config(), tmp_path / "resumed", **run)
     monkeypatch.setattr(training, "lr_at", lr_at)
-    assert checkpoint_step(tmp_path / "resumed") == 4 and not (tmp_path / "resumed" / "samples" / "step_0000004.png").exists()
+    assert checkpoint_step(tmp_path / "resumed") == 2 and not (tmp_path / "resumed" / "samples" / "step_0000002.png").exists()
     train(config(), tmp_path / "resumed", resume=True, **run)
 
     def records(directory):
         return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds")} for r in strict_json_lines(directory / "metrics.jsonl")]
 
     assert records(tmp_path / "resumed") == records(tmp_path / "straight")
-    assert [r["step"] for r in records(tmp_path / "resumed") if "eval_fid" in r] == [2, 4, 6]
+    assert [r["step"] for r in records(tmp_path / "resumed") if "eval_fid" in r] == [2, 4]
     grids = {p.name: p.read_bytes() for p in (tmp_path / "straight" / "samples").iterdir()}
     assert {p.name: p.read_bytes() for p in (tmp_path / "resumed" / "samples").iterdir()} == grids
