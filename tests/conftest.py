@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -112,6 +113,21 @@ def tiny_config(preset: str = "dit-tiny", max_steps: int = 20):
     config.train.checkpoint_every = 10**9
     config.train.precision = "fp32"
     return config
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """The JSON lines of ``path``; a bare NaN or Infinity (not JSON) fails."""
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def records_without_clock(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl without the fields that time the run (images_per_s,
+    train_seconds), which differ between two runs of the same steps."""
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds")} for r in strict_json_lines(Path(run_dir) / "metrics.jsonl")]
 
 
 def run_cli(*args, program: list[str] | None = None, cwd=None, timeout=300) -> subprocess.CompletedProcess:

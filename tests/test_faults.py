@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESUME_TOLERANCE, assert_user_error, devices, largest_weight_difference, run_cli, snapshot
+from conftest import (
+    RESUME_TOLERANCE, assert_user_error, devices, largest_weight_difference, records_without_clock, run_cli, snapshot, strict_json_lines,
+)  # fmt: skip
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
 from simple_dit.io import DirectoryLock, is_temporary
@@ -42,13 +44,6 @@ def cli(*args) -> list[str]:
 
 def start(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), **kwargs)
-
-
-def strict_json_lines(path: Path) -> list[dict]:
-    def refuse(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -105,9 +100,7 @@ def test_resume_equals_straight_for_every_family_and_precision(preset, precision
     for use_ema in (False, True):
         worst = largest_weight_difference(straight_dir, resumed_dir, use_ema=use_ema)
         assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"
-    wall_clock = ("images_per_s", "train_seconds")
-    straight, resumed = ([{k: v for k, v in r.items() if k not in wall_clock} for r in strict_json_lines(d / "metrics.jsonl")]
-                         for d in (straight_dir, resumed_dir))  # fmt: skip
+    straight, resumed = records_without_clock(straight_dir), records_without_clock(resumed_dir)
     assert [r["step"] for r in resumed] == [4, 8, 12]
     if device == "cpu":
         assert resumed == straight
@@ -542,10 +535,7 @@ def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, m
     assert checkpoint_step(tmp_path / "resumed") == 2 and not (tmp_path / "resumed" / "samples" / "step_0000002.png").exists()
     train(config(), tmp_path / "resumed", resume=True, **run)
 
-    def records(directory):
-        return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds")} for r in strict_json_lines(directory / "metrics.jsonl")]
-
-    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
-    assert [r["step"] for r in records(tmp_path / "resumed") if "eval_fid" in r] == [2, 4]
+    assert records_without_clock(tmp_path / "resumed") == records_without_clock(tmp_path / "straight")
+    assert [r["step"] for r in records_without_clock(tmp_path / "resumed") if "eval_fid" in r] == [2, 4]
     grids = {p.name: p.read_bytes() for p in (tmp_path / "straight" / "samples").iterdir()}
     assert {p.name: p.read_bytes() for p in (tmp_path / "resumed" / "samples").iterdir()} == grids

@@ -81,6 +81,12 @@ class RunLogger:
             self.wandb.close()
 
 
+def is_eval_record(record: dict) -> bool:
+    """A quality evaluation's record in metrics.jsonl (``train --eval-every``), as against a
+    training window's (which has "loss")."""
+    return any(key.startswith("eval_") for key in record)
+
+
 def truncate_metrics(run_dir: Path, step: int, *, partial_window: bool = False) -> None:
     """Drop the records a killed run logged after its last checkpoint (they are about to be redone),
     with ``partial_window`` the training record of step ``step`` too (a stopped run's last, partial

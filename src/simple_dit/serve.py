@@ -279,14 +279,14 @@ def run_record(run_dir: Path | None) -> dict:
     MAX_CURVE_POINTS each), guidance.json and the final sample grid, as far as they exist."""
     from .evaluate import GUIDANCE_NAME
     from .io import read_jsonl
-    from .logger import METRICS_NAME
+    from .logger import METRICS_NAME, is_eval_record
 
     out = {"train": [], "eval": [], "guidance": None, "samples": None}
     if run_dir is None:
         return out
     records = read_jsonl(run_dir / METRICS_NAME)
     out["train"] = _thin([r for r in records if "loss" in r])
-    out["eval"] = _thin([r for r in records if any(k.startswith("eval_") for k in r)])
+    out["eval"] = _thin([r for r in records if is_eval_record(r)])
     path = run_dir / GUIDANCE_NAME
     if path.is_file():
         try:

@@ -30,7 +30,7 @@ from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
 from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, read_jsonl, write_json
-from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, truncate_metrics
+from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, is_eval_record, truncate_metrics
 from .models import build_model
 from .runtime import (
     MAX_COUNT, autocast, compile_model, cudagraph_skips, deterministic_compiled_kernels, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
@@ -616,11 +616,14 @@ def train(
             save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
             last_checkpoint = state.step
 
+        def grid_path() -> Path:  # the periodic grid of the current step
+            return out_dir / "samples" / f"step_{state.step:07d}.png"
+
         def sample_grid() -> Path:
             images = ema_pipe(labels=grid_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
             grid = ema_pipe.grid(images, grid_labels)
             logger.image("samples", grid, state.step)
-            return ema_pipe.save_grid(images, grid_labels, out_dir / "samples" / f"step_{state.step:07d}.png")
+            return ema_pipe.save_grid(images, grid_labels, grid_path())
 
         def evaluate() -> None:
             nonlocal meter
@@ -656,9 +659,9 @@ def train(
             # A stop signal checkpoints the step it finished without that step's grid and
             # evaluation (a scheduler's grace period is short): they are made now, from the same
             # EMA weights and seeds, so the run's records are those of one that never stopped.
-            if due(tc.sample_every) and not (out_dir / "samples" / f"step_{state.step:07d}.png").exists():
+            if due(tc.sample_every) and not grid_path().exists():
                 sample_grid()
-            if due(tc.eval_every) and not any(r.get("step") == state.step and any(k.startswith("eval_") for k in r) for r in read_jsonl(out_dir / METRICS_NAME)):
+            if due(tc.eval_every) and not any(r.get("step") == state.step and is_eval_record(r) for r in read_jsonl(out_dir / METRICS_NAME)):
                 evaluate()
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
