@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import records_without_clock
 
@@ -43,12 +44,13 @@ def test_two_gloo_processes_train_and_resume_with_one(tmp_path, mnist_dir):
     assert state["step"] > 10 and state["train_seconds"] >= spent["train_seconds"] + 3, (state, third.stderr[-2000:])
 
 
-def test_two_processes_stopped_and_resumed_train_what_an_unbroken_run_does(tmp_path, mnist_dir):
+@pytest.mark.parametrize("preset, precision", [("dit-tiny", "fp32"), ("unet-tiny", "bf16")])
+def test_two_processes_stopped_and_resumed_train_what_an_unbroken_run_does(tmp_path, mnist_dir, preset, precision):
     """Rank 1's noise comes from a seed of its rank and step, so a resumed run draws the noise an
     unbroken one did (it used to be seeded once per start: the resumed steps drew other noise)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simple_dit.cli", "train",
-                "--preset", "dit-tiny", "--no-progress", "--device", "cpu", "--precision", "fp32", "--sample-every", "0"]  # fmt: skip
+                "--preset", preset, "--no-progress", "--device", "cpu", "--precision", precision, "--sample-every", "0"]  # fmt: skip
     for out, *stop in ((tmp_path / "straight", "--max-steps", "8"), (tmp_path / "resumed", "--max-steps", "4"),
                        (tmp_path / "resumed", "--resume", "--max-steps", "8")):  # fmt: skip
         result = subprocess.run([*torchrun, "--out", str(out), *stop], env=env, capture_output=True, text=True, timeout=300)
