@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import RESUME_TOLERANCE, devices, largest_weight_difference, records_without_clock
+from conftest import devices, largest_weight_difference, records_without_clock, resume_tolerance
 
 from simple_dit.batched import train_together
 from simple_dit.checkpoint import load_weights
@@ -88,7 +88,7 @@ def test_runs_trained_together_resume_exactly(preset, precision, device, tmp_pat
     for k in range(2):
         for use_ema in (False, True):
             worst = largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"resumed{k}", use_ema=use_ema)
-            assert worst <= RESUME_TOLERANCE[device], f"{preset} {precision} on {device}, run {k}: resumed weights differ by up to {worst}"
+            assert worst <= resume_tolerance(device, preset, precision), f"{preset} {precision} on {device}, run {k}: resumed weights differ by up to {worst}"
         # The window the first call stopped in is completed, not logged in two halves.
         straight, resumed = records_without_clock(tmp_path / f"straight{k}"), records_without_clock(tmp_path / f"resumed{k}")
         assert [r["step"] for r in resumed] == [r["step"] for r in straight]

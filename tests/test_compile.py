@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import RESUME_TOLERANCE, devices, largest_weight_difference
+from conftest import RECORDS_SPREAD, devices, largest_weight_difference, repeatable, resume_tolerance
 
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset, validate_config
@@ -42,14 +42,14 @@ def test_compiled_run_trains_the_eager_steps_and_resumes_exactly(preset, precisi
     train(_config(preset, precision, 4, True), resumed, resume=True, **run)
 
     # Same batches, same noise, same class dropout: the compiled losses are the eager ones up to
-    # the fused kernels' rounding (bf16 autocast rounds more).
-    tolerance = 1e-4 if precision == "fp32" else 3e-2
+    # the fused kernels' rounding (bf16 autocast rounds more; see conftest.repeatable for CUDA).
+    tolerance = 3e-2 if precision == "bf16" else 1e-4 if repeatable(device, preset, precision) else 1e-3
     assert _losses(straight) == pytest.approx(_losses(eager), rel=tolerance)
-    straight_losses = _losses(straight)  # bit for bit on the CPU; on CUDA see RESUME_TOLERANCE
-    assert _losses(resumed) == (straight_losses if device == "cpu" else pytest.approx(straight_losses, rel=1e-2))
+    straight_losses = _losses(straight)  # bit for bit on the CPU; on CUDA see conftest.RESUME_TOLERANCE
+    assert _losses(resumed) == (straight_losses if device == "cpu" else pytest.approx(straight_losses, rel=RECORDS_SPREAD))
     for use_ema in (False, True):
         worst = largest_weight_difference(straight, resumed, use_ema=use_ema)
-        assert worst <= RESUME_TOLERANCE[device], f"compiled {preset} {precision} on {device}: resumed weights differ by up to {worst}"
+        assert worst <= resume_tolerance(device, preset, precision), f"compiled {preset} {precision} on {device}: resumed weights differ by up to {worst}"
 
     compiles = [r for r in read_jsonl(straight / "metrics.jsonl") if "compile_seconds" in r]
     assert len(compiles) == 1 and compiles[0]["step"] == 0 and compiles[0]["compile_seconds"] > 0
@@ -186,10 +186,13 @@ def test_a_captured_step_trains_the_uncaptured_steps(preset, precision):
         torch.manual_seed(10 + i)
         loss, norm = step(x0, y)
         # Tight: other noise would move an 8-image loss by ~2%, but the kernels are the same ones
-        # (only atomics' summation order may differ).
-        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-4) and norm.item() == pytest.approx(want_norm.item(), rel=1e-3)
+        # (only atomics' summation order may differ, which moves an fp32 UNet's by ~3e-4).
+        spread = 1e-4 if repeatable("cuda", preset, precision) else 1e-3
+        assert loss.item() == pytest.approx(want_loss.item(), rel=spread) and norm.item() == pytest.approx(want_norm.item(), rel=10 * spread)
+    # Four Adam steps of up to 1e-2 each: where runs do not repeat, rounding can move a weight by as much.
+    weights_spread = 1e-4 if repeatable("cuda", preset, precision) else 4e-2
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        assert (a.float() - b.float()).abs().max() <= 1e-4, name
+        assert (a.float() - b.float()).abs().max() <= weights_spread, name
 
 
 def test_a_failing_capture_leaves_the_uncaptured_step(monkeypatch, capsys):
