@@ -1051,6 +1051,9 @@ def test_compare_trains_each_preset_s_runs_together(tmp_path, mnist_dir, meter):
     )  # fmt: skip
     assert sum("2 runs of dit-tiny together" in line for line in log) == 2  # one group, two evaluation points
     assert sum("2 runs of unet-tiny together" in line for line in log) == 2
+    # Each point's wall time, training and scoring apart, where a GPU's setup costs would show.
+    assert sum(re.fullmatch(r"unet-tiny group: [\d,]+ steps reached in [\d.]+ s wall", line) is not None for line in log) == 2, log
+    assert sum(re.fullmatch(r"unet-tiny group: point \d scored in [\d.]+ s wall", line) is not None for line in log) == 2, log
     assert not any("training to" in line and "together" not in line for line in log)
     for run_dir in (tmp_path / "runs").iterdir():
         evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]

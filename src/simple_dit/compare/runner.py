@@ -409,13 +409,22 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
             log(f"{len(training)} runs of {training[0].preset} together: training to {target.describe()} ({target.fraction:.0%} of the budget)")
             configs = [(_set_stop(run_config(run.preset, run.lr, settings, run.seed, run.override), target), run.run_dir,
                         states[run.run_dir] is not None) for run in training]  # fmt: skip
+            started = time.perf_counter()
             diverged = train_together(configs, data_dir=data_dir, device=device)
+            # Wall time beside the runs' train_seconds (their steps only): on a GPU the rest (setup,
+            # checkpoints) can outweigh the steps, and this says by how much.
+            log(f"{training[0].preset} group: {target.describe()} reached in {time.perf_counter() - started:.1f} s wall")
             for run_dir, error in diverged.items():
                 _record_divergence(run_dir, target, error, device, log)
-        meter = meter or _Meters.get(settings.dataset, data_dir)
+        if meter is None:
+            started = time.perf_counter()
+            meter = _Meters.get(settings.dataset, data_dir)
+            log(f"evaluator ready in {time.perf_counter() - started:.1f} s")
+        started = time.perf_counter()
         for run in pending:
             if run.run_dir not in diverged:
                 _score_point(run.run_dir, target, len(run.targets), settings, run.seed, meter=meter, device=device, log=log)
+        log(f"{group[0].preset} group: point {target.point} scored in {time.perf_counter() - started:.1f} s wall")
 
 
 def groups_together(plan: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
