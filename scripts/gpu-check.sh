@@ -11,8 +11,8 @@
 # changes them) and the whole check within GPU_CHECK_BUDGET_S seconds (default 470), so that one
 # hang cannot eat the budget; a failing step does not stop the others.
 # The steps run one at a time (timings stay clean), most wanted first: environment, the compiled
-# benches (issue 8's targets), the tests (does the suite pass on a GPU), the comparison (--compile
-# --runs-together 3: the article's experiment), the other benches (9 runs trained together first;
+# benches (issue 8's targets), the tests (does the suite pass on a GPU), the comparison (--compile,
+# each run's step one CUDA graph: the article's experiment), the other benches (9 runs trained together first;
 # the eager ones repeat the issue's own table), diffusers; a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
 # kinds (env, bench-compile, bench, compare, tests, diffusers, verdict). GPU_CHECK_RESUME=1 keeps
@@ -98,7 +98,10 @@ if [ "$mode" = gpu ]; then
            "dit-seed||--reference" "unet-seed||--reference" "dit-mini||--reference")
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
-  compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile --runs-together 3)
+  # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
+  # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
+  # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
+  compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
   caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
@@ -106,15 +109,15 @@ else
   device=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # robust timings on a small, shared CPU
   tests=(-m pytest -q tests/test_models.py)
-  # One compiled bench, training only, of the path the GPU comparison takes (torch.compile of runs
-  # trained together): a cold compile costs ~50 s here, and the dry run has 3 minutes, so the dry
-  # comparison trains its runs together eager.
+  # One compiled bench, training only, of runs trained together (the verdict grid's GPU path; the
+  # plain compiled step is in tests/test_compile.py): a cold compile costs ~50 s here, and the dry
+  # run has 3 minutes, so the dry comparison trains eager.
   target_benches=("dit-tiny||--compile --runs-together 3 --what train")
   benches=("dit-tiny|8|" "dit-tiny|32|" "dit-tiny|8|--runs-together 3" "unet-tiny|8|" "unet-tiny|32|" "dit-mini|8|" "dit-mini|32|"
            "dit-tiny|8|--reference" "unet-tiny|8|--reference" "dit-mini|8|--reference")
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
-  compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5 --runs-together 3)
+  compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
   caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
