@@ -411,8 +411,8 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
                         states[run.run_dir] is not None) for run in training]  # fmt: skip
             started = time.perf_counter()
             diverged = train_together(configs, data_dir=data_dir, device=device)
-            # Wall time beside the runs' train_seconds (their steps only): on a GPU the rest (setup,
-            # checkpoints) can outweigh the steps, and this says by how much.
+            # Each run's train_seconds is its share of the group's steps, so the runs' records do not
+            # show the group's own pace (steps, setup and checkpoints): this line does.
             log(f"{training[0].preset} group: {target.describe()} reached in {time.perf_counter() - started:.1f} s wall")
             for run_dir, error in diverged.items():
                 _record_divergence(run_dir, target, error, device, log)
