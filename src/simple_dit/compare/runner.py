@@ -210,12 +210,14 @@ class _Meters:
     _cache: dict = {}
 
     @classmethod
-    def get(cls, dataset: str, data_dir):
+    def get(cls, dataset: str, data_dir, log):
         from ..evaluate import QualityMeter
 
         key = (dataset, str(data_dir) if data_dir is not None else None)
         if key not in cls._cache:
+            started = time.perf_counter()
             cls._cache[key] = QualityMeter(dataset, data_dir, progress=False)
+            log(f"evaluator ready in {time.perf_counter() - started:.1f} s")  # its classifier and test features
         return cls._cache[key]
 
 
@@ -328,7 +330,7 @@ def _run_one(
             except TrainingDiverged as e:
                 _record_divergence(run_dir, target, e, device, log)
                 return
-        meter = meter or _Meters.get(settings.dataset, data_dir)
+        meter = meter or _Meters.get(settings.dataset, data_dir, log)
         _score_point(run_dir, target, len(targets), settings, seed, meter=meter, device=device, log=log, config=config, wandb=wandb)
     _record_guidance(run_dir, settings, targets, seed)
     _confirm_run(run_dir, settings, targets, seed, meter=meter, data_dir=data_dir, device=device, log=log)
@@ -416,10 +418,7 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
             log(f"{training[0].preset} group: {target.describe()} reached in {time.perf_counter() - started:.1f} s wall")
             for run_dir, error in diverged.items():
                 _record_divergence(run_dir, target, error, device, log)
-        if meter is None:
-            started = time.perf_counter()
-            meter = _Meters.get(settings.dataset, data_dir)
-            log(f"evaluator ready in {time.perf_counter() - started:.1f} s")
+        meter = meter or _Meters.get(settings.dataset, data_dir, log)
         started = time.perf_counter()
         for run in pending:
             if run.run_dir not in diverged:
@@ -460,7 +459,7 @@ def _confirm_run(run_dir: Path, settings: Settings, targets: list[Target], seed:
         log(f"{run_dir.name}: its weights at step {final['step']} are gone; it cannot be confirmed at guidance {g:g}")
         return False
     log(f"{run_dir.name}: confirming guidance {g:g} on {settings.final_n:,} fresh samples")
-    meter = meter or _Meters.get(settings.dataset, data_dir)
+    meter = meter or _Meters.get(settings.dataset, data_dir, log)
     scores = _evaluate(run_dir, settings, meter, device, None, seed + CONFIRM_SEED_OFFSET, n=settings.final_n, guidances=[g])
     scores.pop("by_guidance")
     append_jsonl(run_dir / CONFIRM_NAME, _confirmation_key(settings, final, g) | scores | {"seed": seed + CONFIRM_SEED_OFFSET})
@@ -722,7 +721,7 @@ def _report(out_dir: Path, settings: Settings, plan: list[PlannedRun], stats: di
     def score_floor(key: str) -> None:
         nonlocal meter
         n, seed = specs[key]
-        meter = meter or _Meters.get(settings.dataset, data_dir)
+        meter = meter or _Meters.get(settings.dataset, data_dir, log)
         floors[key] = {k: v for k, v in dataclasses.asdict(meter.floor(n, seed=seed)).items() if v is not None} | {"seed": seed}
 
     if "floor" not in floors:
