@@ -13,9 +13,10 @@
 # The steps run one at a time (timings stay clean), most wanted first: environment, the compiled
 # benches (issue 8's targets), the tests (does the suite pass on a GPU), the comparison (--compile,
 # each run's step one CUDA graph: the article's experiment), the other benches (9 runs trained together first;
-# the eager ones repeat the issue's own table), diffusers; a step that would start with
+# the eager ones repeat the issue's own table), diffusers, then where each target's step spends its
+# time (bench/step_parts.py: its parts, its kernels by kind); a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
-# kinds (env, bench-compile, bench, compare, tests, diffusers, verdict). GPU_CHECK_RESUME=1 keeps
+# kinds (env, bench-compile, bench, compare, tests, diffusers, parts, verdict). GPU_CHECK_RESUME=1 keeps
 # DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
 # "resumed": its seconds are this call's only); without it the comparison starts afresh.
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
@@ -98,11 +99,12 @@ if [ "$mode" = gpu ]; then
            "dit-seed||--reference" "unet-seed||--reference" "dit-mini||--reference")
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
+  parts=("dit-mini||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-seed||--compile")  # the targets, furthest missed first
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
-  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 compare=300 verdict=600)
+  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
 else
@@ -117,8 +119,9 @@ else
            "dit-tiny|8|--reference" "unet-tiny|8|--reference" "dit-mini|8|--reference")
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
+  parts=("dit-tiny|8|" "unet-tiny|8|")
   compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
-  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 compare=120 verdict=120)
+  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
            "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
@@ -160,6 +163,10 @@ add_step tests tests "$py" "${tests[@]}"
 add_step compare-article compare "${cli[@]}" compare "${compare[@]}" --device "$device" --out "$out/compare"
 add_benches "${benches[@]}"
 add_step diffusers-compare diffusers "$py" "${diffusers[@]}"
+for spec in "${parts[@]}"; do
+  IFS='|' read -r preset batch extra <<<"$spec"
+  add_step "parts-$preset-b${batch:-preset}" parts "$py" bench/step_parts.py --preset "$preset" ${batch:+--batch-size "$batch"} --device "$device" $extra
+done
 want_verdict=false
 case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) want_verdict=true ;; esac
 if $want_verdict; then add_step verdict-grid verdict "${verdict[@]}"; fi
@@ -172,7 +179,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, verdict)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, verdict)" >&2
     exit 2
   fi
   steps=("${kept[@]}")
@@ -292,6 +299,7 @@ BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "run
               "peak_gpu_mb", "peak_rss_mb")
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
+PARTS_KEYS = ("preset", "batch_size", "cuda_graph", "step_ms", "forward_backward_ms", "optimizer_ms", "images_per_s", "profile")
 
 
 def last_json(path):
@@ -310,9 +318,9 @@ def last_json(path):
 
 
 def numbers(kind, log):
-    if kind in ("env", "bench", "bench-compile", "diffusers"):
+    if kind in ("env", "bench", "bench-compile", "diffusers", "parts"):
         found = last_json(log)
-        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS}.get(kind)
+        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
         return found if found is None or keys is None else {k: found[k] for k in keys if k in found}
     if kind == "tests":
         try:

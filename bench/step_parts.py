@@ -1,0 +1,122 @@
+"""Where one training step's time goes, for the step training takes (``make_step``: with
+``--compile``, the compiled network and, on a GPU, the forward and backward passes replayed as one
+CUDA graph, the optimiser eager after it). Issue 8's GPU targets were missed by 1-16% with that
+step; this says which part to work on before trying a lever.
+
+    .venv/bin/python bench/step_parts.py --preset dit-mini [--batch-size 32] [--compile] [--device cuda]
+
+Times, medians of ``--repeats`` after warm-up: the whole step; its forward and backward (the
+graph's replay, or the eager passes); the optimiser step alone. Then one profiled step: how many
+kernels it launches on the GPU (on a CPU, operators) and their summed time by kind (matrix
+products, attention, fused/elementwise, the optimiser, the rest). The last line is one JSON object.
+"""
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import torch
+
+from simple_dit.bench import median_seconds
+from simple_dit.config import get_preset
+from simple_dit.diffusion import make_process
+from simple_dit.models import build_model
+from simple_dit.runtime import autocast, device_name, parse_device
+from simple_dit.train import CapturedStep, make_optimizer, make_step, training_precision
+
+# Substrings of kernel (or operator) names, the first kind that matches wins: cuDNN's convolutions
+# (their kernels are implicit GEMMs too), cuBLAS/cuBLASLt/CUTLASS products, fused attention,
+# AdamW's multi-tensor kernels; everything else (inductor's fused kernels, eager elementwise) is other.
+KINDS = (
+    ("convolution", ("conv", "cudnn", "fprop", "dgrad", "wgrad", "winograd")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in lowered for k in keys)), "other")
+
+
+def profile_step(run_step, x, y, device: torch.device, steps: int = 3) -> dict:
+    """A step's GPU kernels (on a CPU, its operators) counted, and their own time (not their
+    children's) summed by kind, in milliseconds; means over ``steps`` profiled steps, after one
+    step that warms the profiler up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    for profiled in (1, steps):  # the first profile only warms the profiler up
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(profiled):
+                run_step(x, y)
+            if gpu:
+                torch.cuda.synchronize(device)
+    counts, ms = Counter(), Counter()
+    for event in prof.events():
+        if (event.device_type == torch.autograd.DeviceType.CUDA) != gpu:
+            continue
+        kind = kind_of(event.name)
+        counts[kind] += 1
+        ms[kind] += (getattr(event, "device_time", None) or event.cuda_time if gpu else event.self_cpu_time_total) / 1e3
+    return {
+        "launches": round(sum(counts.values()) / steps), "count_by_kind": {k: round(v / steps) for k, v in counts.items()},
+        "ms_by_kind": {k: round(v / steps, 3) for k, v in ms.items()},
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="dit-mini")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device")
+    args = ap.parse_args()
+    config = get_preset(args.preset)
+    dev = parse_device(args.device)
+    precision = training_precision(config.train.precision, dev)
+    batch = args.batch_size or config.train.batch_size
+    torch.manual_seed(0)
+    model = build_model(config.model).to(dev).train()
+    diffusion = make_process(config.diffusion).ready_for(dev)
+    optimizer = make_optimizer(model, config, dev)
+    x = torch.randn(batch, config.model.in_channels, config.model.input_size, config.model.input_size, device=dev)
+    y = torch.randint(0, config.model.num_classes, (batch,), device=dev)
+    start = time.perf_counter()
+    run_step, _ = make_step(model, model, diffusion, optimizer, x, y, precision=precision, grad_clip=config.train.grad_clip,
+                            compile=args.compile, capture=args.compile and dev.type == "cuda")  # fmt: skip
+    set_up_s = time.perf_counter() - start
+    captured = isinstance(run_step, CapturedStep)
+
+    def forward_backward() -> None:
+        if captured:
+            run_step.graph.replay()
+            return
+        with autocast(dev, precision):
+            loss = diffusion.training_loss(model, x, y)
+        loss.backward()
+
+    # Measured in that order: the optimiser's step needs the gradients a forward and backward left.
+    step_s = median_seconds(lambda: run_step(x, y), dev, warmup=3, repeats=args.repeats)
+    passes_s = median_seconds(forward_backward, dev, warmup=2, repeats=args.repeats)
+    optimizer_s = median_seconds(optimizer.step, dev, warmup=2, repeats=args.repeats)
+    result = {
+        "preset": args.preset, "batch_size": batch, "precision": precision, "device": device_name(dev), "torch": torch.__version__,
+        "compiled": args.compile, "cuda_graph": captured, "set_up_s": round(set_up_s, 2),
+        "step_ms": round(step_s * 1e3, 3), "forward_backward_ms": round(passes_s * 1e3, 3), "optimizer_ms": round(optimizer_s * 1e3, 3),
+        "images_per_s": round(batch / step_s, 1),
+    }  # fmt: skip
+    result["profile"] = profile_step(run_step, x, y, dev)
+    print(f"{args.preset} batch {batch} ({precision}, {'compiled' if args.compile else 'eager'}{', one CUDA graph' if captured else ''}) "
+          f"on {result['device']}: step {result['step_ms']} ms = {result['images_per_s']:,.0f} images/s; forward+backward "
+          f"{result['forward_backward_ms']} ms, optimiser {result['optimizer_ms']} ms")  # fmt: skip
+    for kind, ms in sorted(result["profile"]["ms_by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:12s} {result['profile']['count_by_kind'][kind]:5d} launches  {ms:9.3f} ms")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
