@@ -227,3 +227,38 @@ def test_the_batched_step_uses_no_kernel_that_vmap_cannot_batch_on_cuda(preset):
     assert "addmm" in ops.names or "convolution" in ops.names  # the mode saw the step
     unbatchable = {name for name in ops.names if "batch_norm" in name or "attention" in name}
     assert not unbatchable, unbatchable
+
+
+def test_a_stop_on_a_checkpoint_step_writes_that_checkpoint_once(tmp_path, mnist_dir, monkeypatch):
+    """The end of a run checkpoints only what the last periodic checkpoint did not: it used to
+    write a stop on a checkpoint step twice (dit-seed's is 0.5 GB), and a kill in the second write
+    left its temporary file beside a finished run."""
+    import simple_dit.batched as batched
+    import simple_dit.train as training
+
+    written = []
+
+    def counting(save):
+        def save_checkpoint(out_dir, **parts):
+            written.append((out_dir.name, parts["train_state"]["step"]))
+            return save(out_dir, **parts)
+
+        return save_checkpoint
+
+    monkeypatch.setattr(training, "save_checkpoint", counting(training.save_checkpoint))
+    monkeypatch.setattr(batched, "save_checkpoint", counting(batched.save_checkpoint))
+    config = _config("dit-tiny", lr=1e-3, seed=0, steps=4)
+    config.train.checkpoint_every = 2
+    train(config, tmp_path / "alone", progress=False, device="cpu", final_samples=False)
+    assert written == [("alone", 2), ("alone", 4)]
+    written.clear()
+    group = _group("dit-tiny", tmp_path, "together", steps=4)
+    for run_config, _, _ in group:
+        run_config.train.checkpoint_every = 2
+    assert train_together(group, device="cpu") == {}
+    assert sorted(written) == [("together0", 2), ("together0", 4), ("together1", 2), ("together1", 4)]
+    # A stop between checkpoint steps still ends with its own checkpoint.
+    written.clear()
+    config.train.max_steps = 5
+    train(config, tmp_path / "alone", resume=True, progress=False, device="cpu", final_samples=False)
+    assert written == [("alone", 5)]

@@ -317,7 +317,8 @@ def train_together(
             if run.out_dir in diverged:
                 continue
             try:
-                run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
+                if run.last_checkpoint != run.state.step:  # a stop on a checkpoint step has it written already
+                    run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
                 run.log_window(len(dataset), together)  # the last, partial window
             except TrainingDiverged as e:
                 diverged[run.out_dir] = e

@@ -699,7 +699,7 @@ def train(
             if due(tc.checkpoint_every):
                 checkpoint()
 
-        if is_main:
+        if is_main and last_checkpoint != state.step:  # a stop on a checkpoint step has it written already
             checkpoint()  # before the partial window is logged: it stays open for a resumed run
         log_window()  # the last, partial window: a short run still logs its loss and speed
         if is_main:
