@@ -374,6 +374,23 @@ def test_resuming_a_finished_run_writes_nothing(straight, tmp_path):
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
 
 
+def test_a_finished_run_that_lost_its_final_grid_gets_the_same_one_back(straight, tmp_path):
+    """A kill after a run's last checkpoint, while its final grid was drawn, leaves a finished run
+    without it: rerunning the command draws that grid again (the same image) and nothing else."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    final = (out / "samples.png").read_bytes()
+    (out / "samples.png").unlink()
+    subprocess.run(["rm", "-r", str(out / "samples")], check=True)  # the step's grid, which it is copied from
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    resumed = run_cli(*RESUME, "--out", out, "--max-steps", STEPS)
+    assert resumed.returncode == 0 and "nothing to train" in resumed.stderr, resumed.stderr
+    assert (out / "samples.png").read_bytes() == final
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step_{STEPS:07d}.png"]
+    after = {k: v for k, v in snapshot(out).items() if k != ".lock" and not k.startswith("samples")}
+    assert after == before
+
+
 @pytest.mark.parametrize("name", ["samples", "tb", "metrics.jsonl"])
 def test_a_file_in_the_way_of_the_runs_own_is_refused_before_training(name, straight, tmp_path, capsys):
     out = tmp_path / "run"

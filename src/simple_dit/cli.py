@@ -238,7 +238,7 @@ def list_presets() -> str:
 
 
 def cmd_train(args) -> None:
-    from .checkpoint import load_config
+    from .checkpoint import FINAL_GRID_NAME, load_config
     from .train import RESUME_FIXED, train
 
     overrides = {
@@ -279,7 +279,7 @@ def cmd_train(args) -> None:
     path = train(validate_config(config), args.out, resume=args.resume, data_dir=args.data_dir, device=args.device,
                  progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote them
-        print(f"checkpoint: {path}\nsamples: {args.out / 'samples.png'}")
+        print(f"checkpoint: {path}\nsamples: {args.out / FINAL_GRID_NAME}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # train's (under torchrun); NCCL warns at exit about a group left alive
 
@@ -287,14 +287,14 @@ def cmd_train(args) -> None:
 def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
     """A UserError where ``png`` is a grid a run writes (final, periodic or an evaluation point's)
     or a figure of a comparison's report: writing over it would lose it without a word."""
-    from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME
+    from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, FINAL_GRID_NAME
     from .compare.runner import SETTINGS_NAME
 
     def is_run(d: Path) -> bool:  # a comparison's finished runs keep their config, not their weights
         return (d / CHECKPOINT_NAME).is_file() or (d / CONFIG_NAME).is_file()
 
     parent = png.parent
-    owner = ("the run's own final grid" if png.name == "samples.png" and is_run(parent)
+    owner = ("the run's own final grid" if png.name == FINAL_GRID_NAME and is_run(parent)
              else "one of the run's grids" if parent.name in ("samples", "eval_samples") and is_run(parent.parent)
              else "a figure of the comparison's report" if png.exists() and (parent / SETTINGS_NAME).is_file() else None)  # fmt: skip
     if owner:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights
 from .config import RunConfig, validate_config
 from .errors import UserError
-from .io import atomic_write, ensure_writable_dir, is_temporary, write_json
+from .io import atomic_copy, atomic_write, ensure_writable_dir, is_temporary, write_json
 from .runtime import all_finite, is_integer
 
 EXPORT_FORMAT = "simple-dit-export/1"
@@ -97,7 +96,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     write_json(out_dir / CONFIG_NAME, config.to_dict())
     guidance = source / GUIDANCE_NAME  # the guidance picked for the run: an export samples as its run does
     if guidance.is_file():
-        atomic_write(out_dir / GUIDANCE_NAME, lambda tmp: shutil.copyfile(guidance, tmp))
+        atomic_copy(guidance, out_dir / GUIDANCE_NAME)
     else:  # not the pick of an export this one replaces
         (out_dir / GUIDANCE_NAME).unlink(missing_ok=True)
     return path

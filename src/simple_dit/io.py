@@ -60,6 +60,11 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_copy(source: Path, path: Path) -> None:
+    """Copy ``source`` to ``path`` with ``atomic_write``: a reader never sees half a copy."""
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def replace_set(directory: Path, names: list[str], write) -> list[Path]:
     """Write files that belong together (``sample``'s grid, arrays and animation) as one set:
     ``write(staging)`` writes those of ``names`` it makes, by their own names, into a temporary

@@ -277,6 +277,7 @@ def _thin(records: list[dict], limit: int = MAX_CURVE_POINTS) -> list[dict]:
 def run_record(run_dir: Path | None) -> dict:
     """What /api/run returns: the training and evaluation records of metrics.jsonl (thinned to
     MAX_CURVE_POINTS each), guidance.json and the final sample grid, as far as they exist."""
+    from .checkpoint import FINAL_GRID_NAME
     from .evaluate import GUIDANCE_NAME
     from .io import read_jsonl
     from .logger import METRICS_NAME, is_eval_record
@@ -293,7 +294,7 @@ def run_record(run_dir: Path | None) -> dict:
             out["guidance"] = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             out["guidance"] = {"error": f"{GUIDANCE_NAME} is damaged ({e})"}
-    if (run_dir / "samples.png").is_file():
+    if (run_dir / FINAL_GRID_NAME).is_file():
         out["samples"] = "/files/samples.png"
     return out
 

@@ -24,12 +24,14 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, check_not_inside_a_run, load_training_state, read_config_json, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME, CONFIG_NAME, FINAL_GRID_NAME, check_not_inside_a_run, load_training_state, read_config_json, save_checkpoint,
+)  # fmt: skip
 from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
-from .io import LOCK_NAME, DirectoryLock, ensure_writable_dir, is_temporary, read_jsonl, write_json
+from .io import LOCK_NAME, DirectoryLock, atomic_copy, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, is_eval_record, truncate_metrics
 from .models import build_model
 from .runtime import (
@@ -576,8 +578,23 @@ def train(
             check_resumable(config, out_dir)
 
         model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, stop_step=max_steps)
+        # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
+        ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
+        grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
+
+        def grid_path() -> Path:  # the periodic grid of the current step
+            return out_dir / "samples" / f"step_{state.step:07d}.png"
+
+        def draw_grid() -> tuple[Path, torch.Tensor]:
+            images = ema_pipe(labels=grid_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
+            return ema_pipe.save_grid(images, grid_labels, grid_path()), images
+
         if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
-            if is_main:  # rerunning a finished command is not an error, and must not redo its last checkpoint
+            # Rerunning a finished command is not an error, and must not redo its last checkpoint;
+            # only the final grid, where a kill after that checkpoint took it, is made (the same one).
+            if is_main and final_samples and not (out_dir / FINAL_GRID_NAME).is_file():
+                atomic_copy(grid_path() if grid_path().is_file() else draw_grid()[0], out_dir / FINAL_GRID_NAME)
+            if is_main:
                 print(f"simple-dit: {out_dir} is already at its stop (step {state.step}); nothing to train. "
                       "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
             return out_dir / CHECKPOINT_NAME
@@ -595,9 +612,6 @@ def train(
             record_start(config, out_dir, state)
             recorded = True
         signals = cleanup.enter_context(StopSignals())
-        # Grids and evaluations sample from the EMA weights; the pipeline holds them by reference.
-        ema_pipe = Pipeline(config, ema, device=device, precision=precision, class_names=dataset.class_names)
-        grid_labels = torch.arange(config.model.num_classes).repeat_interleave(8)
         window, last_checkpoint, meter = _Window.resumed(state.open_window), (state.step if resume else None), None
 
         def log_window() -> None:
@@ -616,14 +630,10 @@ def train(
             save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
             last_checkpoint = state.step
 
-        def grid_path() -> Path:  # the periodic grid of the current step
-            return out_dir / "samples" / f"step_{state.step:07d}.png"
-
         def sample_grid() -> Path:
-            images = ema_pipe(labels=grid_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
-            grid = ema_pipe.grid(images, grid_labels)
-            logger.image("samples", grid, state.step)
-            return ema_pipe.save_grid(images, grid_labels, grid_path())
+            path, images = draw_grid()
+            logger.image("samples", ema_pipe.grid(images, grid_labels), state.step)
+            return path
 
         def evaluate() -> None:
             nonlocal meter
@@ -704,7 +714,7 @@ def train(
         log_window()  # the last, partial window: a short run still logs its loss and speed
         if is_main:
             if final_samples:
-                shutil.copyfile(sample_grid(), out_dir / "samples.png")
+                atomic_copy(sample_grid(), out_dir / FINAL_GRID_NAME)
     if world > 1:
         import torch.distributed as dist
 

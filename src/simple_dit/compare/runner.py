@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..checkpoint import CHECKPOINT_NAME, check_not_inside_a_run
+from ..checkpoint import CHECKPOINT_NAME, FINAL_GRID_NAME, check_not_inside_a_run
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import TrainingDiverged, UserError
 from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, check_floor_count, pick_guidance, write_guidance
 from ..extras import require
-from ..io import LOCK_NAME, DirectoryLock, append_jsonl, ensure_writable_dir, is_temporary, read_jsonl, write_json
+from ..io import LOCK_NAME, DirectoryLock, append_jsonl, atomic_copy, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from ..logger import WandbOptions
 from ..runtime import is_integer
 from .budget import (
@@ -348,7 +348,7 @@ def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
         if records or read_confirmations(run_dir):  # scored from a checkpoint, so its weights were deleted since
             raise UserError(f"{run_dir / EVALS_NAME} has no record of evaluation point {todo[0].point} ({todo[0].describe()}) and the "
                             f"run's weights are gone: restore the file, or delete {run_dir} to train the run again")  # fmt: skip
-        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME, "samples.png"):
+        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME, FINAL_GRID_NAME):
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "eval_samples", ignore_errors=True)
         return todo
@@ -381,7 +381,7 @@ def _score_point(run_dir: Path, target: Target, n_targets: int, settings: Settin
     scores = _evaluate(run_dir, settings, meter, device, grid, seed)
     record = _point_record(target, state, device) | scores | {"grid": str(grid.relative_to(run_dir))}
     append_jsonl(run_dir / EVALS_NAME, record)
-    shutil.copyfile(grid, run_dir / "samples.png")
+    atomic_copy(grid, run_dir / FINAL_GRID_NAME)
     if wandb is not None:
         _wandb_evaluation(run_dir, config, wandb, record, grid)
     acc = record.get("label_accuracy")
