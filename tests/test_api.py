@@ -6,7 +6,6 @@ had been written."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 

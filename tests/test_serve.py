@@ -247,8 +247,8 @@ def test_bad_generate_requests_get_400_with_a_json_error(server, body, fragment)
 def test_malformed_http_gets_a_json_error(server):
     host = f"Host: {server.server_address[0]}\r\nContent-Type: application/json"
     cases = [
-        (f"POST /api/generate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode(), 415),  # not declared JSON
-        (f"POST /api/generate HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}".encode(), 415),
+        (b"POST /api/generate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 415),  # not declared JSON
+        (b"POST /api/generate HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}", 415),
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\n\r\n".encode(), 411),  # no Content-Length
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: abc\r\n\r\n".encode(), 400),
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: -5\r\n\r\n".encode(), 400),
