@@ -166,6 +166,11 @@ def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
             if kills < 7:
                 kills += _kill_when(proc, out, rng)
             proc.communicate(timeout=120)
+        # A kill after the last checkpoint (in the final grid's copy) leaves its temporary file and
+        # no samples.png: rerunning the finished command clears the one and makes the other.
+        rerun = run_cli(*RESUME, "--out", out, "--max-steps", STEPS)
+        assert rerun.returncode == 0 and "nothing to train" in rerun.stderr, rerun.stderr
+        assert (out / "samples.png").read_bytes() == (straight / "samples.png").read_bytes()
         assert_same_weights(out, straight)
         steps = [r["step"] for r in strict_json_lines(out / "metrics.jsonl") if "loss" in r]
         assert steps == sorted(set(steps)) and steps[-1] == STEPS
