@@ -24,7 +24,7 @@ from simple_dit.bench import median_seconds
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.runtime import autocast, device_name, parse_device
+from simple_dit.runtime import autocast, device_name, keep_freed_memory, parse_device
 from simple_dit.train import CapturedStep, make_optimizer, make_step, training_precision
 
 # Substrings of kernel (or operator) names; the first kind that matches wins. Attention comes first:
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device")
     args = ap.parse_args()
+    keep_freed_memory()  # as the command line does: large CPU buffers are reused, not given back each step
     config = get_preset(args.preset)
     dev = parse_device(args.device)
     precision = training_precision(config.train.precision, dev)
