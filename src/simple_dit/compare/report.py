@@ -7,14 +7,13 @@ from __future__ import annotations
 import base64
 import html
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
 from ..evaluate import BOOTSTRAP_LEVEL, GUIDANCE_RULE, SIGNIFICANCE
 from ..extras import require
-from ..io import atomic_write, ensure_writable_dir, write_json
+from ..io import atomic_copy, atomic_write, ensure_writable_dir, write_json
 
 GRID_PER_CLASS = 8
 
@@ -261,7 +260,7 @@ def _sample_grid(out_dir: Path, entry: dict, results: dict) -> Path | None:
     dest = out_dir / f"samples_{_slug(entry)}.png"
     src = run_dir / best["final"].get("grid", "")
     if best["final"].get("grid") and src.is_file():
-        shutil.copyfile(src, dest)
+        atomic_copy(src, dest)
         return dest
     from ..diffusion import GUIDE_EVERY_STEP
     from ..sample import Pipeline
