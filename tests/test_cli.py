@@ -337,6 +337,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["eval", "{run}/s.npz", "--guidance", "2"], "--guidance says how to draw samples from a run"),
         (["eval", "{run}/s.npz", "--n", "7"], "--n says how to draw samples from a run"),
         (["eval", "{run}/s.npz", "--seed", "0"], "--seed says how to draw samples from a run"),
+        (["eval", "{run}/s.npz", "--device", "banana"], "--device says how to draw samples from a run"),  # it was ignored, even when no device
         (["eval", "{run}", "--n", "6", "--bootstrap", "-1"], "argument --bootstrap: must be at least 0, got -1"),
         (["sample", "{run}", "--out", "{tmp}/x", "--per-class", "0"], "argument --per-class: must be positive"),
         (["sample", "{run}", "--out", "{tmp}/x", "--batch-size", "2.5"], "argument --batch-size: must be an integer, got '2.5'"),

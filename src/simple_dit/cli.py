@@ -134,7 +134,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--dataset", choices=list(DATASETS), help="for an .npz (default mnist); a run knows its own")
     p.add_argument("--data-dir", type=_nonempty)
-    p.add_argument("--device", type=_nonempty)
+    p.add_argument("--device", type=_nonempty, help="where a run's samples are drawn (default: cuda if available); the scoring runs on the CPU")
     p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
     p.add_argument("--bootstrap", type=_count(0, MAX_BOOTSTRAP), default=None,
                    help=f"bootstrap resamples of the confidence intervals (default 200, at most {MAX_BOOTSTRAP:,}; 0 = none)")
@@ -384,7 +384,8 @@ def cmd_eval(args) -> None:
             raise UserError(f"{'--plot' if args.plot is not None else 'a --guidance list'} needs a run directory to sample from, not an .npz")
         drawing = [flag for flag, given in (("--sampler", args.sampler is not None), ("--steps", args.steps is not None),
                                             ("--guidance", guidances is not None), ("--n", args.n is not None),
-                                            ("--seed", args.seed is not None), ("--no-ema", args.no_ema)) if given]  # fmt: skip
+                                            ("--seed", args.seed is not None), ("--no-ema", args.no_ema),
+                                            ("--device", args.device is not None)) if given]  # fmt: skip
         if drawing:
             raise UserError(f"{drawing[0]} says how to draw samples from a run; an .npz holds its images already")
         images, labels = load_npz(args.source)
