@@ -22,6 +22,8 @@ from .runtime import all_finite, is_integer, rng_state, set_rng_state
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
 FINAL_GRID_NAME = "samples.png"  # the run's last grid (in a comparison's runs, its last evaluation point's)
+
+
 def _optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for idx, state in opt_state["state"].items():
