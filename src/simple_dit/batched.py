@@ -81,6 +81,8 @@ class _Run:
         self.window = _Window()
 
     def checkpoint(self, device: torch.device) -> None:
+        if self.last_checkpoint == self.state.step:  # written already (a stop on a checkpoint step): nothing has changed since
+            return
         self.window.check_finite(self.state, self.last_checkpoint)
         self.state.open_window = self.window.saved()
         with self.own_rng(device):  # the checkpoint stores the global RNG: this run's
@@ -317,8 +319,7 @@ def train_together(
             if run.out_dir in diverged:
                 continue
             try:
-                if run.last_checkpoint != run.state.step:  # a stop on a checkpoint step has it written already
-                    run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
+                run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
                 run.log_window(len(dataset), together)  # the last, partial window
             except TrainingDiverged as e:
                 diverged[run.out_dir] = e

@@ -295,7 +295,7 @@ def run_record(run_dir: Path | None) -> dict:
         except (OSError, ValueError) as e:
             out["guidance"] = {"error": f"{GUIDANCE_NAME} is damaged ({e})"}
     if (run_dir / FINAL_GRID_NAME).is_file():
-        out["samples"] = "/files/samples.png"
+        out["samples"] = f"/files/{FINAL_GRID_NAME}"
     return out
 
 

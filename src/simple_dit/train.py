@@ -625,6 +625,8 @@ def train(
 
         def checkpoint() -> None:
             nonlocal last_checkpoint
+            if last_checkpoint == state.step:  # written already (a stop on a checkpoint step): nothing has changed since
+                return
             window.check_finite(state, last_checkpoint)
             state.open_window = window.saved()
             save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
@@ -709,7 +711,7 @@ def train(
             if due(tc.checkpoint_every):
                 checkpoint()
 
-        if is_main and last_checkpoint != state.step:  # a stop on a checkpoint step has it written already
+        if is_main:
             checkpoint()  # before the partial window is logged: it stays open for a resumed run
         log_window()  # the last, partial window: a short run still logs its loss and speed
         if is_main:
