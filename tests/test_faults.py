@@ -63,14 +63,14 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:
 
 
 def refused(capsys, *args, fragment: str) -> None:
-    """``simple-dit ARGS`` fails with one error line, its last, that says ``fragment``. Run in this
-    process: a refusal needs no process of its own (the kills and signals do)."""
+    """``simple-dit ARGS`` fails as ``assert_user_error`` asks, with ``fragment`` in its error line.
+    Run in this process: a refusal needs no process of its own (the kills and signals do)."""
     from simple_dit.cli import main
 
-    assert main([str(a) for a in args]) != 0
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("simple-dit: error:")]
-    assert errors == lines[-1:] and fragment in errors[0], lines
+    argv = [str(a) for a in args]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(argv, code, captured.out, captured.err), fragment)
 
 
 def checkpoint_step(run: Path) -> int:
