@@ -44,12 +44,14 @@ RESUME_TOLERANCE = {"cpu": 0.0, "cuda": 2e-3}
 
 
 def repeatable(device: str, preset: str, precision: str) -> bool:
-    """Whether two identical runs train the same weights (up to RESUME_TOLERANCE). Not a UNet in
-    fp32 on CUDA: on an H200 (2026-12-04) two identical 12-step unet-tiny runs differed by up to
+    """Whether two identical runs train the same weights (up to RESUME_TOLERANCE). Not a UNet on
+    CUDA: on an H200 (2026-12-04) two identical 12-step unet-tiny runs in fp32 differed by up to
     0.011 in a weight with TF32 (0.004 without it, as much with cudnn.deterministic) and by 3e-4 in
-    a loss, while the UNet in bf16 and the DiT in fp32 repeated bit for bit; a resumed run was no
-    further from the straight one (0.008) than the repeat was."""
-    return not (device == "cuda" and preset.startswith("unet") and precision == "fp32")
+    a loss; in bf16 they mostly repeat bit for bit, but one run in two of the resume test (later the
+    same day) drifted by 0.0033, the same number each time: atomics' order rarely flips one bf16
+    rounding, and the runs then part. The DiT repeated bit for bit in both precisions; a resumed
+    UNet run was no further from the straight one (0.008) than the repeat was."""
+    return not (device == "cuda" and preset.startswith("unet"))
 
 
 def resume_tolerance(device: str, preset: str, precision: str) -> float:

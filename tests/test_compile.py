@@ -201,9 +201,10 @@ def test_a_captured_step_trains_the_uncaptured_steps(preset, precision):
         torch.manual_seed(10 + i)
         loss, norm = step(x0, y)
         # Tight: other noise would move an 8-image loss by ~2%, but the kernels are the same ones
-        # (only atomics' summation order may differ, which moves an fp32 UNet's by ~3e-4).
-        spread = 1e-4 if repeatable("cuda", preset, precision) else 1e-3
-        assert loss.item() == pytest.approx(want_loss.item(), rel=spread) and norm.item() == pytest.approx(want_norm.item(), rel=10 * spread)
+        # (only atomics' summation order may differ, which moved an fp32 UNet's by 3e-4 to 1.3e-3
+        # on an H200 after a few steps at this learning rate).
+        loss_spread, norm_spread = (1e-4, 1e-3) if repeatable("cuda", preset, precision) else (5e-3, RECORDS_SPREAD)
+        assert loss.item() == pytest.approx(want_loss.item(), rel=loss_spread) and norm.item() == pytest.approx(want_norm.item(), rel=norm_spread)
     # Four Adam steps of up to 1e-2 each: where runs do not repeat, rounding can move a weight by as much.
     weights_spread = 1e-4 if repeatable("cuda", preset, precision) else 4e-2
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
