@@ -8,9 +8,9 @@ step; this says which part to work on before trying a lever.
 Times, medians of ``--repeats`` after warm-up: the whole step; its forward and backward (the
 graph's replay, or the eager passes); the optimiser step alone. Then one profiled step: how many
 kernels it launches on the GPU (on a CPU, operators) and their summed time by kind (matrix
-products, attention, inductor's fused kernels, convolutions, the optimiser, copies, the rest). On a
-CPU the profile counts every operator, nested ones too, and the profiler's own cost inflates their
-times: read it for proportions. The last line is one JSON object.
+products, attention, inductor's fused kernels, convolutions, the optimiser, copies, the rest) and
+the kernels that took longest, by name. On a CPU the profile counts every operator, nested ones
+too, and the profiler's own cost inflates their times: read it for proportions. The last line is one JSON object.
 """
 
 import argparse
@@ -46,10 +46,11 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in lowered for k in keys)), "other")
 
 
-def profile_step(run_step, x, y, device: torch.device, steps: int = 3) -> dict:
+def profile_step(run_step, x, y, device: torch.device, steps: int = 3, top: int = 15) -> dict:
     """A step's GPU kernels (on a CPU, its operators) counted, and their own time (not their
     children's) summed by kind, in milliseconds; means over ``steps`` profiled steps, after one
-    step that warms the profiler up."""
+    step that warms the profiler up. Also the ``top`` kernels by time, by name: a kind's total
+    does not say which fused kernel to shrink (inductor names each after the ops it fuses)."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = device.type == "cuda"
@@ -59,16 +60,21 @@ def profile_step(run_step, x, y, device: torch.device, steps: int = 3) -> dict:
                 run_step(x, y)
             if gpu:
                 torch.cuda.synchronize(device)
-    counts, ms = Counter(), Counter()
+    counts, ms, name_counts, name_ms = Counter(), Counter(), Counter(), Counter()
     for event in prof.events():
         if (event.device_type == torch.autograd.DeviceType.CUDA) != gpu:
             continue
         kind = kind_of(event.name)
+        event_ms = (getattr(event, "device_time", None) or event.cuda_time if gpu else event.self_cpu_time_total) / 1e3
         counts[kind] += 1
-        ms[kind] += (getattr(event, "device_time", None) or event.cuda_time if gpu else event.self_cpu_time_total) / 1e3
+        ms[kind] += event_ms
+        name_counts[event.name] += 1
+        name_ms[event.name] += event_ms
     return {
         "launches": round(sum(counts.values()) / steps), "count_by_kind": {k: round(v / steps) for k, v in counts.items()},
         "ms_by_kind": {k: round(v / steps, 3) for k, v in ms.items()},
+        "top_kernels": [{"name": name[:160], "kind": kind_of(name), "launches": round(name_counts[name] / steps), "ms": round(total / steps, 3)}
+                        for name, total in name_ms.most_common(top)],
     }  # fmt: skip
 
 
@@ -125,6 +131,9 @@ def main() -> None:
           f"{'not timed apart' if passes_s is None else str(result['forward_backward_ms']) + ' ms'}, optimiser {result['optimizer_ms']} ms")  # fmt: skip
     for kind, ms in sorted(result["profile"]["ms_by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {result['profile']['count_by_kind'][kind]:5d} launches  {ms:9.3f} ms")
+    print("the kernels that took longest:")
+    for kernel in result["profile"]["top_kernels"]:
+        print(f"  {kernel['ms']:9.3f} ms  {kernel['launches']:4d}x  {kernel['kind']:11s} {kernel['name'][:110]}")
     print(json.dumps(result))
 
 

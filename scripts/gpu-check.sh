@@ -14,9 +14,11 @@
 # benches (issue 8's targets), the tests (does the suite pass on a GPU), the comparison (--compile,
 # each run's step one CUDA graph: the article's experiment), the other benches (9 runs trained together first;
 # the eager ones repeat the issue's own table), diffusers, then where each target's step spends its
-# time (bench/step_parts.py: its parts, its kernels by kind); a step that would start with
+# time (bench/step_parts.py: its parts, its kernels by kind and by name), and last one compiled
+# bench again with inductor's autotuned kernels (TORCHINDUCTOR_MAX_AUTOTUNE=1: Triton matrix-product
+# templates, which can absorb the elementwise work around them); a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
-# kinds (env, bench-compile, bench, compare, tests, diffusers, parts, verdict). GPU_CHECK_RESUME=1 keeps
+# kinds (env, bench-compile, bench, compare, tests, diffusers, parts, bench-autotune, verdict). GPU_CHECK_RESUME=1 keeps
 # DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
 # "resumed": its seconds are this call's only); without it the comparison starts afresh.
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
@@ -100,11 +102,14 @@ if [ "$mode" = gpu ]; then
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
   parts=("dit-mini||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-seed||--compile")  # the targets, furthest missed first
+  # On the H200 (2026-12-04) half of dit-seed's compiled step at batch 1024 was inductor's fused
+  # elementwise kernels (16 of 33 ms), a third matrix products: 26% of peak where 40% is asked.
+  autotune=("dit-seed|1024|--compile")
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
-  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 compare=300 verdict=600)
+  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 bench-autotune=300 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
 else
@@ -120,8 +125,9 @@ else
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
   parts=("dit-tiny|8|" "unet-tiny|8|")
+  autotune=("dit-tiny|8|--compile --what train")
   compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
-  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 compare=120 verdict=120)
+  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 bench-autotune=90 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
            "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
@@ -167,6 +173,11 @@ for spec in "${parts[@]}"; do
   IFS='|' read -r preset batch extra <<<"$spec"
   add_step "parts-$preset-b${batch:-preset}" parts "$py" bench/step_parts.py --preset "$preset" ${batch:+--batch-size "$batch"} --device "$device" $extra
 done
+for spec in "${autotune[@]}"; do
+  IFS='|' read -r preset batch extra <<<"$spec"
+  add_step "bench-$preset-b${batch:-preset}-compile-autotune" bench-autotune env TORCHINDUCTOR_MAX_AUTOTUNE=1 \
+    "${cli[@]}" bench --preset "$preset" ${batch:+--batch-size "$batch"} --repeats "$bench_repeats" --device "$device" $extra
+done
 want_verdict=false
 case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) want_verdict=true ;; esac
 if $want_verdict; then add_step verdict-grid verdict "${verdict[@]}"; fi
@@ -179,7 +190,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, verdict)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, bench-autotune, verdict)" >&2
     exit 2
   fi
   steps=("${kept[@]}")
@@ -318,10 +329,15 @@ def last_json(path):
 
 
 def numbers(kind, log):
-    if kind in ("env", "bench", "bench-compile", "diffusers", "parts"):
+    if kind in ("env", "bench", "bench-compile", "bench-autotune", "diffusers", "parts"):
         found = last_json(log)
-        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
-        return found if found is None or keys is None else {k: found[k] for k in keys if k in found}
+        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "bench-autotune": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
+        if found is None or keys is None:
+            return found
+        picked = {k: found[k] for k in keys if k in found}
+        if isinstance(picked.get("profile"), dict):  # the kernels by name stay in the log: the last line must stay short
+            picked["profile"] = {k: v for k, v in picked["profile"].items() if k != "top_kernels"}
+        return picked
     if kind == "tests":
         try:
             text = open(log, errors="replace").read()
