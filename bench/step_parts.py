@@ -4,16 +4,23 @@ CUDA graph, the optimiser eager after it). Issue 8's GPU targets were missed by 
 step; this says which part to work on before trying a lever.
 
     .venv/bin/python bench/step_parts.py --preset dit-mini [--batch-size 32] [--compile] [--device cuda]
+        [--inductor combo_kernels=True ...]
 
 Times, medians of ``--repeats`` after warm-up: the whole step; its forward and backward (the
 graph's replay, or the eager passes); the optimiser step alone. Then one profiled step: how many
 kernels it launches on the GPU (on a CPU, operators) and their summed time by kind (matrix
 products, attention, inductor's fused kernels, convolutions, the optimiser, copies, the rest) and
 the kernels that took longest, by name. On a CPU the profile counts every operator, nested ones
-too, and the profiler's own cost inflates their times: read it for proportions. The last line is one JSON object.
+too, and the profiler's own cost inflates their times: read it for proportions. The last line is
+one JSON object.
+
+``--inductor NAME=VALUE`` sets one of ``torch._inductor.config``'s settings before compiling, to
+try a compiler lever without a code change (e.g. ``combo_kernels=True``, which launches
+independent small kernels as one: dit-mini's step was 426 launches of ~2.5 us each on an H200).
 """
 
 import argparse
+import ast
 import json
 import time
 from collections import Counter
@@ -78,6 +85,24 @@ def profile_step(run_step, x, y, device: torch.device, steps: int = 3, top: int 
     }  # fmt: skip
 
 
+def inductor_settings(ap: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """Each ``NAME=VALUE`` set on ``torch._inductor.config`` (VALUE a Python literal, else a string)."""
+    import torch._inductor.config as inductor_config
+
+    settings = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not hasattr(inductor_config, name):
+            ap.error(f"--inductor {pair!r}: expected NAME=VALUE with NAME one of torch._inductor.config's settings")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        setattr(inductor_config, name, value)
+        settings[name] = value
+    return settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
@@ -85,7 +110,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device")
+    ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE", help="set torch._inductor.config.NAME (repeatable)")
     args = ap.parse_args()
+    inductor = inductor_settings(ap, args.inductor)
     keep_freed_memory()  # as the command line does: large CPU buffers are reused, not given back each step
     config = get_preset(args.preset)
     dev = parse_device(args.device)
@@ -121,12 +148,13 @@ def main() -> None:
     optimizer_s = median_seconds(optimizer.step, dev, warmup=2, repeats=args.repeats)
     result = {
         "preset": args.preset, "batch_size": batch, "precision": precision, "device": device_name(dev), "torch": torch.__version__,
-        "compiled": args.compile, "cuda_graph": captured, "set_up_s": round(set_up_s, 2),
+        "compiled": args.compile, "inductor": inductor, "cuda_graph": captured, "set_up_s": round(set_up_s, 2),
         "step_ms": round(step_s * 1e3, 3), "forward_backward_ms": None if passes_s is None else round(passes_s * 1e3, 3), "optimizer_ms": round(optimizer_s * 1e3, 3),
         "images_per_s": round(batch / step_s, 1),
     }  # fmt: skip
     result["profile"] = profile_step(run_step, x, y, dev)
-    print(f"{args.preset} batch {batch} ({precision}, {'compiled' if args.compile else 'eager'}{', one CUDA graph' if captured else ''}) "
+    print(f"{args.preset} batch {batch} ({precision}, {'compiled' if args.compile else 'eager'}{', one CUDA graph' if captured else ''}"
+          f"{''.join(f', {k}={v!r}' for k, v in inductor.items())}) "
           f"on {result['device']}: step {result['step_ms']} ms = {result['images_per_s']:,.0f} images/s; forward+backward "
           f"{'not timed apart' if passes_s is None else str(result['forward_backward_ms']) + ' ms'}, optimiser {result['optimizer_ms']} ms")  # fmt: skip
     for kind, ms in sorted(result["profile"]["ms_by_kind"].items(), key=lambda kv: -kv[1]):

@@ -101,7 +101,11 @@ if [ "$mode" = gpu ]; then
            "dit-seed||--reference" "unet-seed||--reference" "dit-mini||--reference")
   bench_repeats=10
   diffusers=(bench/diffusers_compare.py --preset dit-seed --batch-size 128 --repeats 3 --device cuda)
-  parts=("dit-mini||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-seed||--compile")  # the targets, furthest missed first
+  # The targets, furthest missed first; then dit-mini's step (426 launches of ~2.5 us, 1.05 ms of
+  # kernels in a 1.26 ms step on the H200) with inductor's combo kernels, which launch independent
+  # small kernels as one.
+  parts=("dit-mini||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-seed||--compile"
+         "dit-mini||--compile --inductor combo_kernels=True")
   # On the H200 (2026-12-04) half of dit-seed's compiled step at batch 1024 was inductor's fused
   # elementwise kernels (16 of 33 ms), a third matrix products: 26% of peak where 40% is asked.
   autotune=("dit-seed|1024|--compile")
@@ -171,7 +175,9 @@ add_benches "${benches[@]}"
 add_step diffusers-compare diffusers "$py" "${diffusers[@]}"
 for spec in "${parts[@]}"; do
   IFS='|' read -r preset batch extra <<<"$spec"
-  add_step "parts-$preset-b${batch:-preset}" parts "$py" bench/step_parts.py --preset "$preset" ${batch:+--batch-size "$batch"} --device "$device" $extra
+  suffix=
+  case " $extra " in *" --inductor "*) setting=${extra##*--inductor } suffix="-${setting%%=*}" ;; esac
+  add_step "parts-$preset-b${batch:-preset}$suffix" parts "$py" bench/step_parts.py --preset "$preset" ${batch:+--batch-size "$batch"} --device "$device" $extra
 done
 for spec in "${autotune[@]}"; do
   IFS='|' read -r preset batch extra <<<"$spec"

@@ -49,9 +49,11 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     assert names[-1] == "bench-dit-seed-b1024-compile-autotune" and commands[names[-1]].startswith("env TORCHINDUCTOR_MAX_AUTOTUNE=1 ")
     assert commands[names[-1]].endswith("bench --preset dit-seed --batch-size 1024 --repeats 10 --device cuda --compile")
     assert names[-len(parts) - 1 : -1] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
-        "--preset dit-mini --device cuda --compile", "--preset dit-seed --batch-size 1024 --device cuda --compile",
-        "--preset dit-seed --device cuda --compile", "--preset unet-seed --device cuda --compile",
+        "--preset dit-mini --device cuda --compile", "--preset dit-mini --device cuda --compile --inductor combo_kernels=True",
+        "--preset dit-seed --batch-size 1024 --device cuda --compile", "--preset dit-seed --device cuda --compile",
+        "--preset unet-seed --device cuda --compile",
     ]  # fmt: skip
+    assert "parts-dit-mini-bpreset-combo_kernels" in parts  # a step's name tells the compiler setting it tried
     # Plus one test process per core (at most 8) where the script's Python can import pytest-xdist.
     assert re.search(r"-m pytest -q( -n [1-8])?$", commands["tests"]), commands["tests"]
     benches = [c for n, c in commands.items() if n.startswith("bench-")]
