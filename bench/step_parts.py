@@ -6,8 +6,9 @@ step; this says which part to work on before trying a lever.
     .venv/bin/python bench/step_parts.py --preset dit-mini [--batch-size 32] [--compile] [--device cuda]
         [--inductor combo_kernels=True ...]
 
-Times, medians of ``--repeats`` after warm-up: the whole step; its forward and backward (the
-graph's replay, or the eager passes); the optimiser step alone. Then one profiled step: how many
+Times, medians of ``--repeats`` timings after warm-up (on a GPU each of 10 calls back to back, as
+``simple-dit bench`` times them): the whole step; its forward and backward (the graph's replay, or
+the eager passes); the optimiser step alone. Then one profiled step: how many
 kernels it launches on the GPU (on a CPU, operators) and their summed time by kind (matrix
 products, attention, inductor's fused kernels, convolutions, the optimiser, copies, the rest) and
 the kernels that took longest, by name. On a CPU the profile counts every operator, nested ones
@@ -27,7 +28,7 @@ from collections import Counter
 
 import torch
 
-from simple_dit.bench import median_seconds
+from simple_dit.bench import calls_per_timing, median_seconds
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
@@ -143,9 +144,10 @@ def main() -> None:
     time_passes = captured or not args.compile
 
     # Measured in that order: the optimiser's step needs the gradients a forward and backward left.
-    step_s = median_seconds(lambda: run_step(x, y), dev, warmup=3, repeats=args.repeats)
-    passes_s = median_seconds(forward_backward, dev, warmup=2, repeats=args.repeats) if time_passes else None
-    optimizer_s = median_seconds(optimizer.step, dev, warmup=2, repeats=args.repeats)
+    calls = calls_per_timing(dev)  # as `simple-dit bench` times them: back to back on a GPU
+    step_s = median_seconds(lambda: run_step(x, y), dev, warmup=3, repeats=args.repeats, calls=calls)
+    passes_s = median_seconds(forward_backward, dev, warmup=2, repeats=args.repeats, calls=calls) if time_passes else None
+    optimizer_s = median_seconds(optimizer.step, dev, warmup=2, repeats=args.repeats, calls=calls)
     result = {
         "preset": args.preset, "batch_size": batch, "precision": precision, "device": device_name(dev), "torch": torch.__version__,
         "compiled": args.compile, "inductor": inductor, "cuda_graph": captured, "set_up_s": round(set_up_s, 2),

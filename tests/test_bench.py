@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -69,3 +70,18 @@ def test_interleaved_timing_calls_each_function_warmup_plus_repeats_times():
 
     seconds = interleaved_median_seconds({name: counter(name) for name in calls}, torch.device("cpu"), warmup=2, repeats=3)
     assert calls == {"a": 5, "b": 5} and set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+
+
+def test_a_timing_of_several_calls_back_to_back_reports_one_calls_seconds():
+    from simple_dit.bench import calls_per_timing, median_seconds
+
+    calls = []
+
+    def sleep_5ms():
+        calls.append(1)
+        time.sleep(0.005)
+
+    seconds = median_seconds(sleep_5ms, torch.device("cpu"), warmup=1, repeats=3, calls=4)
+    assert len(calls) == 1 + 3 * 4 and 0.005 <= seconds < 0.015
+    # Training queues its steps on a GPU without waiting for each; on a CPU a step is its own timing.
+    assert calls_per_timing(torch.device("cpu")) == 1 and calls_per_timing(torch.device("cuda")) == 10

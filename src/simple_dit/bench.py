@@ -26,8 +26,19 @@ from .runtime import (
 from .train import CapturedStep, make_optimizer, make_step, training_precision
 
 
-def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
-    """``median_seconds`` of several functions timed in interleaved rounds (one call of each per
+# On a GPU the host queues a step's kernels while the previous step's run, and training never
+# waits for a step to finish (issue 8: no per-step host syncs). A step timed alone, between two
+# syncs, also counts the GPU idling while the host launches it (tens of microseconds, a few percent
+# of a 1-3 ms captured step), so throughput is timed over this many steps back to back.
+GPU_CALLS_PER_TIMING = 10
+
+
+def calls_per_timing(device: torch.device) -> int:
+    return GPU_CALLS_PER_TIMING if device.type == "cuda" else 1
+
+
+def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int, calls: int = 1) -> dict:
+    """``median_seconds`` of several functions timed in interleaved rounds (one timing of each per
     round), so that a machine whose speed drifts treats them alike; returns {name: seconds}."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -37,16 +48,18 @@ def interleaved_median_seconds(fns: dict, device: torch.device, warmup: int, rep
         for name, fn in fns.items():
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, with the
-    device's queued work waited for around each call."""
-    return interleaved_median_seconds({"fn": fn}, device, warmup, repeats)["fn"]
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int, calls: int = 1) -> float:
+    """Median wall time of one call of ``fn()`` over ``repeats`` timings after ``warmup`` untimed
+    calls; each timing runs ``calls`` calls back to back, with the device's queued work waited for
+    around them (``calls_per_timing``: one on a CPU, several on a GPU)."""
+    return interleaved_median_seconds({"fn": fn}, device, warmup, repeats, calls)["fn"]
 
 
 def article_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -157,7 +170,8 @@ def run_bench(
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
         "device": device_name(dev), "torch": torch.__version__,  # a number means little without both
         "threads": torch.get_num_threads(), "params_m": count_parameters(model) / 1e6, "gflops_per_image": gflops,
-        "compiled": compile, "runs_together": together, "train_images_per_s": None, "sample_images_per_s": None,
+        "compiled": compile, "runs_together": together, "calls_per_timing": calls_per_timing(dev),
+        "train_images_per_s": None, "sample_images_per_s": None,
     }  # fmt: skip
     if what in ("train", "all"):
         # The step that training runs; the reference steps PyTorch's default (not fused) AdamW
@@ -184,7 +198,7 @@ def run_bench(
             def step():
                 run_step(x, y)
 
-        seconds = median_seconds(step, dev, warmup, repeats)
+        seconds = median_seconds(step, dev, warmup, repeats, calls_per_timing(dev))
         result["train_images_per_s"] = together * batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * together * batch_size / seconds  # backward ~ 2x forward
     if what in ("sample", "all"):
@@ -200,7 +214,7 @@ def run_bench(
 
         if compile:
             result["sample_compile_s"] = median_seconds(denoise, dev, warmup=0, repeats=1)
-        seconds = median_seconds(denoise, dev, warmup, repeats)
+        seconds = median_seconds(denoise, dev, warmup, repeats, calls_per_timing(dev))
         result["sample_images_per_s"] = batch_size / seconds
     if compile and dev.type == "cuda":  # a compiled number without CUDA graphs is not the one asked for
         result["cudagraphs_skipped"] = warn_cudagraphs_skipped(dev, skips)

@@ -156,7 +156,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--what", choices=["train", "sample", "all"], default="all", help="default all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions (the median is reported; default 5)")
+    p.add_argument("--repeats", type=_count(1), default=5, help="timings (the median is reported; default 5); on a GPU each times 10 calls back to back")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step (on a GPU replayed as one CUDA graph, as training "
                    "runs it) and forward (compile time reported apart)")
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
