@@ -91,24 +91,37 @@ def straight(tmp_path_factory) -> Path:
 # ---- exact resume, every family and precision --------------------------------------------------
 
 
+def _short_run(preset: str, precision: str, steps: int):
+    c = get_preset(preset)
+    c.train.max_steps, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = steps, 0, 0, 4
+    c.train.precision, c.train.batch_size = precision, 16
+    return c
+
+
+@pytest.mark.parametrize("preset, precision, device", [
+    pytest.param(preset, precision, device, marks=() if repeatable(device, preset, precision) else pytest.mark.xfail(
+        strict=False, reason="conftest.repeatable: a UNet on CUDA did not repeat itself on an H200; an XPASS here says it now does"))
+    for preset in ("dit-tiny", "unet-tiny") for precision in ("fp32", "bf16") for device in devices
+])  # fmt: skip
+def test_two_identical_runs_train_the_same_weights(preset, precision, device, tmp_path, mnist_dir):
+    """What the resume tests' tolerances rest on (conftest.repeatable), measured on every device
+    present: two runs of the same config train the same weights, bit for bit."""
+    for name in ("first", "second"):
+        train(_short_run(preset, precision, 12), tmp_path / name, progress=False, device=device, final_samples=False)
+    assert largest_weight_difference(tmp_path / "first", tmp_path / "second") == 0
+
+
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
 def test_resume_equals_straight_for_every_family_and_precision(preset, precision, device, tmp_path, mnist_dir):
     """Weights, EMA and the training records: the run stopped at step 6, inside its second logging
     window, logs that partial window; resumed, it logs the windows of a run that never stopped."""
-
-    def config(steps: int):
-        c = get_preset(preset)
-        c.train.max_steps, c.train.sample_every, c.train.checkpoint_every, c.train.log_every = steps, 0, 0, 4
-        c.train.precision, c.train.batch_size = precision, 16
-        return c
-
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    train(config(12), straight_dir, progress=False, device=device, final_samples=False)
-    train(config(6), resumed_dir, progress=False, device=device, final_samples=False)
+    train(_short_run(preset, precision, 12), straight_dir, progress=False, device=device, final_samples=False)
+    train(_short_run(preset, precision, 6), resumed_dir, progress=False, device=device, final_samples=False)
     assert [r["step"] for r in strict_json_lines(resumed_dir / "metrics.jsonl")] == [4, 6]
-    train(config(12), resumed_dir, resume=True, progress=False, device=device, final_samples=False)
+    train(_short_run(preset, precision, 12), resumed_dir, resume=True, progress=False, device=device, final_samples=False)
     for use_ema in (False, True):
         worst = largest_weight_difference(straight_dir, resumed_dir, use_ema=use_ema)
         assert worst <= resume_tolerance(device, preset, precision), f"{preset} {precision} on {device}: resumed weights differ by up to {worst}"

@@ -100,6 +100,25 @@ def test_cpu_attention_equals_the_fused_kernel():
     torch.testing.assert_close(Attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(7, 7), (14, 14), (3, 5), (1, 2)])
+def test_the_gpu_upsampling_is_bilinear_with_its_gradient(size):
+    """The UNet's upsampling on a GPU (sums of shifted copies, no atomic additions in its backward)
+    computes PyTorch's bilinear x2, values and gradients, for channels-last input too and under
+    vmap (runs trained together)."""
+    import torch.nn.functional as F
+
+    from simple_dit.models.unet import bilinear_2x_by_sums
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours, theirs = bilinear_2x_by_sums(x), F.interpolate(x, scale_factor=2, mode="bilinear")
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(theirs.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(theirs, x, upstream)[0], rtol=1e-5, atol=1e-5)
+    stacked = torch.randn(4, 2, 3, *size, generator=g)
+    torch.testing.assert_close(torch.func.vmap(bilinear_2x_by_sums)(stacked), F.interpolate(stacked.flatten(0, 1), scale_factor=2, mode="bilinear").unflatten(0, (4, 2)))
+
+
 def test_reference_dit_computes_the_same_function():
     from simple_dit.bench import reference_model
     from simple_dit.config import get_preset

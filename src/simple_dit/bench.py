@@ -69,13 +69,17 @@ def article_time_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 class ArticleUNetCond(UNetCond):
     """The article's implementation of the same UNet, for ``--reference`` timings: the time
-    encoding computed one sample at a time in Python, and PyTorch's default channels-first layout.
-    Same parameters, same initialisation, same outputs as ``UNetCond``."""
+    encoding computed one sample at a time in Python, PyTorch's default channels-first layout and
+    its bilinear kernel on every device. Same parameters, same initialisation, same outputs as
+    ``UNetCond`` (to rounding, on a GPU)."""
 
     memory_format = torch.contiguous_format
 
     def encode_time(self, t: torch.Tensor) -> torch.Tensor:
         return article_time_encoding(t + 1, self.time_embed_dim)
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="bilinear")
 
 
 class FusedAttention(Attention):
