@@ -16,7 +16,8 @@
 # the eager ones repeat the issue's own table), diffusers, then where each target's step spends its
 # time (bench/step_parts.py: its parts, its kernels by kind and by name), and last one compiled
 # bench again with inductor's autotuned kernels (TORCHINDUCTOR_MAX_AUTOTUNE=1: Triton matrix-product
-# templates, which can absorb the elementwise work around them); a step that would start with
+# templates, which can absorb the elementwise work around them; its cap rarely fits after the
+# rest: GPU_CHECK_ONLY=bench-autotune gives it a call); a step that would start with
 # under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
 # kinds (env, bench-compile, bench, compare, tests, diffusers, parts, bench-autotune, verdict). GPU_CHECK_RESUME=1 keeps
 # DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
@@ -108,7 +109,7 @@ if [ "$mode" = gpu ]; then
          "dit-mini||--compile --inductor combo_kernels=True")
   # On the H200 (2026-12-04) half of dit-seed's compiled step at batch 1024 was inductor's fused
   # elementwise kernels (16 of 33 ms), a third matrix products: 26% of peak where 40% is asked.
-  autotune=("dit-seed|1024|--compile")
+  autotune=("dit-seed|1024|--compile --what train")
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
@@ -311,12 +312,13 @@ command -v python3 >/dev/null 2>&1 || summary_py=$py
 import glob, json, os, re, sys
 
 out, mode, python, data, seconds, budget, verdict_records, resumed_compare = sys.argv[1:9]
-BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "device", "torch", "params_m", "gflops_per_image",
+BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "calls_per_timing", "device", "torch", "params_m",
+              "gflops_per_image",
               "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "train_cuda_graph", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
-PARTS_KEYS = ("preset", "batch_size", "cuda_graph", "step_ms", "forward_backward_ms", "optimizer_ms", "images_per_s", "profile")
+PARTS_KEYS = ("preset", "batch_size", "inductor", "cuda_graph", "step_ms", "forward_backward_ms", "optimizer_ms", "images_per_s", "profile")
 
 
 def last_json(path):

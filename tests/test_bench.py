@@ -36,6 +36,38 @@ def test_the_reference_unet_computes_the_same_outputs():
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+def test_the_unet_upsampling_by_sums_computes_the_articles_outputs_and_gradients(monkeypatch):
+    """The UNet's upsampling on a GPU (sums of shifted copies), run here on the CPU: the outputs and
+    gradients of the article's UNet (PyTorch's bilinear kernel), in bf16 to its rounding, and
+    through runs trained together (vmap)."""
+    from simple_dit.bench import step_together
+    from simple_dit.diffusion import make_process
+
+    monkeypatch.setattr(UNetCond, "upsample_by_sums_on", ("cpu",))
+    config = get_preset("unet-tiny")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    reference = reference_model(config.model).eval()
+    reference.load_state_dict(model.state_dict())
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999]), torch.tensor([1, 2, 3])
+    ours, theirs = model(x, t, y), reference(x, t, y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(ours.shape)
+    ours_grads = torch.autograd.grad(ours, list(model.parameters()), upstream)
+    theirs_grads = torch.autograd.grad(theirs, list(reference.parameters()), upstream)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x, t, y).float(), reference(x, t, y).float(), rtol=0.05, atol=0.05)
+
+    diffusion = make_process(config.diffusion).ready_for(torch.device("cpu"))
+    step = step_together(model.train(), config, diffusion, torch.randn(4, 1, 28, 28), torch.arange(4), 2, precision="fp32", compile=False)
+    before = model.up1.convs[0].weight.detach().clone()  # a layer after both upsamplings
+    step()
+    after = model.up1.convs[0].weight.detach()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
 def test_the_model_itself_has_no_benchmark_hooks():
     assert not hasattr(UNetCond, "time_encoding")
     assert UNetCond.memory_format is torch.channels_last
@@ -81,7 +113,7 @@ def test_a_timing_of_several_calls_back_to_back_reports_one_calls_seconds():
         calls.append(1)
         time.sleep(0.005)
 
-    seconds = median_seconds(sleep_5ms, torch.device("cpu"), warmup=1, repeats=3, calls=4)
-    assert len(calls) == 1 + 3 * 4 and 0.005 <= seconds < 0.015
+    seconds = median_seconds(sleep_5ms, torch.device("cpu"), warmup=1, repeats=3, calls=8)
+    assert len(calls) == 1 + 3 * 8 and 0.005 <= seconds < 0.02  # the 8 calls' total would be 40 ms
     # Training queues its steps on a GPU without waiting for each; on a CPU a step is its own timing.
     assert calls_per_timing(torch.device("cpu")) == 1 and calls_per_timing(torch.device("cuda")) == 10

@@ -100,7 +100,7 @@ def _short_run(preset: str, precision: str, steps: int):
 
 @pytest.mark.parametrize("preset, precision, device", [
     pytest.param(preset, precision, device, marks=() if repeatable(device, preset, precision) else pytest.mark.xfail(
-        strict=False, reason="conftest.repeatable: a UNet on CUDA did not repeat itself on an H200; an XPASS here says it now does"))
+        raises=AssertionError, strict=False, reason="conftest.repeatable: a UNet on CUDA did not repeat itself on an H200; an XPASS here says it now does"))
     for preset in ("dit-tiny", "unet-tiny") for precision in ("fp32", "bf16") for device in devices
 ])  # fmt: skip
 def test_two_identical_runs_train_the_same_weights(preset, precision, device, tmp_path, mnist_dir):

@@ -47,7 +47,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     parts = [n for n in names if n.startswith("parts-")]
     assert names.index("tests") + 1 == names.index("compare-article") < first_other and names[-len(parts) - 2] == "diffusers-compare"
     assert names[-1] == "bench-dit-seed-b1024-compile-autotune" and commands[names[-1]].startswith("env TORCHINDUCTOR_MAX_AUTOTUNE=1 ")
-    assert commands[names[-1]].endswith("bench --preset dit-seed --batch-size 1024 --repeats 10 --device cuda --compile")
+    assert commands[names[-1]].endswith("bench --preset dit-seed --batch-size 1024 --repeats 10 --device cuda --compile --what train")
     assert names[-len(parts) - 1 : -1] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
         "--preset dit-mini --device cuda --compile", "--preset dit-mini --device cuda --compile --inductor combo_kernels=True",
         "--preset dit-seed --batch-size 1024 --device cuda --compile", "--preset dit-seed --device cuda --compile",
@@ -56,7 +56,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     assert "parts-dit-mini-bpreset-combo_kernels" in parts  # a step's name tells the compiler setting it tried
     # Plus one test process per core (at most 8) where the script's Python can import pytest-xdist.
     assert re.search(r"-m pytest -q( -n [1-8])?$", commands["tests"]), commands["tests"]
-    benches = [c for n, c in commands.items() if n.startswith("bench-")]
+    benches = [c for n, c in commands.items() if n.startswith("bench-") and not n.endswith("-autotune")]
     for preset in ("dit-seed", "unet-seed", "dit-mini"):
         mine = [c.split(" bench ", 1)[1] for c in benches if f"--preset {preset} " in c]
         eager = [c for c in mine if "--compile" not in c and "--runs-together" not in c]

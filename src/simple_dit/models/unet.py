@@ -56,6 +56,8 @@ class UNetCond(nn.Module):
     # oneDNN's convolutions run faster on channels-last tensors (BENCHMARKS.md); the weights are
     # stored that way too, and checkpoints still hold ordinary contiguous tensors.
     memory_format = torch.channels_last
+    # Device types whose bilinear kernel adds its gradient with atomics (see ``upsample``).
+    upsample_by_sums_on: tuple[str, ...] = ("cuda",)
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class UNetCond(nn.Module):
         whatever order the threads run, the likeliest reason why a UNet trained on an H200 did not
         repeat itself (unconfirmed: no GPU since). On a CPU PyTorch's own kernel, three to four
         times faster there, and repeatable (a compiled CPU run uses PyTorch's deterministic mode)."""
-        if x.device.type == "cpu":
+        if x.device.type not in self.upsample_by_sums_on:
             return F.interpolate(x, scale_factor=2, mode="bilinear")
         return bilinear_2x_by_sums(x).contiguous(memory_format=self.memory_format)
 
