@@ -109,7 +109,8 @@ if [ "$mode" = gpu ]; then
          "dit-mini||--compile --inductor combo_kernels=True")
   # On the H200 (2026-12-04) half of dit-seed's compiled step at batch 1024 was inductor's fused
   # elementwise kernels (16 of 33 ms), a third matrix products: 26% of peak where 40% is asked.
-  autotune=("dit-seed|1024|--compile --what train")
+  # The other two missed targets after it, should the budget allow.
+  autotune=("dit-seed|1024|--compile --what train" "dit-mini||--compile --what train" "unet-seed||--compile --what train")
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
