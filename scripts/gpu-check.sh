@@ -313,9 +313,8 @@ command -v python3 >/dev/null 2>&1 || summary_py=$py
 import glob, json, os, re, sys
 
 out, mode, python, data, seconds, budget, verdict_records, resumed_compare = sys.argv[1:9]
-BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "calls_per_timing", "device", "torch", "params_m",
-              "gflops_per_image",
-              "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "train_cuda_graph", "sample_compile_s",
+BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "runs_together", "calls_per_timing", "device", "torch",
+              "params_m", "gflops_per_image", "train_images_per_s", "sample_images_per_s", "train_gflop_per_s", "train_compile_s", "train_cuda_graph", "sample_compile_s",
               "peak_gpu_mb", "peak_rss_mb")
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")

@@ -41,7 +41,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     names = list(commands)
     # Most wanted first: the compiled benches (the targets), the tests, the comparison, then the other
     # benches (the issue's table has the eager numbers already), diffusers, where each target's step
-    # spends its time, and last the autotuned try at the target furthest from its mark.
+    # spends its time, and last the autotuned tries at the missed training targets.
     first_other = next(i for i, n in enumerate(names) if n.startswith("bench-") and not n.endswith("-compile"))
     assert names[0] == "environment" and all(n.endswith("-compile") for n in names[1 : names.index("tests")])
     parts = [n for n in names if n.startswith("parts-")]

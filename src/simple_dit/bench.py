@@ -26,7 +26,7 @@ from .runtime import (
 from .train import CapturedStep, make_optimizer, make_step, training_precision
 
 
-# On a GPU the host queues a step's kernels while the previous step's run, and training never
+# On a GPU the host queues a step's kernels while the previous step's kernels run, and training never
 # waits for a step to finish (issue 8: no per-step host syncs). A step timed alone, between two
 # syncs, also counts the GPU idling while the host launches it (tens of microseconds, a few percent
 # of a 1-3 ms captured step), so throughput is timed over this many steps back to back.
