@@ -69,7 +69,9 @@ def save_checkpoint(
     tensors["rng.cpu"], device_rng = rng_state(_device_of(model))
     if device_rng is not None:
         tensors["rng.cuda"] = device_rng
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # One copy each, contiguous, owning its memory (safetensors refuses tensors that share it); a
+    # GPU tensor's copy to the CPU is that copy.
+    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
     metadata = {
         "format": "simple-dit/1",
         "config": json.dumps(config.to_dict()),
