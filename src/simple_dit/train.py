@@ -534,7 +534,7 @@ def train(
     Raises ``TrainingDiverged`` on a non-finite loss and ``Interrupted`` after SIGINT/SIGTERM,
     both with the last good checkpoint on disk.
     """
-    from .sample import Pipeline, check_image_count
+    from .sample import Pipeline, check_image_count, save_png
 
     validate_config(config)
     for name, value in (("resume", resume), ("progress", progress), ("final_samples", final_samples)):
@@ -585,9 +585,11 @@ def train(
         def grid_path() -> Path:  # the periodic grid of the current step
             return out_dir / "samples" / f"step_{state.step:07d}.png"
 
-        def draw_grid() -> tuple[Path, torch.Tensor]:
+        def draw_grid():
+            """The current step's grid, saved to ``grid_path()``: (its path, the grid image)."""
             images = ema_pipe(labels=grid_labels, steps=25, guidance=DEFAULT_GUIDANCE, seed=0)
-            return ema_pipe.save_grid(images, grid_labels, grid_path()), images
+            grid = ema_pipe.grid(images, grid_labels)
+            return save_png(grid, grid_path()), grid
 
         if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             # Rerunning a finished command is not an error, and must not redo its last checkpoint;
@@ -633,8 +635,8 @@ def train(
             last_checkpoint = state.step
 
         def sample_grid() -> Path:
-            path, images = draw_grid()
-            logger.image("samples", ema_pipe.grid(images, grid_labels), state.step)
+            path, grid = draw_grid()
+            logger.image("samples", grid, state.step)
             return path
 
         def evaluate() -> None:
