@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import perturb_
+from conftest import devices, perturb_
 from simple_dit.config import PRESETS, DiTConfig, UNetConfig, get_preset
 from simple_dit.errors import UserError
 from simple_dit.models import DiT, UNetCond, build_model, count_parameters
@@ -72,6 +72,28 @@ def test_unpatchify_inverts_patching(patch):
     # Tokens in raster order of patches, each patch flattened as (row-in-patch, col-in-patch, channel).
     tokens = x.reshape(2, 1, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, patch * patch)
     assert torch.equal(model.unpatchify(tokens), x)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("patch, channels", [(2, 1), (4, 1), (7, 3)])
+def test_the_patch_embedding_is_the_papers_strided_convolution(patch, channels, device):
+    """One matrix product over the flattened patches computes the stride-p convolution with the
+    same weights, values and gradients, tokens in raster order. In float64: cuDNN convolves fp32
+    in TF32 by default, which rounds to 1e-3."""
+    import torch.nn.functional as F
+
+    from simple_dit.models.dit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(channels, 16, patch).to(device, torch.float64)
+    x = torch.randn(3, channels, 28, 28, device=device, dtype=torch.float64)
+    ours = embed(x)
+    conv = F.conv2d(x, embed.weight, embed.bias, stride=patch).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, conv, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(ours)
+    grads = [torch.autograd.grad(out, [embed.weight, embed.bias], upstream) for out in (ours, conv)]
+    for g_ours, g_conv in zip(*grads):
+        torch.testing.assert_close(g_ours, g_conv, rtol=1e-10, atol=1e-10)
 
 
 def test_label_dropout_only_in_training():

@@ -18,7 +18,7 @@ from .config import ModelConfig, UNetConfig, get_preset
 from .diffusion import make_process
 from .errors import UserError
 from .models import build_model, count_parameters, forward_gflops
-from .models.dit import Attention
+from .models.dit import Attention, PatchEmbed
 from .models.unet import UNetCond, book_time_encoding
 from .runtime import (
     autocast, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
@@ -90,12 +90,21 @@ class FusedAttention(Attention):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+class ConvPatchEmbed(PatchEmbed):
+    """The patch embedding as the reference DiT code computes it: a stride-p convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
 def reference_model(config: ModelConfig) -> torch.nn.Module:
     """The plain implementation of ``config``'s architecture that ``--reference`` times: the
-    article's UNet, or the DiT with the reference code's fused attention everywhere."""
+    article's UNet, or the DiT with the reference code's fused attention everywhere and its
+    convolution for the patch embedding."""
     if isinstance(config, UNetConfig):
         return ArticleUNetCond.from_config(config)
     model = build_model(config)
+    model.x_embedder.__class__ = ConvPatchEmbed
     for block in model.blocks:
         block.attn.__class__ = FusedAttention  # same parameters; only how attention is computed differs
     return model
