@@ -1,6 +1,7 @@
 """The CPU training step of one preset, ours against the plain reference and against ours with
-one lever at a time turned back (fused attention, tanh GELU in bf16), timed interleaved in one
-process so that the ratios are fair on a machine whose speed drifts.
+one lever at a time turned back (fused attention, tanh GELU in bf16, the patch embedding as a
+convolution), timed interleaved in one process so that the ratios are fair on a machine whose
+speed drifts. DiT presets only.
 
     .venv/bin/python bench/train_levers.py --preset dit-seed --batch-size 128 --repeats 5 [--compile]
 
@@ -16,7 +17,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from simple_dit.bench import FusedAttention, interleaved_median_seconds, median_seconds, reference_model
+from simple_dit.bench import ConvPatchEmbed, FusedAttention, interleaved_median_seconds, median_seconds, reference_model
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
@@ -46,7 +47,9 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,))
     bf16 = "bf16" if cpu_has_fast_bf16() else "fp32"
 
-    def variant(model, precision, fused_adamw=True, swap=None, compiled=False):
+    def variant(model, precision, fused_adamw=True, swap=None, patch_embed=None, compiled=False):
+        if patch_embed is not None:
+            model.x_embedder.__class__ = patch_embed
         for block in getattr(model, "blocks", []):
             for name, cls in (swap or {}).items():
                 getattr(block, name).__class__ = cls
@@ -59,6 +62,7 @@ def main() -> None:
         f"ours ({bf16})": variant(build_model(config.model), bf16),
         f"ours ({bf16}), fused attention": variant(build_model(config.model), bf16, swap={"attn": FusedAttention}),
         f"ours ({bf16}), tanh GELU": variant(build_model(config.model), bf16, swap={"mlp": TanhMlp}),
+        f"ours ({bf16}), convolution patch embedding": variant(build_model(config.model), bf16, patch_embed=ConvPatchEmbed),
         "ours (fp32)": variant(build_model(config.model), "fp32"),
     }
     if args.compile:
@@ -68,7 +72,7 @@ def main() -> None:
     ref = seconds["reference (fp32, fused attention)"]
     rows = {name: {"images_per_s": args.batch_size / s, "x_reference": ref / s} for name, s in seconds.items()}
     for name, r in rows.items():
-        print(f"{name:>36}: {r['images_per_s']:7.1f} images/s  {r['x_reference']:.2f}x reference")
+        print(f"{name:>46}: {r['images_per_s']:7.1f} images/s  {r['x_reference']:.2f}x reference")
     print(json.dumps({"preset": args.preset, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "rows": rows}))
 
 
