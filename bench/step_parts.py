@@ -13,8 +13,7 @@ kernels it launches on the GPU (on a CPU, operators) and their summed time by ki
 products, attention, inductor's fused kernels, convolutions, the optimiser, copies, the rest) and
 the kernels that took longest, by name, and the longest of every kind. On a CPU the profile
 counts every operator, nested ones too, and the profiler's own cost inflates their times: read it
-for proportions. The last line is
-one JSON object.
+for proportions. The last line is one JSON object.
 
 ``--inductor NAME=VALUE`` sets one of ``torch._inductor.config``'s settings before compiling, to
 try a compiler lever without a code change (e.g. ``combo_kernels=True``, which launches
@@ -82,8 +81,11 @@ def profile_step(run_step, x, y, device: torch.device, steps: int = 3, top: int 
     # The longest kernels, then the longest of each kind not among them: on an H200 a "convolution"
     # total turned up in a DiT step that has no convolution, and no name said which kernels it was.
     names = [name for name, _ in name_ms.most_common(top)]
-    for kind in ms:
-        names += [name for name, _ in name_ms.most_common() if kind_of(name) == kind][:1 if kind not in map(kind_of, names) else 0]
+    named_kinds = {kind_of(name) for name in names}
+    for name, _ in name_ms.most_common():
+        if kind_of(name) not in named_kinds:
+            names.append(name)
+            named_kinds.add(kind_of(name))
     return {
         "launches": round(sum(counts.values()) / steps), "count_by_kind": {k: round(v / steps) for k, v in counts.items()},
         "ms_by_kind": {k: round(v / steps, 3) for k, v in ms.items()},

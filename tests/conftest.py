@@ -50,7 +50,9 @@ def repeatable(device: str, preset: str, precision: str) -> bool:
     a loss; in bf16 they mostly repeat bit for bit, but one run in two of the resume test (later the
     same day) drifted by 0.0033, the same number each time: atomics' order rarely flips one bf16
     rounding, and the runs then part. The DiT repeated bit for bit in both precisions; a resumed
-    UNet run was no further from the straight one (0.008) than the repeat was."""
+    UNet run was no further from the straight one (0.008) than the repeat was. With the UNet's
+    upsampling on CUDA free of atomics, the next H200 (the same evening) still saw fp32 runs part;
+    bf16 ones repeated, once."""
     return not (device == "cuda" and preset.startswith("unet"))
 
 

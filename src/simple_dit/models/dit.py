@@ -21,7 +21,7 @@ class PatchEmbed(nn.Conv2d):
     """Each p x p patch's pixels mapped linearly to one D-vector: the paper's stride-p convolution,
     with its weights (and checkpoint keys), done as one matrix product over the flattened patches:
     PyTorch's CPU convolution of a 1-channel image is slow enough that a 2-core CPU's bf16 training
-    step of dit-mini or dit-seed runs 6-7% faster this way (BENCHMARKS.md)."""
+    step of dit-mini or dit-seed runs 5-9% faster this way (BENCHMARKS.md)."""
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
         super().__init__(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
