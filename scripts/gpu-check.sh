@@ -14,12 +14,12 @@
 # benches (issue 8's targets), the tests (does the suite pass on a GPU), the comparison (--compile,
 # each run's step one CUDA graph: the article's experiment), the other benches (9 runs trained together first;
 # the eager ones repeat the issue's own table), diffusers, then where each target's step spends its
-# time (bench/step_parts.py: its parts, its kernels by kind and by name), and last one compiled
-# bench again with inductor's autotuned kernels (TORCHINDUCTOR_MAX_AUTOTUNE=1: Triton matrix-product
-# templates, which can absorb the elementwise work around them; its cap rarely fits after the
-# rest: GPU_CHECK_ONLY=bench-autotune gives it a call); a step that would start with
-# under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs only those
-# kinds (env, bench-compile, bench, compare, tests, diffusers, parts, bench-autotune, verdict). GPU_CHECK_RESUME=1 keeps
+# time (bench/step_parts.py: its parts, its kernels by kind and by name), and last the two missed
+# training targets' steps against the same steps with one lever at a time (bench/step_levers.py;
+# its cap rarely fits after the rest: GPU_CHECK_ONLY=levers gives it a call); a step that would
+# start with under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs
+# only those kinds (env, bench-compile, bench, compare, tests, diffusers, parts, levers, verdict).
+# GPU_CHECK_RESUME=1 keeps
 # DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
 # "resumed": its seconds are this call's only); without it the comparison starts afresh.
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
@@ -107,15 +107,15 @@ if [ "$mode" = gpu ]; then
   # small kernels as one.
   parts=("dit-mini||--compile" "dit-seed|1024|--compile" "unet-seed||--compile" "dit-seed||--compile"
          "dit-mini||--compile --inductor combo_kernels=True")
-  # On the H200 (2026-12-04) half of dit-seed's compiled step at batch 1024 was inductor's fused
-  # elementwise kernels (16 of 33 ms), a third matrix products: 26% of peak where 40% is asked.
-  # The other two missed targets after it, should the budget allow.
-  autotune=("dit-seed|1024|--compile --what train" "dit-mini||--compile --what train" "unet-seed||--compile --what train")
+  # The two training targets still missed on the H200 (2026-12-04, fourth check): dit-mini's step,
+  # bound by its launches, and dit-seed's at 1024, bound by the bytes its elementwise kernels move
+  # (max-autotune's Triton products lost to cuBLAS on every shape: nothing for them to fuse into).
+  levers=("dit-mini||--compile" "dit-seed|1024|--compile")
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
-  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 bench-autotune=300 compare=300 verdict=600)
+  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 levers=240 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
 else
@@ -131,9 +131,9 @@ else
   bench_repeats=2
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
   parts=("dit-tiny|8|" "unet-tiny|8|")
-  autotune=("dit-tiny|8|--compile --what train")
+  levers=("dit-tiny|8|")
   compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
-  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 bench-autotune=90 compare=120 verdict=120)
+  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 levers=60 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
            "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
@@ -181,10 +181,12 @@ for spec in "${parts[@]}"; do
   case " $extra " in *" --inductor "*) setting=${extra##*--inductor } suffix="-${setting%%=*}" ;; esac
   add_step "parts-$preset-b${batch:-preset}$suffix" parts "$py" bench/step_parts.py --preset "$preset" ${batch:+--batch-size "$batch"} --device "$device" $extra
 done
-for spec in "${autotune[@]}"; do
+for spec in "${levers[@]}"; do
   IFS='|' read -r preset batch extra <<<"$spec"
-  add_step "bench-$preset-b${batch:-preset}-compile-autotune" bench-autotune env TORCHINDUCTOR_MAX_AUTOTUNE=1 \
-    "${cli[@]}" bench --preset "$preset" ${batch:+--batch-size "$batch"} --repeats "$bench_repeats" --device "$device" $extra
+  suffix=
+  case " $extra " in *" --compile "*) suffix=-compile ;; esac
+  add_step "levers-$preset-b${batch:-preset}$suffix" levers "$py" bench/step_levers.py --preset "$preset" ${batch:+--batch-size "$batch"} \
+    --repeats "$bench_repeats" --device "$device" $extra
 done
 want_verdict=false
 case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) want_verdict=true ;; esac
@@ -198,7 +200,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, bench-autotune, verdict)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, levers, verdict)" >&2
     exit 2
   fi
   steps=("${kept[@]}")
@@ -319,6 +321,7 @@ BENCH_KEYS = ("preset", "batch_size", "precision", "reference", "compiled", "run
 DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_per_s", "reference_images_per_s",
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
 PARTS_KEYS = ("preset", "batch_size", "inductor", "cuda_graph", "step_ms", "forward_backward_ms", "optimizer_ms", "images_per_s", "profile")
+LEVERS_KEYS = ("preset", "batch_size", "compiled", "rows")
 
 
 def last_json(path):
@@ -337,9 +340,9 @@ def last_json(path):
 
 
 def numbers(kind, log):
-    if kind in ("env", "bench", "bench-compile", "bench-autotune", "diffusers", "parts"):
+    if kind in ("env", "bench", "bench-compile", "levers", "diffusers", "parts"):
         found = last_json(log)
-        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "bench-autotune": BENCH_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
+        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "levers": LEVERS_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
         if found is None or keys is None:
             return found
         picked = {k: found[k] for k in keys if k in found}

@@ -41,16 +41,16 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     names = list(commands)
     # Most wanted first: the compiled benches (the targets), the tests, the comparison, then the other
     # benches (the issue's table has the eager numbers already), diffusers, where each target's step
-    # spends its time, and last the autotuned tries at the missed training targets.
+    # spends its time, and last the two missed training targets against one lever at a time.
     first_other = next(i for i, n in enumerate(names) if n.startswith("bench-") and not n.endswith("-compile"))
     assert names[0] == "environment" and all(n.endswith("-compile") for n in names[1 : names.index("tests")])
     parts = [n for n in names if n.startswith("parts-")]
-    autotuned = [n for n in names if n.endswith("-autotune")]
-    assert names.index("tests") + 1 == names.index("compare-article") < first_other and names[-len(parts) - len(autotuned) - 1] == "diffusers-compare"
-    assert autotuned == names[-3:] == ["bench-dit-seed-b1024-compile-autotune", "bench-dit-mini-bpreset-compile-autotune", "bench-unet-seed-bpreset-compile-autotune"]
-    assert all(commands[n].startswith("env TORCHINDUCTOR_MAX_AUTOTUNE=1 ") and commands[n].endswith("--device cuda --compile --what train") for n in autotuned)
-    assert "bench --preset dit-seed --batch-size 1024 --repeats 10" in commands[autotuned[0]]
-    assert names[-len(parts) - 3 : -3] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
+    levers = [n for n in names if n.startswith("levers-")]
+    assert names.index("tests") + 1 == names.index("compare-article") < first_other and names[-len(parts) - len(levers) - 1] == "diffusers-compare"
+    assert levers == names[-2:] == ["levers-dit-mini-bpreset-compile", "levers-dit-seed-b1024-compile"]
+    assert [commands[n].split("step_levers.py ", 1)[1] for n in levers] == [
+        "--preset dit-mini --repeats 10 --device cuda --compile", "--preset dit-seed --batch-size 1024 --repeats 10 --device cuda --compile"]
+    assert names[-len(parts) - 2 : -2] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
         "--preset dit-mini --device cuda --compile", "--preset dit-mini --device cuda --compile --inductor combo_kernels=True",
         "--preset dit-seed --batch-size 1024 --device cuda --compile", "--preset dit-seed --device cuda --compile",
         "--preset unet-seed --device cuda --compile",
@@ -58,7 +58,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     assert "parts-dit-mini-bpreset-combo_kernels" in parts  # a step's name tells the compiler setting it tried
     # Plus one test process per core (at most 8) where the script's Python can import pytest-xdist.
     assert re.search(r"-m pytest -q( -n [1-8])?$", commands["tests"]), commands["tests"]
-    benches = [c for n, c in commands.items() if n.startswith("bench-") and not n.endswith("-autotune")]
+    benches = [c for n, c in commands.items() if n.startswith("bench-")]
     for preset in ("dit-seed", "unet-seed", "dit-mini"):
         mine = [c.split(" bench ", 1)[1] for c in benches if f"--preset {preset} " in c]
         eager = [c for c in mine if "--compile" not in c and "--runs-together" not in c]
@@ -77,7 +77,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
 
 def test_the_dry_run_plan_is_the_same_steps_on_the_cpu_with_tiny_presets():
     gpu, dry = plan(), plan("--cpu-dry-run")
-    kinds = lambda steps: [n.split("-")[0] + ("-compile" if n.endswith("-compile") else "") for n, _, _ in steps]  # noqa: E731
+    kinds = lambda steps: [n.split("-")[0] + ("-compile" if n.startswith("bench-") and n.endswith("-compile") else "") for n, _, _ in steps]  # noqa: E731
     assert sorted(set(kinds(gpu))) == sorted(set(kinds(dry)))
     commands = {name: command for name, _, command in dry}
     assert re.search(r"-m pytest -q tests/test_models.py( -n [1-8])?$", commands["tests"]), commands["tests"]
@@ -106,6 +106,7 @@ case "$*" in
   "-m pytest"*) echo "....."; echo "5 passed, 1 skipped in 0.10s" ;;
   *"bench --preset dit-mini"*"--reference"*) echo "boom" >&2; exit 1 ;;
   *" bench "*) echo "     train_images_per_s: 12.0"; echo '{"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0, "unrelated": 1}' ;;
+  *"step_levers.py"*) echo '{"preset": "p", "batch_size": 8, "compiled": false, "rows": {"ours": {"images_per_s": 12.0, "x_ours": 1.0}}, "device": "stub"}' ;;
   *"step_parts.py"*) echo '{"preset": "p", "batch_size": 8, "step_ms": 2.5, "optimizer_ms": 0.5, "profile": {"launches": 9, "top_kernels": [{"name": "k"}]}, "device": "stub"}' ;;
   *" compare "*)
     out=${@: -1}; mkdir -p "$out/runs/a_lr0.001"; echo '{}' >"$out/runs/a_lr0.001/evals.jsonl"
@@ -137,7 +138,7 @@ def test_the_summary_is_one_json_object_last_with_every_step(stub_python, tmp_pa
     assert steps["bench-dit-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0}
     # The kernels by name stay in the step's log: the summary must stay one short line.
     assert steps["parts-unet-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "step_ms": 2.5, "optimizer_ms": 0.5, "profile": {"launches": 9}}
-    assert steps["bench-dit-tiny-b8-compile-autotune"]["result"]["train_images_per_s"] == 12.0
+    assert steps["levers-dit-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "compiled": False, "rows": {"ours": {"images_per_s": 12.0, "x_ours": 1.0}}}
     assert "boom" in (out / "logs" / "bench-dit-mini-b8-reference.log").read_text()
     compare = steps["compare-article"]["result"]
     assert compare["evals_done"] == {"a_lr0.001": 1} and compare["floor_fid"] == 0.5
