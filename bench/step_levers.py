@@ -21,7 +21,6 @@ its elementwise kernels move.
 Prints images/s per variant and its ratio to ours; the last line is one JSON object.
 """
 
-import argparse
 import contextlib
 import json
 
@@ -35,6 +34,7 @@ from simple_dit.models import build_model
 from simple_dit.models.dit import DiT, DiTBlock, modulate
 from simple_dit.runtime import device_name, keep_freed_memory, parse_device
 from simple_dit.train import make_optimizer, make_step, training_precision
+from step_parts import step_arguments  # a sibling: a script's own directory is on its import path
 
 
 class OneProductAdaLN(DiT):
@@ -59,12 +59,7 @@ class BF16ResidualBlock(DiTBlock):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="dit-mini")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device")
+    ap = step_arguments(repeats=10)
     args = ap.parse_args()
     config = get_preset(args.preset)
     if not isinstance(config.model, DiTConfig):

@@ -112,13 +112,20 @@ def inductor_settings(ap: argparse.ArgumentParser, pairs: list[str]) -> dict:
     return settings
 
 
-def main() -> None:
+def step_arguments(repeats: int) -> argparse.ArgumentParser:
+    """The options of the benches of one training step (this one, step_levers.py): which step
+    (preset, batch), where, compiled or not, how many timings."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device")
+    return ap
+
+
+def main() -> None:
+    ap = step_arguments(repeats=20)
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE", help="set torch._inductor.config.NAME (repeatable)")
     args = ap.parse_args()
     inductor = inductor_settings(ap, args.inductor)
