@@ -25,6 +25,7 @@ import contextlib
 import json
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from simple_dit.bench import calls_per_timing, interleaved_median_seconds
@@ -82,8 +83,6 @@ def main() -> None:
             block.__class__ = block_class
         model = model.to(dev).train()
         optimizer = make_optimizer(model, config, dev)
-        import torch._inductor.config as inductor_config
-
         with inductor_config.patch(inductor) if inductor else contextlib.nullcontext():  # read while make_step compiles
             step, _ = make_step(model, model, diffusion, optimizer, x, y, precision=precision, grad_clip=config.train.grad_clip,
                                 compile=args.compile, capture=args.compile and dev.type == "cuda")  # fmt: skip

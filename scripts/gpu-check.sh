@@ -19,9 +19,9 @@
 # its cap rarely fits after the rest: GPU_CHECK_ONLY=levers gives it a call); a step that would
 # start with under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs
 # only those kinds (env, bench-compile, bench, compare, tests, diffusers, parts, levers, verdict).
-# GPU_CHECK_RESUME=1 keeps
-# DIR/compare from the last call, so a comparison its cap cut off resumes (its step then says
-# "resumed": its seconds are this call's only); without it the comparison starts afresh.
+# GPU_CHECK_RESUME=1 keeps DIR/compare from the last call, so a comparison its cap cut off resumes
+# (its step then says "resumed": its seconds are this call's only); without it the comparison
+# starts afresh.
 # The kind `verdict` runs only when named there: GPU_CHECK_ONLY=verdict spends the whole budget
 # advancing issue 9's GPU grid (`scripts/verdict-grid.sh --gpu`; in the dry run, tiny presets into
 # DIR), which resumes from its records in docs/verdict-600k-gpu; stopped at the budget (not a

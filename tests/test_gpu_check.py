@@ -50,7 +50,7 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     assert levers == names[-2:] == ["levers-dit-mini-bpreset-compile", "levers-dit-seed-b1024-compile"]
     assert [commands[n].split("step_levers.py ", 1)[1] for n in levers] == [
         "--preset dit-mini --repeats 10 --device cuda --compile", "--preset dit-seed --batch-size 1024 --repeats 10 --device cuda --compile"]
-    assert names[-len(parts) - 2 : -2] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
+    assert names[-len(parts) - len(levers) : -len(levers)] == parts and sorted(commands[n].split("step_parts.py ", 1)[1] for n in parts) == [
         "--preset dit-mini --device cuda --compile", "--preset dit-mini --device cuda --compile --inductor combo_kernels=True",
         "--preset dit-seed --batch-size 1024 --device cuda --compile", "--preset dit-seed --device cuda --compile",
         "--preset unet-seed --device cuda --compile",

@@ -594,9 +594,9 @@ def train(
         if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             # Rerunning a finished command is not an error, and must not redo its last checkpoint;
             # only the final grid, where a kill after that checkpoint took it, is made (the same one).
-            if is_main and final_samples and not (out_dir / FINAL_GRID_NAME).is_file():
-                atomic_copy(grid_path() if grid_path().is_file() else draw_grid()[0], out_dir / FINAL_GRID_NAME)
             if is_main:
+                if final_samples and not (out_dir / FINAL_GRID_NAME).is_file():
+                    atomic_copy(grid_path() if grid_path().is_file() else draw_grid()[0], out_dir / FINAL_GRID_NAME)
                 print(f"simple-dit: {out_dir} is already at its stop (step {state.step}); nothing to train. "
                       "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
             return out_dir / CHECKPOINT_NAME
