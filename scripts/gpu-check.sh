@@ -16,9 +16,11 @@
 # the eager ones repeat the issue's own table), diffusers, then where each target's step spends its
 # time (bench/step_parts.py: its parts, its kernels by kind and by name), and last the two missed
 # training targets' steps against the same steps with one lever at a time (bench/step_levers.py;
-# its cap rarely fits after the rest: GPU_CHECK_ONLY=levers gives it a call); a step that would
-# start with under 10 s of the budget left is recorded as not_run. GPU_CHECK_ONLY="KIND ..." runs
-# only those kinds (env, bench-compile, bench, compare, tests, diffusers, parts, levers, verdict).
+# its cap rarely fits after the rest: GPU_CHECK_ONLY=levers gives it a call), then whether two
+# identical UNet runs train the same weights, and under which of PyTorch's switches they do
+# (bench/repeatability.py); a step that would start with under 10 s of the budget left is recorded
+# as not_run. GPU_CHECK_ONLY="KIND ..." runs only those kinds (env, bench-compile, bench, compare,
+# tests, diffusers, parts, levers, repeat, verdict).
 # GPU_CHECK_RESUME=1 keeps DIR/compare from the last call, so a comparison its cap cut off resumes
 # (its step then says "resumed": its seconds are this call's only); without it the comparison
 # starts afresh.
@@ -111,11 +113,14 @@ if [ "$mode" = gpu ]; then
   # bound by its launches, and dit-seed's at 1024, bound by the bytes its elementwise kernels move
   # (max-autotune's Triton products lost to cuBLAS on every shape: nothing for them to fuse into).
   levers=("dit-mini||--compile" "dit-seed|1024|--compile")
+  # Two identical fp32 UNet runs parted on the H200 with the upsampling's atomics gone; bf16 ones
+  # repeated once. Which kernel still adds in a varying order (cuDNN's convolutions or BatchNorm)?
+  repeat=("unet-tiny|fp32|" "unet-tiny|bf16|")
   # One run at a time, each step one captured CUDA graph: on the H200 (2026-12-04) 3 runs trained
   # together (--runs-together 3, compiled) made 18,700 unet-seed and 13,600 dit-seed images/s in
   # all, where one captured run makes 39,500 and 20,400 (BENCHMARKS.md, "Second GPU check").
   compare=(--presets unet-seed,dit-seed --budget 600k-images --lrs 1e-4,3e-4,1e-3 --compile)
-  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 levers=240 compare=300 verdict=600)
+  caps=(tests=300 env=60 bench=45 bench-compile=120 diffusers=60 parts=90 levers=240 repeat=120 compare=300 verdict=600)
   verdict=(env "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu)
   verdict_records=docs/verdict-600k-gpu
 else
@@ -132,8 +137,9 @@ else
   diffusers=(bench/diffusers_compare.py --preset dit-tiny --batch-size 8 --repeats 2 --device cpu)
   parts=("dit-tiny|8|" "unet-tiny|8|")
   levers=("dit-tiny|8|")
+  repeat=("unet-tiny|fp32|--steps 4 --settings as-trained,deterministic-algorithms")
   compare=(--presets unet-tiny,dit-tiny --budget 2k-images --lrs 1e-4,3e-4,1e-3 --eval-n 12 --eval-every-frac 0.5)
-  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 levers=60 compare=120 verdict=120)
+  caps=(tests=120 env=60 bench=60 bench-compile=120 diffusers=60 parts=60 levers=60 repeat=60 compare=120 verdict=120)
   verdict_records=$out/verdict-records
   verdict=(env VERDICT_PRESETS=unet-tiny,dit-tiny VERDICT_BUDGET=2k-images VERDICT_SEEDS=0 VERDICT_LRS=1e-3 VERDICT_FINAL_N=24
            "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
@@ -188,6 +194,10 @@ for spec in "${levers[@]}"; do
   add_step "levers-$preset-b${batch:-preset}$suffix" levers "$py" bench/step_levers.py --preset "$preset" ${batch:+--batch-size "$batch"} \
     --repeats "$bench_repeats" --device "$device" $extra
 done
+for spec in "${repeat[@]}"; do
+  IFS='|' read -r preset precision extra <<<"$spec"
+  add_step "repeat-$preset-$precision" repeat "$py" bench/repeatability.py --preset "$preset" --precision "$precision" --device "$device" $extra
+done
 want_verdict=false
 case " ${GPU_CHECK_ONLY:-} " in *" verdict "*) want_verdict=true ;; esac
 if $want_verdict; then add_step verdict-grid verdict "${verdict[@]}"; fi
@@ -200,7 +210,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, levers, verdict)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, levers, repeat, verdict)" >&2
     exit 2
   fi
   steps=("${kept[@]}")
@@ -322,6 +332,7 @@ DIFFUSERS_KEYS = ("preset", "batch_size", "precision", "device", "ours_images_pe
                   "diffusers_images_per_s", "ours_over_reference", "ours_over_diffusers")
 PARTS_KEYS = ("preset", "batch_size", "inductor", "cuda_graph", "step_ms", "forward_backward_ms", "optimizer_ms", "images_per_s", "profile")
 LEVERS_KEYS = ("preset", "batch_size", "compiled", "rows")
+REPEAT_KEYS = ("preset", "precision", "compiled", "settings")
 
 
 def last_json(path):
@@ -340,9 +351,10 @@ def last_json(path):
 
 
 def numbers(kind, log):
-    if kind in ("env", "bench", "bench-compile", "levers", "diffusers", "parts"):
+    if kind in ("env", "bench", "bench-compile", "levers", "repeat", "diffusers", "parts"):
         found = last_json(log)
-        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "levers": LEVERS_KEYS, "diffusers": DIFFUSERS_KEYS, "parts": PARTS_KEYS}.get(kind)
+        keys = {"bench": BENCH_KEYS, "bench-compile": BENCH_KEYS, "levers": LEVERS_KEYS, "repeat": REPEAT_KEYS, "diffusers": DIFFUSERS_KEYS,
+                "parts": PARTS_KEYS}.get(kind)
         if found is None or keys is None:
             return found
         picked = {k: found[k] for k in keys if k in found}

@@ -41,11 +41,17 @@ def test_the_gpu_plan_runs_what_issue_8_asks():
     names = list(commands)
     # Most wanted first: the compiled benches (the targets), the tests, the comparison, then the other
     # benches (the issue's table has the eager numbers already), diffusers, where each target's step
-    # spends its time, and last the two missed training targets against one lever at a time.
+    # spends its time, the two missed training targets against one lever at a time, and last whether
+    # two identical UNet runs repeat, in each precision.
     first_other = next(i for i, n in enumerate(names) if n.startswith("bench-") and not n.endswith("-compile"))
     assert names[0] == "environment" and all(n.endswith("-compile") for n in names[1 : names.index("tests")])
     parts = [n for n in names if n.startswith("parts-")]
     levers = [n for n in names if n.startswith("levers-")]
+    repeats = [n for n in names if n.startswith("repeat-")]
+    assert repeats == names[-2:] == ["repeat-unet-tiny-fp32", "repeat-unet-tiny-bf16"]
+    assert [commands[n].split("repeatability.py ", 1)[1] for n in repeats] == [
+        "--preset unet-tiny --precision fp32 --device cuda", "--preset unet-tiny --precision bf16 --device cuda"]
+    names = names[: -len(repeats)]
     assert names.index("tests") + 1 == names.index("compare-article") < first_other and names[-len(parts) - len(levers) - 1] == "diffusers-compare"
     assert levers == names[-2:] == ["levers-dit-mini-bpreset-compile", "levers-dit-seed-b1024-compile"]
     assert [commands[n].split("step_levers.py ", 1)[1] for n in levers] == [
@@ -106,6 +112,7 @@ case "$*" in
   "-m pytest"*) echo "....."; echo "5 passed, 1 skipped in 0.10s" ;;
   *"bench --preset dit-mini"*"--reference"*) echo "boom" >&2; exit 1 ;;
   *" bench "*) echo "     train_images_per_s: 12.0"; echo '{"preset": "p", "batch_size": 8, "train_images_per_s": 12.0, "sample_images_per_s": 40.0, "unrelated": 1}' ;;
+  *"repeatability.py"*) echo '{"preset": "unet-tiny", "precision": "fp32", "compiled": false, "steps": 4, "settings": {"as-trained": {"largest_difference": 0.0}}}' ;;
   *"step_levers.py"*) echo '{"preset": "p", "batch_size": 8, "compiled": false, "rows": {"ours": {"images_per_s": 12.0, "x_ours": 1.0}}, "device": "stub"}' ;;
   *"step_parts.py"*) echo '{"preset": "p", "batch_size": 8, "step_ms": 2.5, "optimizer_ms": 0.5, "profile": {"launches": 9, "top_kernels": [{"name": "k"}]}, "device": "stub"}' ;;
   *" compare "*)
@@ -139,6 +146,8 @@ def test_the_summary_is_one_json_object_last_with_every_step(stub_python, tmp_pa
     # The kernels by name stay in the step's log: the summary must stay one short line.
     assert steps["parts-unet-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "step_ms": 2.5, "optimizer_ms": 0.5, "profile": {"launches": 9}}
     assert steps["levers-dit-tiny-b8"]["result"] == {"preset": "p", "batch_size": 8, "compiled": False, "rows": {"ours": {"images_per_s": 12.0, "x_ours": 1.0}}}
+    assert steps["repeat-unet-tiny-fp32"]["result"] == {"preset": "unet-tiny", "precision": "fp32", "compiled": False,
+                                                         "settings": {"as-trained": {"largest_difference": 0.0}}}
     assert "boom" in (out / "logs" / "bench-dit-mini-b8-reference.log").read_text()
     compare = steps["compare-article"]["result"]
     assert compare["evals_done"] == {"a_lr0.001": 1} and compare["floor_fid"] == 0.5

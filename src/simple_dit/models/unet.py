@@ -84,8 +84,8 @@ class UNetCond(nn.Module):
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
         """Bilinear x2. On a GPU from shifted copies and sums (``bilinear_2x_by_sums``), whose
         backward has no atomic additions: PyTorch's CUDA kernel adds the gradient with atomics, in
-        whatever order the threads run, the likeliest reason why a UNet trained on an H200 did not
-        repeat itself (unconfirmed: no GPU since). On a CPU PyTorch's own kernel, ten times faster
+        whatever order the threads run (on an H200 fp32 UNet runs still did not repeat themselves
+        without it, so it was not the only such kernel). On a CPU PyTorch's own kernel, ten times faster
         there (forward and backward at unet-seed's shapes, 2-core Zen 5), and repeatable (a
         compiled CPU run uses PyTorch's deterministic mode)."""
         if x.device.type not in self.upsample_by_sums_on:
