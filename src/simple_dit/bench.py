@@ -23,6 +23,7 @@ from .models.unet import UNetCond, book_time_encoding
 from .runtime import (
     autocast, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
 )  # fmt: skip
+from .sample import sampling_network
 from .train import CapturedStep, make_optimizer, make_step, training_precision
 
 
@@ -149,7 +150,8 @@ def run_bench(
     together: int = 1,
 ) -> dict:
     """Training images/s (forward + backward + AdamW step) and sampling images/s (denoiser
-    evaluations x batch per second, no guidance); ``reference`` forces the plain fp32 eager path.
+    evaluations x batch per second, no guidance, of the network a sampler runs: in bf16 with bf16
+    weights, ``sample.sampling_network``); ``reference`` forces the plain fp32 eager path.
     ``compile`` times the ``torch.compile``'d model and reports the seconds of its first calls
     (the compilation) as ``train_compile_s`` and ``sample_compile_s``. ``together`` > 1 times
     that many models training as one batched network (``compare --runs-together``): the training
@@ -215,10 +217,9 @@ def run_bench(
         result["train_images_per_s"] = together * batch_size / seconds
         result["train_gflop_per_s"] = 3 * gflops * together * batch_size / seconds  # backward ~ 2x forward
     if what in ("sample", "all"):
-        model.eval()
+        network = sampling_network(model.eval(), precision)
         t = torch.full((batch_size,), 500, device=dev, dtype=torch.long)
-
-        forward_model = compile_model(model, dev) if compile else model
+        forward_model = compile_model(network, dev) if compile else network
 
         @torch.no_grad()
         def denoise():
