@@ -428,6 +428,19 @@ def test_running_out_of_memory_is_one_line_and_other_errors_keep_their_traceback
         main(["bench", "--preset", "dit-tiny"])
 
 
+@pytest.mark.parametrize("filename", ["/run/tb/events.out", b"/run/tb/events.out"])
+def test_a_failed_write_is_one_line_whatever_type_its_file_name(monkeypatch, capsys, filename):
+    """TensorBoard's writer names its files in bytes."""
+    import simple_dit.cli
+
+    def write(args):
+        raise PermissionError(13, "Permission denied", filename)
+
+    monkeypatch.setitem(simple_dit.cli.COMMANDS, "bench", write)
+    assert main(["bench", "--preset", "dit-tiny"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["simple-dit: error: /run/tb/events.out: Permission denied"]
+
+
 def test_a_missing_extra_is_a_one_line_hint(monkeypatch, tmp_path, capsys):
     import sys as _sys
 

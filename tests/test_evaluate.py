@@ -355,6 +355,11 @@ def test_eval_and_sample_reject_bad_guidance(tiny_run, tmp_path, capsys):
                        capsys).returncode == 0  # fmt: skip
     assert _in_process(["eval", damaged, "--n", 30, "--steps", 2, "--bootstrap", 0, "--guidance", "1,2", "--device", "cpu"], capsys).returncode == 0
     assert json.loads((damaged / "guidance.json").read_text())["guidance"] in (1, 2)
+    # A directory where guidance.json belongs: damage to sample, and in the way of eval's pick before it samples.
+    (damaged / "guidance.json").unlink()
+    (damaged / "guidance.json").mkdir()
+    assert_user_error(_in_process(["sample", damaged, "--out", tmp_path / "s", "--n", 2], capsys), "guidance.json is damaged")
+    assert_user_error(_in_process(["eval", damaged, "--n", 30, "--steps", 2, "--guidance", "1,2"], capsys), "guidance.json is in the way")
 
 
 def test_the_tables_show_a_confidence_column_only_where_there_are_intervals():

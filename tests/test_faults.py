@@ -409,12 +409,12 @@ def test_a_finished_run_that_lost_its_final_grid_gets_the_same_one_back(straight
     assert after == before
 
 
-@pytest.mark.parametrize("name", ["samples", "tb", "metrics.jsonl"])
+@pytest.mark.parametrize("name", ["samples", "tb", "metrics.jsonl", "samples.png"])
 def test_a_file_in_the_way_of_the_runs_own_is_refused_before_training(name, straight, tmp_path, capsys):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
     subprocess.run(["rm", "-rf", str(out / name)], check=True)
-    (out / name).mkdir() if name.endswith(".jsonl") else (out / name).write_text("in the way")
+    (out / name).mkdir() if "." in name else (out / name).write_text("in the way")  # files have a suffix, directories not
     before = snapshot(out)
     refused(capsys, *RESUME, "--out", out, "--max-steps", STEPS + 5, fragment=f"{out / name} is in the way")
     assert snapshot(out) == before

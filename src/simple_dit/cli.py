@@ -351,9 +351,9 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     from .compare.budget import parse_guidances
     from .diffusion import check_sampler
-    from .evaluate import GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
+    from .evaluate import GUIDANCE_NAME, GUIDANCE_RULE, QualityMeter, dumps, format_guidance_table, format_report
     from .evaluate import check_floor_count, load_npz, pick_guidance, report, write_guidance
-    from .io import ensure_writable_dir
+    from .io import ensure_writable_file
 
     guidances = None if args.guidance is None else parse_guidances(args.guidance, "--guidance")
     if args.plot is not None:
@@ -367,7 +367,7 @@ def cmd_eval(args) -> None:
         args.n, args.seed = args.n or 5000, args.seed or 0
         pipe = Pipeline.from_pretrained(args.source, use_ema=not args.no_ema, device=args.device)
         if guidances is not None and len(guidances) > 1:
-            ensure_writable_dir(args.source)  # for the pick's guidance.json: fail before sampling, not after
+            ensure_writable_file(args.source / GUIDANCE_NAME)  # for the pick: fail before sampling, not after
         guidances = guidances or [pipe.guidance]
         dataset = pipe.config.train.dataset
         labels = pipe.cycled_labels(args.n)
@@ -536,7 +536,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         print(f"simple-dit: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a size limit, a vanished directory: one line, not a traceback
-        print(f"simple-dit: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"simple-dit: error: {os.fsdecode(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"simple-dit: {e}", file=sys.stderr)

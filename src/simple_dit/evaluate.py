@@ -560,7 +560,7 @@ def read_guidance(run_dir: str | os.PathLike) -> tuple[float, int | None] | None
     """The guidance recorded in ``run_dir/guidance.json`` and the training step of the weights it
     was picked for (None where the record does not say); None when there is no record."""
     path = Path(run_dir) / GUIDANCE_NAME
-    if not path.is_file():
+    if not path.exists():  # a directory there is damage, said below, not the absence of a record
         return None
     try:
         record = json.loads(path.read_text())

@@ -140,6 +140,14 @@ def ensure_writable_dir(directory: Path) -> None:
         raise UserError(f"cannot write to {directory}: {e.strerror}") from None
 
 
+def ensure_writable_file(path: Path) -> None:
+    """Fail early, with one line, if a file could not be written at ``path``: its directory is not
+    writable, or a directory is in its place."""
+    ensure_writable_dir(Path(path).parent)
+    if Path(path).is_dir():
+        raise UserError(f"{path} is in the way: it is written as a file, and a directory is there; move it away")
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(dumps_strict(obj, indent=2) + "\n"))
 

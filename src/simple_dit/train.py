@@ -451,7 +451,8 @@ def record_start(config: RunConfig, out_dir: Path, state: TrainState) -> None:
 def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
     """Check ``out_dir`` against ``resume`` and lock it for this process."""
     def check() -> None:
-        for name, is_dir in ((CHECKPOINT_NAME, False), (CONFIG_NAME, False), (METRICS_NAME, False), ("samples", True), ("tb", True)):
+        for name, is_dir in ((CHECKPOINT_NAME, False), (CONFIG_NAME, False), (METRICS_NAME, False), (FINAL_GRID_NAME, False),
+                             ("samples", True), ("tb", True)):  # fmt: skip
             if (out_dir / name).exists() and (out_dir / name).is_dir() != is_dir:
                 raise UserError(f"{out_dir / name} is in the way: the run writes its {name} there as a "
                                 f"{'directory' if is_dir else 'file'}; move it away")  # fmt: skip
@@ -468,7 +469,9 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> DirectoryLock:
     except UserError:
         DirectoryLock.check_free(out_dir)
         raise
-    ensure_writable_dir(out_dir)
+    for directory in (out_dir, out_dir / "samples", out_dir / "tb"):  # a resumed run's, made by another user
+        if directory == out_dir or directory.is_dir():
+            ensure_writable_dir(directory)
     lock = DirectoryLock(out_dir)
     try:
         check()  # again under the lock: another process may have written a checkpoint meanwhile
