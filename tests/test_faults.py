@@ -450,6 +450,24 @@ def test_a_checkpoint_with_non_finite_weights_is_damaged_not_diverged(straight, 
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before and not list(tmp_path.glob("s.*"))
 
 
+@pytest.mark.parametrize("damage, named", [
+    (lambda tensors, name: tensors.pop(name), "is missing"),
+    (lambda tensors, name: tensors.__setitem__(name, tensors[name][:1].clone()), "is (1, "),
+])  # fmt: skip
+def test_a_checkpoint_whose_weights_do_not_fit_the_network_says_which_tensor(damage, named, straight, tmp_path, capsys):
+    """Each command refuses it in one line that names the tensor, and export writes nothing."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(straight), str(out)], check=True)
+    name = next(k for k in load_weights(out)[1] if k.endswith(".weight"))
+    _rewrite_checkpoint(out / "checkpoint.safetensors", tensors=lambda tensors: damage(tensors, f"ema.{name}"))
+    before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
+    refused(capsys, *RESUME, "--out", out, "--max-steps", STEPS + 5, fragment=f"does not match this model: ema.{name} {named}")
+    refused(capsys, "sample", out, "--out", tmp_path / "s", "--n", 2, "--no-gif", fragment=f"do not match their config: {name} {named}")
+    refused(capsys, "export", out, "--out", tmp_path / "export", fragment=f"do not match its config ({name} {named}")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+    assert not list(tmp_path.glob("s.*")) and not (tmp_path / "export").exists()
+
+
 def test_a_checkpoint_with_a_non_finite_optimiser_state_is_damaged_not_diverged(straight, tmp_path, capsys):
     """Resuming from such moments would diverge at once and blame the learning rate, after the
     run's config and records had been rewritten."""

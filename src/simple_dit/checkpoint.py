@@ -195,15 +195,34 @@ def load_weights(run_dir_or_file, use_ema: bool = True) -> tuple[RunConfig, dict
     return RunConfig.from_dict(meta["config"]), weights, meta["train_state"]
 
 
+def weights_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``model.load_state_dict(weights)`` from working, in a few words naming the first
+    tensor missing, unexpected or of another shape (PyTorch's own message takes many lines, the
+    first of them naming nothing); None where it would load."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    reshaped = [name for name in expected if name in weights and tuple(weights[name].shape) != tuple(expected[name].shape)]
+    if missing:
+        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if unexpected:
+        return f"{unexpected[0]} is no tensor of this network" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+    if reshaped:
+        name = reshaped[0]
+        return f"{name} is {tuple(weights[name].shape)}, the network's {tuple(expected[name].shape)}"
+    return None
+
+
 def load_training_state(run_dir: Path, model, ema, optimizer) -> dict:
     """Restore everything a run needs to continue exactly; returns the saved train_state."""
     path = checkpoint_path(run_dir)
     handle, meta = _open(path)
-    try:
-        model.load_state_dict(_read(handle, path, "model."))
-        ema.load_state_dict(_read(handle, path, "ema."))
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
+    for module, prefix in ((model, "model."), (ema, "ema.")):
+        weights = _read(handle, path, prefix)
+        problem = weights_mismatch(module, weights)
+        if problem:
+            raise UserError(f"checkpoint {path} does not match this model: {prefix}{problem}")
+        module.load_state_dict(weights)
     if not all_finite([*model.parameters(), *ema.parameters()]):
         # Training checks the loss before every save, so these are damaged weights, not a divergence.
         raise UserError(f"checkpoint {path} holds non-finite weights: it is damaged; restore it or train again")

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights, weights_mismatch
 from .config import RunConfig, validate_config
 from .errors import UserError
+from .models import build_model
 from .io import atomic_copy, atomic_write, ensure_writable_dir, is_temporary, write_json
 from .runtime import all_finite, is_integer
 
@@ -74,6 +75,10 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)) or key in RESERVED_METADATA:
             raise UserError(f"export metadata maps strings to strings, other than {', '.join(RESERVED_METADATA)}; got {key!r}: {value!r}")
+    with torch.device("meta"):  # the shapes without the memory
+        problem = weights_mismatch(build_model(config.model), weights)
+    if problem:
+        raise UserError(f"{run_dir}'s EMA weights do not match its config ({problem}): the checkpoint is damaged; nothing exported")
     if not all_finite(weights.values()):
         raise UserError(f"{run_dir}'s EMA weights are not all finite (a diverged or damaged checkpoint); nothing exported")
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}

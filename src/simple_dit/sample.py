@@ -17,6 +17,7 @@ import torch
 
 from .io import atomic_write
 from .config import RunConfig
+from .checkpoint import weights_mismatch
 from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
@@ -118,10 +119,10 @@ class Pipeline:
             raise UserError(f"use_ema must be True or False, got {use_ema!r}")
         config, weights, directory, step = load_pretrained(run_dir, use_ema=use_ema)
         model = build_model(config.model)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise UserError(f"the weights in {run_dir or 'the default model'} do not match their config: {str(e).splitlines()[0]}") from None
+        problem = weights_mismatch(model, weights)
+        if problem:
+            raise UserError(f"the weights in {run_dir or 'the default model'} do not match their config: {problem}")
+        model.load_state_dict(weights)
         if not all_finite(weights.values()):
             raise UserError(f"the weights in {run_dir or 'the default model'} are not all finite: the file is damaged (or from a diverged run); restore it or train again")
         from .evaluate import read_guidance
