@@ -186,17 +186,19 @@ def test_a_point_lost_from_evals_jsonl_is_not_rescored_from_later_weights(resume
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
 
 
-def test_a_point_missing_from_a_run_whose_weights_are_gone_keeps_the_other_records(resumed, tmp_path):
+@pytest.mark.parametrize("kept", [1, 0])
+def test_a_point_missing_from_a_run_whose_weights_are_gone_keeps_the_other_records(kept, resumed, tmp_path):
     """Training the run again would have replaced its other points' records (and on another
-    machine, with other scores): it is refused, and nothing is deleted."""
+    machine, with other scores): it is refused, and nothing is deleted; so too where no record is
+    left, the scored points' grids showing that the run had weights."""
     out = tmp_path / "report"
     shutil.copytree(resumed["out"], out, ignore=shutil.ignore_patterns("*.safetensors"))
     evals = out / "runs" / RUN_NAMES[0] / C.EVALS_NAME
-    evals.write_text("".join(evals.read_text().splitlines(keepends=True)[:-1]))  # point 2's record gone, point 1's kept
+    evals.write_text("".join(evals.read_text().splitlines(keepends=True)[:kept]))  # point 2's record gone, or both
     before = {k: v for k, v in snapshot(out).items() if k != ".lock"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(C.runner, "_train", lambda *a, **k: pytest.fail("trained again"))
-        with pytest.raises(UserError, match="has no record of evaluation point 2 .* and the run's weights are gone"):
+        with pytest.raises(UserError, match=f"has no record of evaluation point {kept + 1} .* and the run's weights are gone"):
             C.compare(PRESETS, BUDGET, out, **resumed["kwargs"])
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
 

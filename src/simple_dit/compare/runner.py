@@ -338,17 +338,21 @@ def _run_one(
 
 def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
     """The run's targets not yet in its evals.jsonl, or None if it diverged. A run with neither
-    checkpoint nor records starts over: its other files are from an attempt that never checkpointed."""
+    checkpoint nor any sign of a scored point starts over: its other files are from an attempt
+    that never checkpointed."""
     records = read_evals(run_dir, repair=True)
     if any(rec.get("diverged") for rec in records):
         return None
     done = {(rec.get("target_kind"), round(float(rec.get("target", -1)), 6)) for rec in records}
     todo = [t for t in targets if t.key() not in done]
     if todo and not (run_dir / CHECKPOINT_NAME).is_file():
-        if records or read_confirmations(run_dir):  # scored from a checkpoint, so its weights were deleted since
+        # Scored from a checkpoint, so its weights were deleted since (and its records too, where
+        # only a point's grid is left).
+        scored = records or read_confirmations(run_dir) or (run_dir / FINAL_GRID_NAME).exists() or any((run_dir / "eval_samples").glob("point_*"))
+        if scored:
             raise UserError(f"{run_dir / EVALS_NAME} has no record of evaluation point {todo[0].point} ({todo[0].describe()}) and the "
                             f"run's weights are gone: restore the file, or delete {run_dir} to train the run again")  # fmt: skip
-        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME, FINAL_GRID_NAME):
+        for stale in (EVALS_NAME, CONFIRM_NAME, "metrics.jsonl", GUIDANCE_NAME):
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "eval_samples", ignore_errors=True)
         return todo
