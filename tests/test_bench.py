@@ -132,6 +132,12 @@ def test_bench_rejects_a_bad_batch_size(capsys):
     assert capsys.readouterr().err.strip().startswith("simple-dit: error: argument --batch-size: must be positive, got 0")
 
 
+def test_bench_refuses_more_runs_together_than_memory_holds(capsys):
+    assert main(["bench", "--preset", "dit-tiny", "--runs-together", "2147483647", "--what", "train", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error: --runs-together 2147483647: the models'") and "GiB" in err[0], err
+
+
 def test_interleaved_timing_calls_each_function_warmup_plus_repeats_times():
     from simple_dit.bench import interleaved_median_seconds
 

@@ -21,7 +21,7 @@ from .models import build_model, count_parameters, forward_gflops
 from .models.dit import Attention, PatchEmbed
 from .models.unet import UNetCond, book_time_encoding
 from .runtime import (
-    autocast, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
+    autocast, check_fits_in_memory, check_positive_int, compile_model, cudagraph_skips, device_name, parse_device, synchronize, warn_cudagraphs_skipped,
 )  # fmt: skip
 from .sample import sampling_network
 from .train import CapturedStep, make_optimizer, make_step, training_precision
@@ -180,6 +180,8 @@ def run_bench(
     x = torch.randn(batch_size, c, s, s, device=dev)
     y = torch.randint(0, config.model.num_classes, (batch_size,), device=dev)
     gflops = forward_gflops(model, s)
+    # Weights, gradients and two AdamW moments in fp32 per model, before their activations.
+    check_fits_in_memory(together * count_parameters(model) * 16, f"--runs-together {together}: the models' weights, gradients and AdamW moments")
     skips = cudagraph_skips()
     result = {
         "preset": preset, "batch_size": batch_size, "precision": precision, "reference": reference,
