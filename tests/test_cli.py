@@ -367,6 +367,9 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["eval", "{run}", "--n", str(2**31 - 1)], "images and their labels take"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--max-steps", "2", "--eval-every", "1", "--eval-n", "2000000000"],
          "--eval-n 2,000,000,000: its images and labels take"),
+        (["sample", "{run}", "--out", "{tmp}/x", "--per-class", str(2**31 - 1), "--no-gif"], "got 21474836470"),  # not "out of memory"
+        (["eval", "{run}", "--n", "6", "--dataset", "fashion-mnist"], "was trained on mnist, and is scored against it"),
+        (["sample", "{run}", "--out", "{tmp}/x" + "a" * 300, "--n", "2", "--no-gif"], "File name too long"),  # exit 2, as bad input
     ],
 )
 def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
@@ -375,7 +378,7 @@ def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
 
     before = files()
     argv = [a.format(run=cli_run["run"], tmp=tmp_path) for a in argv]
-    assert main(argv) != 0
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
     assert files() == before

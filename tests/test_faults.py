@@ -529,6 +529,7 @@ def test_a_garbled_line_of_metrics_loses_only_itself(tmp_path):
 
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (5, 10, 15, 20, 25)]
     lines[1] = lines[1][:9] + "\x00garbage"  # step 10's record, torn in the middle of the file
+    lines.insert(3, '{"step": 12, "loss": NaN}')  # Python's JSON, not JSON: edited in by hand
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     truncate_metrics(tmp_path, 20)  # the checkpoint's step: 25 is redone
     assert [r["step"] for r in strict_json_lines(tmp_path / "metrics.jsonl")] == [5, 15, 20]

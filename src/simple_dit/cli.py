@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import signal
@@ -304,7 +305,7 @@ def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
 def cmd_sample(args) -> None:
     from .diffusion import check_guidance_interval
     from .io import ensure_writable_dir, replace_set
-    from .sample import Pipeline, save_gif, save_npz
+    from .sample import Pipeline, check_image_count, save_gif, save_npz
 
     if args.out.is_dir():
         raise UserError(f"--out names the files to write (FILE gives FILE.png, FILE.npz, FILE.gif), not a directory: {args.out}")
@@ -325,9 +326,11 @@ def cmd_sample(args) -> None:
     elif args.n is not None:
         labels = pipe.cycled_labels(args.n)
     else:
-        labels = torch.arange(k).repeat_interleave(10 if args.per_class is None else args.per_class)
+        per_class = 10 if args.per_class is None else args.per_class
+        check_image_count(k * per_class, pipe.config, f"--per-class {per_class:,} ({k * per_class:,} images) and their labels")
+        labels = torch.arange(k).repeat_interleave(per_class)
     labels = pipe.validate_labels(labels)
-    out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz", ".gif") else args.out
+    out = args.out.with_suffix("") if args.out.suffix.lower() in (".png", ".npz", ".gif") else args.out
     _refuse_a_file_of_a_run(out.with_name(out.name + ".png"), "--out")
     ensure_writable_dir(out.parent)
     for suffix in (".png", ".npz") + (() if args.no_gif else (".gif",)):  # all or none of them: fail before sampling
@@ -370,6 +373,8 @@ def cmd_eval(args) -> None:
             ensure_writable_file(args.source / GUIDANCE_NAME)  # for the pick: fail before sampling, not after
         guidances = guidances or [pipe.guidance]
         dataset = pipe.config.train.dataset
+        if args.dataset is not None and args.dataset != dataset:  # scored against another dataset's features, silently
+            raise UserError(f"--dataset {args.dataset}: {args.source} was trained on {dataset}, and is scored against it; drop --dataset")
         labels = pipe.cycled_labels(args.n)
         sampler = check_sampler(pipe.diffusion, args.sampler)
         steps = args.steps or pipe.diffusion.default_steps(sampler)
@@ -537,7 +542,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         return 2
     except OSError as e:  # a full disk, a size limit, a vanished directory: one line, not a traceback
         print(f"simple-dit: error: {os.fsdecode(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return 2 if e.errno == errno.ENAMETOOLONG else 1  # a name too long is bad input, like any other
     except Interrupted as e:
         print(f"simple-dit: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -167,6 +167,15 @@ def dumps_strict(obj, **kwargs) -> str:
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
 
 
+def loads_strict(text: str | bytes):
+    """``json.loads`` of JSON proper: NaN and Infinity, which Python's reader takes, are a ValueError."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def read_jsonl(path: Path, repair: bool = False, strict: bool = False) -> list[dict]:
     """The JSON-object lines of ``path``. A trailing line without its newline that is not JSON (a
     write that was interrupted) is ignored, and with ``repair`` cut off so that the next append

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import atomic_write, dumps_strict, write_json
+from .io import atomic_write, dumps_strict, loads_strict, write_json
 
 METRICS_NAME = "metrics.jsonl"
 WANDB_RUN_NAME = "wandb-run.json"  # the W&B run id, so that a resumed run continues the same W&B run
@@ -98,7 +98,7 @@ def truncate_metrics(run_dir: Path, step: int, *, partial_window: bool = False) 
     kept = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            record = loads_strict(line)  # metrics.jsonl stays strict JSON: a hand-written NaN goes too
             if record["step"] < step or (record["step"] == step and not (partial_window and "loss" in record)):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
