@@ -385,6 +385,27 @@ def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):
     assert not list(tmp_path.glob("x.*")) and not (tmp_path / "r" / "checkpoint.safetensors").exists()
 
 
+def test_a_wrong_kind_of_path_is_named_for_what_it_is(cli_run, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    export_dir, broken = tmp_path / "export", tmp_path / "broken"
+    assert main(["export", str(cli_run["run"]), "--out", str(export_dir)]) == 0
+    shutil.copytree(cli_run["run"], broken, ignore=shutil.ignore_patterns("checkpoint.safetensors"))
+    (broken / "checkpoint.safetensors").mkdir()
+    capsys.readouterr()
+    for argv, fragment in (
+        (["train", "--preset", "dit-tiny", "--out", a_file, "--max-steps", 1], f"{a_file} is a file, where a directory is to be written"),
+        (["export", cli_run["run"], "--out", a_file], f"{a_file} is a file, where a directory is to be written"),
+        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--out", a_file], f"{a_file} is a file, where a directory"),
+        (["export", export_dir, "--out", tmp_path / "again"], f"{export_dir} is an export already"),
+        (["sample", broken, "--out", tmp_path / "x", "--n", 2], "checkpoint.safetensors is a directory, not a checkpoint"),
+    ):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (argv, err)
+    assert a_file.read_text() == "mine" and not (tmp_path / "again").exists()
+
+
 def test_a_comparison_given_as_a_run_says_where_its_runs_are(tmp_path, capsys):
     (tmp_path / "compare.json").write_text("{}")
     for argv in (["sample", str(tmp_path), "--out", str(tmp_path / "x")], ["export", str(tmp_path), "--out", str(tmp_path / "e")]):

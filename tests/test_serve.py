@@ -49,9 +49,9 @@ def run_dir(tmp_path_factory, mnist_dir):
 
 
 @contextmanager
-def serving(directory):
+def serving(directory, host: str = "127.0.0.1"):
     """``make_server(directory)`` on a free port, serving in a thread."""
-    srv = serve_mod.make_server(directory, port=0, device="cpu")
+    srv = serve_mod.make_server(directory, host, port=0, device="cpu")
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
@@ -549,3 +549,18 @@ def test_without_a_directory_it_serves_the_packaged_default_model(run_dir, tmp_p
         labels, images = final_images(generate(srv, classes=[5], steps=4))
         assert labels == [5] and images.shape == (1, 28, 28)
         assert_refused(*request(srv, "GET", "/files/config.json"), 404)  # no directory is served
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_host_is_served(run_dir):
+    with serving(run_dir, "::1") as srv:
+        assert srv.url.startswith("http://[::1]:") and get_json(srv, "/api/info")["preset"] == "dit-tiny"

@@ -109,6 +109,8 @@ def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
         raise UserError(f"{p} is a comparison, not a run; its runs are the directories in {p / 'runs'}")
     if p.is_dir():
         p = p / CHECKPOINT_NAME
+    if p.is_dir():
+        raise UserError(f"{p} is a directory, not a checkpoint; restore the run's checkpoint file there")
     if not p.is_file():
         raise UserError(f"no checkpoint at {p}; train a model there first (simple-dit train --out DIR)")
     return p

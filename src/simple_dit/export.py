@@ -52,6 +52,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if run_dir.exists() and is_export(run_dir):
+        raise UserError(f"{run_dir} is an export already: export takes a training run (copy an export to move it)")
     config, weights, state = load_weights(run_dir, use_ema=True)
     source = run_dir if run_dir.is_dir() else run_dir.parent
     if out_dir.resolve() == source.resolve():

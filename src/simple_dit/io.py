@@ -131,6 +131,8 @@ def _remove(path: str) -> None:
 
 def ensure_writable_dir(directory: Path) -> None:
     """Fail early, with one line, if results could not be written to ``directory``."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"{directory} is a file, where a directory is to be written; choose another")
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test")

@@ -41,6 +41,7 @@ import contextlib
 import errno
 import io
 import json
+import socket
 import sys
 import threading
 import time
@@ -511,6 +512,8 @@ class SimpleDiTServer(ThreadingHTTPServer):
         self.log_requests = log_requests
         self.static = _static_files()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
+        # IPv4 or IPv6, as the host asks (--host ::1): the class's default is IPv4 alone.
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         super().__init__(address, Handler)
 
     def stop(self, wait_s: float = 60.0) -> None:
