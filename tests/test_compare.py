@@ -898,6 +898,14 @@ def test_report_only_with_no_run_records_keeps_the_last_report(sweep, tmp_path, 
     assert "holds no runs yet" in capsys.readouterr().err and snapshot(out) == before
 
 
+def test_report_only_names_a_directory_where_the_settings_belong(tmp_path, capsys):
+    from simple_dit.cli import main
+
+    (tmp_path / "out" / "compare.json").mkdir(parents=True)
+    assert main(["compare", "--report-only", "--out", str(tmp_path / "out")]) == 2
+    assert "compare.json is a directory, where the comparison keeps its settings" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("key, value", [("lrs", "abc"), ("guidances", None), ("seeds", [-1]), ("presets", ["nope"]),
                                         ("eval_n", "60"), ("sampler", 3), ("fractions", "x"), ("fractions", [float("nan")]),
                                         ("fractions", [-1, 1]), ("fractions", []), ("final_n", -5), ("precision", "bogus")])  # fmt: skip

@@ -107,6 +107,8 @@ def _is_a_comparisons(name: str) -> bool:
 def settings_on_disk(out_dir: Path) -> Settings:
     """The settings of the comparison in ``out_dir`` (its last invocation's, from compare.json)."""
     path = out_dir / SETTINGS_NAME
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, where the comparison keeps its settings as a file; move it away")
     if not path.is_file():
         raise UserError(f"{out_dir} holds no comparison (no {SETTINGS_NAME})")
     try:
