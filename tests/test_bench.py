@@ -92,7 +92,7 @@ def test_bench_prints_one_json_object_last(capsys):
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_bench_times_the_network_the_sampler_runs(precision, monkeypatch):
     """Sampling images/s are those of the network a Pipeline samples with: in bf16 its bf16 copy of
-    the weights, not autocast over the fp32 ones (1.5-1.6x slower on a CPU, BENCHMARKS.md)."""
+    the weights, not autocast over the fp32 ones (1.07-1.17x slower on a CPU, BENCHMARKS.md)."""
     import simple_dit.bench
     import simple_dit.sample
     from simple_dit.bench import run_bench

@@ -26,8 +26,8 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights, weights_mismatch
 from .config import RunConfig, validate_config
 from .errors import UserError
-from .models import build_model
 from .io import atomic_copy, atomic_write, ensure_writable_dir, is_temporary, write_json
+from .models import build_model
 from .runtime import all_finite, is_integer
 
 EXPORT_FORMAT = "simple-dit-export/1"

@@ -15,12 +15,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .io import atomic_write
-from .config import RunConfig
 from .checkpoint import weights_mismatch
+from .config import RunConfig
 from .data import DATASETS, to_uint8
 from .diffusion import DEFAULT_GUIDANCE, check_guidance, check_sampler, make_process
 from .errors import UserError
+from .io import atomic_write
 from .models import build_model
 from .runtime import all_finite, autocast, check_fits_in_memory, check_positive_int, check_seed, parse_device, resolve_precision
 
@@ -49,8 +49,8 @@ def _check_model_matches(model_config, model: torch.nn.Module) -> None:
 def sampling_network(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """A copy of ``model`` as a sampler runs it at ``precision`` (under ``autocast``): in bf16 with
     bf16 weights. Autocast over fp32 weights would cast every weight on every call and hand the
-    tokens from block to block in fp32; a 2-core Zen 5 EPYC evaluates dit-mini and dit-seed 1.5-1.6x
-    faster this way (BENCHMARKS.md). ``simple-dit bench`` times this network too."""
+    tokens from block to block in fp32; a 2-core Zen 5 EPYC evaluates dit-mini, dit-seed and
+    unet-seed 1.07-1.17x faster this way (BENCHMARKS.md). ``simple-dit bench`` times this network too."""
     return copy.deepcopy(model).to(torch.bfloat16 if precision == "bf16" else None)  # .to(None) keeps the dtype
 
 
