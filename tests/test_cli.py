@@ -370,6 +370,9 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["sample", "{run}", "--out", "{tmp}/x", "--per-class", str(2**31 - 1), "--no-gif"], "got 21474836470"),  # not "out of memory"
         (["eval", "{run}", "--n", "6", "--dataset", "fashion-mnist"], "was trained on mnist, and is scored against it"),
         (["sample", "{run}", "--out", "{tmp}/x" + "a" * 300, "--n", "2", "--no-gif"], "File name too long"),  # exit 2, as bad input
+        # Values that start with a minus are values, checked as such (argparse said "expected one argument").
+        (["sample", "{run}", "--out", "{tmp}/x", "--guidance-interval", "-1,2"], "--guidance-interval must satisfy 0 <= LO < HI <= 1"),
+        (["compare", "--presets", "dit-tiny", "--budget", "-5m", "--out", "{tmp}/c"], "malformed budget '-5m'"),
     ],
 )
 def test_more_bad_input_in_process(cli_run, tmp_path, capsys, argv, fragment):

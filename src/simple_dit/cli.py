@@ -27,6 +27,12 @@ from .runtime import MAX_COUNT, PRECISIONS, keep_freed_memory
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors (argparse's own print the usage block first)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with a minus and a digit is a value: argparse takes only plain
+        # numbers so, and read "--guidance-interval -1,2" or "--budget -5m" as a missing one.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):
         self.exit(2, f"simple-dit: error: {message} (see {self.prog} --help)\n")
 
