@@ -104,6 +104,20 @@ def test_a_billion_sampler_steps_are_refused_before_sampling(objective):
         Pipeline(config, build_model(config.model))([1], steps=10**9, sampler=sampler)
 
 
+def test_a_guidance_that_overflows_is_refused_after_one_step_not_every_batch():
+    """(A flow model: epsilon samplers clip their x0 estimates, which keeps even this finite.)"""
+    config = get_preset("dit-tiny")
+    config.diffusion.objective = "flow"
+    model = build_model(config.model)
+    for p in model.parameters():  # adaLN-Zero's zeros would make every label's prediction the same
+        torch.nn.init.normal_(p, std=0.1)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))  # the sampling copy keeps it
+    with pytest.raises(UserError, match="non-finite values .* or guidance 1e.308 is too large"):
+        Pipeline(config, model, precision="fp32")(list(range(10)) * 4, steps=20, guidance=1e308, batch_size=10)
+    assert len(calls) == 1  # one guided evaluation (both halves in one batch) of the first of four batches
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"meter": "x"}, "meter must be an evaluate.QualityMeter"), ({"log": 5}, "log must be a function"),
     ({"dataset": ["mnist"]}, "unknown dataset"), ({"wandb": 5}, "--wandb takes a W&B project name"),

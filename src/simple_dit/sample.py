@@ -210,12 +210,20 @@ class Pipeline:
 
         batches = labels.split(batch_size)
         model = self._sampling_model()
+
+        def check_finite(x: torch.Tensor) -> None:
+            if not bool(torch.isfinite(x).all()):
+                raise UserError(f"sampling produced non-finite values (NaN or inf): the weights are damaged or diverged"
+                                f"{f', or guidance {guidance:g} is too large' if guidance > MAX_SANE_GUIDANCE else ''}")  # fmt: skip
+
         out = []
         with tqdm(total=len(batches) * n_steps, unit="step", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
             for b, batch_labels in enumerate(batches):
 
                 def on_step(i: int, x: torch.Tensor) -> None:
                     bar.update(1)
+                    if b == 0 and i == 0:
+                        check_finite(x)  # a guidance far too large shows at once, not after every batch (one host sync)
                     if trajectory is not None and b == 0 and ((i + 1) % record_every == 0 or i + 1 == n_steps):
                         trajectory.append(to_uint8(x[:GIF_MAX_IMAGES]).cpu())
 
@@ -225,9 +233,7 @@ class Pipeline:
                         guidance_interval=guidance_interval, null_class=self.num_classes, generator=generator,
                         image_shape=(c, s, s), on_step=on_step,
                     )  # fmt: skip
-                if not bool(torch.isfinite(x).all()):
-                    raise UserError(f"sampling produced non-finite values (NaN or inf): the weights are damaged or diverged"
-                                    f"{f', or guidance {guidance:g} is too large' if guidance > MAX_SANE_GUIDANCE else ''}")  # fmt: skip
+                check_finite(x)
                 out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
