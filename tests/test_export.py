@@ -133,6 +133,28 @@ def test_an_export_replaces_an_earlier_export_and_nothing_else(run, tmp_path):
             Pipeline.from_pretrained(source)
 
 
+def test_a_second_export_into_a_directory_being_written_is_refused(run, tmp_path):
+    """Without a lock file (a Hub clone would push it): the directory itself is locked."""
+    import fcntl
+    import os
+
+    from simple_dit.errors import UserError
+
+    out = tmp_path / "exported"
+    export(run, out)
+    before = snapshot(out)
+    fd = os.open(out, os.O_RDONLY)  # as an export in flight holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another export is writing into"):
+            export(run, out)
+    finally:
+        os.close(fd)
+    assert snapshot(out) == before
+    export(run, out)  # free again
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_bad_input_is_one_line(run, tmp_path, cli):
     assert_user_error(cli("export", tmp_path / "missing", "--out", tmp_path / "x"), "no checkpoint", str(tmp_path / "missing"))
     assert_user_error(cli("export", run, "--out", tmp_path / "x", "--dtype", "int8"), "--dtype 'int8'", "fp32, fp16, bf16")

@@ -26,6 +26,7 @@ from conftest import (
 )  # fmt: skip
 from simple_dit.checkpoint import load_weights
 from simple_dit.config import get_preset
+from simple_dit.errors import Interrupted
 from simple_dit.io import DirectoryLock, is_temporary
 from simple_dit.train import train
 
@@ -293,6 +294,34 @@ def test_a_set_interrupted_while_it_is_written_keeps_the_old_files(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         replace_set(tmp_path, ["s.png", "s.npz", "s.gif"], write)
     assert snapshot(tmp_path) == {"s.gif": hashlib.md5(b"old animation").hexdigest(), "s.png": hashlib.md5(b"old grid").hexdigest()}
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Interrupted)])
+def test_a_stop_signal_during_a_sets_renames_waits_for_the_whole_set(signum, raised, tmp_path, monkeypatch):
+    """Ctrl-C (or a scheduler's SIGTERM) right after the first file of a set is in place: the
+    others follow before it takes effect, so the new set is whole (an export's weights never sit
+    beside another model's config)."""
+    import simple_dit.io
+    from simple_dit.cli import _raise_interrupted  # SIGTERM's handler under the command line
+    from simple_dit.io import replace_set
+
+    for name in ("s.png", "s.npz", "s.gif"):
+        (tmp_path / name).write_text("old")
+    real = os.replace
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        if Path(dst).name == "s.png":
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(simple_dit.io.os, "replace", replace_then_signal)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        with pytest.raises(raised):
+            replace_set(tmp_path, ["s.png", "s.npz", "s.gif"], lambda staging: [(staging / n).write_text("new") for n in ("s.png", "s.npz")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert snapshot(tmp_path) == {name: hashlib.md5(b"new").hexdigest() for name in ("s.png", "s.npz")}  # the old gif gone with its set
 
 
 def test_a_set_writer_killed_outright_leaves_nothing_for_long(tmp_path):
@@ -584,7 +613,6 @@ def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, m
     and evaluation; the resumed run makes them first, so its records and grids are those of a run
     that never stopped (the evaluation of step 2 used to be missing)."""
     import simple_dit.train as training
-    from simple_dit.errors import Interrupted
 
     def config():
         c = get_preset("dit-tiny")

@@ -15,8 +15,11 @@ The package ships one such file, ``assets/default-dit-mini.safetensors``: what
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights, weights_mismatch
 from .config import RunConfig, validate_config
 from .errors import UserError
-from .io import atomic_copy, atomic_write, ensure_writable_dir, is_temporary, write_json
+from .io import ensure_writable_dir, is_temporary, replace_set, write_json
 from .models import build_model
 from .runtime import all_finite, is_integer
 
@@ -88,25 +91,42 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
         raise UserError(f"{run_dir}'s weights do not fit in {dtype}; export them as bf16 or fp32")
     read_guidance(source)  # a damaged guidance.json is refused here, not copied into an export that cannot sample
     ensure_writable_dir(out_dir)
-    # What an export killed mid-write left. No lock guards an export directory (it may be a Hub
-    # clone, where a lock file would be pushed), so two exports into one directory must not overlap.
-    for tmp in out_dir.glob(".*"):
-        if is_temporary(tmp.name) and tmp.is_file():
-            tmp.unlink(missing_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "config": json.dumps(config.to_dict()), "dtype": dtype, "weights": "ema",
         "source_run": source.resolve().name, "train_state": json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds")}),
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     } | (metadata or {})  # fmt: skip
-    path = out_dir / MODEL_NAME
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, meta))
-    write_json(out_dir / CONFIG_NAME, config.to_dict())
     guidance = source / GUIDANCE_NAME  # the guidance picked for the run: an export samples as its run does
-    if guidance.is_file():
-        atomic_copy(guidance, out_dir / GUIDANCE_NAME)
-    else:  # not the pick of an export this one replaces
-        (out_dir / GUIDANCE_NAME).unlink(missing_ok=True)
-    return path
+
+    def write(staging: Path) -> None:
+        _save_file(tensors, str(staging / MODEL_NAME), meta)
+        write_json(staging / CONFIG_NAME, config.to_dict())
+        if guidance.is_file():  # else an earlier export's pick goes with the rest of its set
+            shutil.copyfile(guidance, staging / GUIDANCE_NAME)
+
+    with _export_lock(out_dir):
+        # What an export killed mid-write left (older versions wrote each file through a temporary).
+        for tmp in out_dir.glob(".*"):
+            if is_temporary(tmp.name) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+        # One set: an interrupted export leaves the last export whole, never one file of each.
+        replace_set(out_dir, [MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME], write)
+    return out_dir / MODEL_NAME
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path):
+    """One export at a time into ``out_dir``: a lock on the directory itself, not a lock file,
+    which a Hub clone would push."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another export is writing into {out_dir}; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def resolve_pretrained(source: str | os.PathLike | None) -> Path:

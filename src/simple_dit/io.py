@@ -6,12 +6,15 @@ the old file or the new one, never a torn mix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -65,12 +68,34 @@ def atomic_copy(source: Path, path: Path) -> None:
     atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """SIGINT and SIGTERM held back until the block ends, then handled as they would have been: a
+    few renames that make one change must all happen, or none. (Python runs signal handlers in
+    the main thread whichever thread the OS delivers to, so it is the handlers that wait here, not
+    a signal mask.)"""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in stops):
+        yield  # handlers that Python did not install cannot be put back
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)
+
+
 def replace_set(directory: Path, names: list[str], write) -> list[Path]:
-    """Write files that belong together (``sample``'s grid, arrays and animation) as one set:
-    ``write(staging)`` writes those of ``names`` it makes, by their own names, into a temporary
-    directory beside them; then they replace their old versions together, and the other
-    ``names`` (an earlier set's) are removed. An interruption before the renames leaves the old
-    set whole and no temporary behind. Returns the paths written."""
+    """Write files that belong together (``sample``'s grid, arrays and animation; an export's
+    weights, config and guidance) as one set: ``write(staging)`` writes those of ``names`` it
+    makes, by their own names, into a temporary directory beside them; then they replace their
+    old versions together, and the other ``names`` (an earlier set's) are removed. A SIGINT or
+    SIGTERM waits for the renames, so an interruption leaves the old set or the new one, whole,
+    and no temporary behind. Returns the paths written."""
     directory = Path(directory)
     for stale in directory.glob(".set.*.tmp"):  # a staging directory its killed (SIGKILL) writer left
         if stale.is_dir() and not _process_alive(stale.name.split(".")[2]):
@@ -82,10 +107,14 @@ def replace_set(directory: Path, names: list[str], write) -> list[Path]:
     try:
         write(staging)
         made = [name for name in names if (staging / name).is_file()]
-        for name in made:
-            os.replace(staging / name, directory / name)
-        for name in set(names) - set(made):
-            _remove(str(directory / name))
+        for name in made:  # on disk before the renames that publish them
+            with open(staging / name, "rb+") as f:
+                os.fsync(f.fileno())
+        with stop_signals_deferred():
+            for name in made:
+                os.replace(staging / name, directory / name)
+            for name in set(names) - set(made):
+                _remove(str(directory / name))
     except OSError as e:
         raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
     finally:
