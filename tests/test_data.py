@@ -71,17 +71,27 @@ def test_one_missing_file_is_named(mnist_dir, tmp_path):
     assert not (tmp_path / "t10k-labels-idx1-ubyte.gz").exists()
 
 
-def test_corrupt_file_is_rejected_with_its_md5(mnist_dir, tmp_path):
+@pytest.mark.parametrize("damage", [
+    lambda blob: blob[: len(blob) // 2],  # cut off
+    lambda blob: blob[:500] + b"XXXX" + blob[504:],  # garbled compressed bytes: zlib's own error, not an OSError
+])  # fmt: skip
+def test_corrupt_file_is_rejected_with_its_md5(damage, mnist_dir, tmp_path):
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(mnist_dir / name, tmp_path / name)
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
-    blob = path.read_bytes()
-    path.write_bytes(blob[: len(blob) // 2])
+    damaged = damage(path.read_bytes())
+    path.write_bytes(damaged)
     with pytest.raises(UserError) as info:
         load_dataset("mnist", "test", data_dir=tmp_path, download=False)
     message = str(info.value)
     assert str(path) in message and "9fb629c4189551a2d022fa330f9573f3" in message
-    assert path.stat().st_size == len(blob) // 2  # left alone
+    assert path.read_bytes() == damaged  # left alone
+
+
+def test_a_download_into_a_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(UserError, match="was not found, and cannot be downloaded into"):
+        load_dataset("mnist", "test", data_dir=tmp_path / "a_file" / "data")
 
 
 def test_regzipped_and_uncompressed_copies_are_accepted(mnist_dir, tmp_path):

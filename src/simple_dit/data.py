@@ -15,6 +15,7 @@ import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def _read_verified(path: Path, spec: IdxFile) -> bytes:
         good_gz = _md5(blob) == spec.gz_md5
         try:
             raw = gzip.decompress(blob)
-        except (OSError, EOFError, gzip.BadGzipFile):
+        except (OSError, EOFError, zlib.error):  # a bad header, a cut-off stream, garbled compressed bytes
             raw = None
     else:
         good_gz, raw = False, blob
@@ -128,7 +129,11 @@ def _download(spec: DatasetSpec, file: IdxFile, dest_dir: Path) -> Path:
         raise UserError(f"{dest} is not {spec.name}'s {file.name} (md5 {file.gz_md5}), and downloading it would replace that file; "
                         f"give {spec.name} a --data-dir of its own, or remove the file")  # fmt: skip
     created = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]  # deepest first: removed again if nothing comes
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{file.name} of {spec.name} was not found, and cannot be downloaded into {dest_dir} ({e.strerror}); "
+                        f"put the file (md5 {file.gz_md5}) in --data-dir or $SIMPLE_DIT_DATA") from None  # fmt: skip
     try:
         return _fetch(spec, file, dest_dir, dest)
     except UserError:
