@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from simple_dit.data import load_dataset
+from simple_dit.errors import UserError
 from simple_dit.evaluate import (
     QualityMeter,
     classify,
@@ -77,6 +78,39 @@ def test_bundled_evaluator_is_accurate(meter):
     assert float(meta["test_accuracy"]) >= 0.993
     test = load_dataset("mnist", "test")
     assert (classify(meter.model, test.images) == test.labels).float().mean() >= 0.993
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda path: path.write_bytes(path.read_bytes()[:100]), "are damaged"),  # truncated
+    (lambda path: path.write_bytes(b""), "are damaged"),
+    (lambda path: path.write_bytes(path.read_bytes()[:8] + b"{garbled" + path.read_bytes()[16:]), "are damaged"),
+    (lambda path: path.unlink() or path.mkdir(), "is a directory, where the evaluator's weights are cached"),
+])  # fmt: skip
+def test_a_damaged_cached_evaluator_is_one_line_not_a_retraining(damage, fragment, tmp_path, monkeypatch):
+    """(Fashion-MNIST's evaluator is trained on first use and cached; a copy of the bundled MNIST
+    one stands in for it.)"""
+    from simple_dit.evaluate import _bundled_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "simple-dit" / "evaluators" / "evaluator-fashion-mnist.safetensors"
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(_bundled_path("mnist"), cached)
+    damage(cached)
+    monkeypatch.setattr("simple_dit.evaluate.train_evaluator", lambda *a, **k: pytest.fail("retrained"))
+    with pytest.raises(UserError, match=fragment):
+        load_evaluator("fashion-mnist")
+
+
+def test_an_evaluator_that_cannot_be_cached_is_still_used(tmp_path, monkeypatch, capsys):
+    from simple_dit.evaluate import Evaluator
+
+    (tmp_path / "simple-dit").write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    trained = Evaluator()
+    monkeypatch.setattr("simple_dit.evaluate.train_evaluator", lambda *a, **k: (trained, 0.9))
+    model, meta = load_evaluator("fashion-mnist", progress=False)
+    assert model is trained and meta["test_accuracy"] == "0.9000"
+    assert "the fashion-mnist evaluator is not cached" in capsys.readouterr().err
 
 
 def test_real_images_score_near_the_floor_and_corruptions_score_badly(meter):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -147,18 +148,28 @@ def load_evaluator(dataset: str = "mnist", data_dir=None, progress: bool = True)
     from safetensors import safe_open
 
     cached = default_cache_dir().parent / "evaluators" / f"evaluator-{dataset}.safetensors"
+    if cached.is_dir():
+        raise UserError(f"{cached} is a directory, where the evaluator's weights are cached; move it away")
     for path in (_bundled_path(dataset), cached):
         if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata()
-                state = {k: f.get_tensor(k) for k in f.keys()}
-            model = Evaluator()
-            model.load_state_dict(state)
-            if _weights_digest(model) != meta["sha256"]:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata()
+                    state = {k: f.get_tensor(k) for k in f.keys()}
+                model = Evaluator()
+                model.load_state_dict(state)
+                digest = meta["sha256"]
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file makes safetensors or torch raise
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UserError(f"evaluator weights {path} are damaged ({reason}); delete the file to retrain it") from None
+            if _weights_digest(model) != digest:
                 raise UserError(f"evaluator weights {path} fail their checksum; delete the file to retrain it")
             return model.eval(), meta
     model, accuracy = train_evaluator(dataset, data_dir, progress=progress)
-    save_evaluator(model, accuracy, dataset, cached)
+    try:
+        save_evaluator(model, accuracy, dataset, cached)
+    except UserError as e:  # the training is not thrown away for a cache that cannot be written
+        print(f"simple-dit: warning: the {dataset} evaluator is not cached ({e}); it will be trained again next time", file=sys.stderr)
     return model.eval(), {"dataset": dataset, "test_accuracy": f"{accuracy:.4f}", "sha256": _weights_digest(model)}
 
 
