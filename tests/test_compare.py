@@ -175,6 +175,23 @@ def resumed(tmp_path_factory, mnist_dir, meter):
     return {"out": out, "results": results, "before": before, "calls": dict(calls), "kwargs": kwargs}
 
 
+def test_a_stop_signal_while_compare_trains_says_how_to_continue_it(tmp_path, mnist_dir, meter, monkeypatch):
+    """Training's own message points to train's --resume, which compare does not have."""
+    import signal
+
+    from simple_dit.errors import Interrupted
+
+    def stopped(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM, "stopped by SIGTERM at step 3; checkpoint saved, --resume continues")
+
+    monkeypatch.setattr(C.runner, "_train", stopped)
+    kwargs = dict(lrs=LRS, eval_every_frac=EVERY, data_dir=str(mnist_dir), log=lambda msg: None, meter=meter, **SETTINGS)
+    with pytest.raises(Interrupted) as info:
+        C.compare("dit-tiny", BUDGET, tmp_path / "c", **kwargs)
+    assert info.value.signum == signal.SIGTERM and "--resume" not in str(info.value)
+    assert "the same compare command continues the comparison" in str(info.value)
+
+
 def test_a_point_lost_from_evals_jsonl_is_not_rescored_from_later_weights(resumed, tmp_path):
     out = tmp_path / "report"
     shutil.copytree(resumed["out"], out)

@@ -313,7 +313,7 @@ def train_together(
                     if run.out_dir not in diverged:
                         run.checkpoint(device)
                 name = signal.Signals(signals.received).name
-                raise Interrupted(signals.received, f"stopped by {name}; every run trained together checkpointed, --resume continues")
+                raise Interrupted(signals.received, f"stopped by {name}; every run trained together checkpointed")
 
         for run in members:
             if run.out_dir in diverged:

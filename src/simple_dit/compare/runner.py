@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 from ..checkpoint import CHECKPOINT_NAME, FINAL_GRID_NAME, check_not_inside_a_run
 from ..config import is_number
 from ..diffusion import DEFAULT_GUIDANCE
-from ..errors import TrainingDiverged, UserError
+from ..errors import Interrupted, TrainingDiverged, UserError
 from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, check_floor_count, pick_guidance, write_guidance
 from ..extras import require
 from ..io import LOCK_NAME, DirectoryLock, append_jsonl, atomic_copy, ensure_writable_dir, is_temporary, read_jsonl, write_json
@@ -705,12 +706,16 @@ def _run_all(out_dir: Path, settings: Settings, stats: dict, *, data_dir, device
     )
     for run in plan:
         ensure_writable_dir(run.run_dir)
-    if together > 1:
-        for group in groups_together(plan, together):
-            _train_together(group, settings, data_dir=data_dir, device=device, log=log, meter=meter)
-    for run in plan:
-        _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
-                 data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb)  # fmt: skip
+    try:
+        if together > 1:
+            for group in groups_together(plan, together):
+                _train_together(group, settings, data_dir=data_dir, device=device, log=log, meter=meter)
+        for run in plan:
+            _run_one(run.preset, run.lr, settings, run.run_dir, run.targets, seed=run.seed, objective=run.override,
+                     data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb)  # fmt: skip
+    except Interrupted as e:  # training's own words would point to train's --resume
+        raise Interrupted(e.signum, f"stopped by {signal.Signals(e.signum).name}; the run in training checkpointed, "
+                                    "and the same compare command continues the comparison") from None  # fmt: skip
     return _report(out_dir, settings, plan, stats, data_dir=data_dir, device=device, log=log, meter=meter)
 
 
