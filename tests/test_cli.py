@@ -362,6 +362,8 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--epochs", "1e306"], "steps at batch 32, more than a run can take"),
         (["train", "--preset", "dit-tiny", "--out", "{tmp}/r", "--minutes", "3e306"], "--minutes must be at most 10,000,000"),
         (["compare", "--presets", "dit-tiny", "--budget", "1e-12s", "--out", "{tmp}/c"], "less than a second of training"),
+        (["compare", "--presets", "dit-tiny", "--budget", "1-flops", "--out", "{tmp}/c"], "steps at batch 32, less than one step of training"),
+        (["compare", "--presets", "dit-tiny", "--budget", "10-images", "--out", "{tmp}/c"], "0.31 steps at batch 32, less than one step"),
         # Near the counts' limit the images alone take terabytes: refused, not killed by the OOM killer.
         (["sample", "{run}", "--out", "{tmp}/x", "--n", str(2**31 - 1), "--no-gif"], "GiB, more than this machine's"),
         (["eval", "{run}", "--n", str(2**31 - 1)], "images and their labels take"),

@@ -215,6 +215,8 @@ def schedule(budget: Budget, fractions: Sequence[float], batch_size: int, gflops
     images = images_per_budget(budget, gflops_per_image)
     if round(images / batch_size) > MAX_COUNT:
         raise UserError(f"budget {budget} is {_compact(images / batch_size)} steps at batch {batch_size}, more than a run can take ({MAX_COUNT:,})")
+    if round(images / batch_size) < 1:  # a run would train one step all the same, and be reported at this budget
+        raise UserError(f"budget {budget} is {images / batch_size:.2g} steps at batch {batch_size}, less than one step of training")
     targets: list[Target] = []
     for f in fractions:
         steps = max(1, round(f * images / batch_size))
