@@ -139,6 +139,14 @@ def test_timesteps_out_of_range(steps, objective):
         make_process(DiffusionConfig(objective=objective)).timesteps(steps)
 
 
+@pytest.mark.parametrize("objective, samplers", [("eps", ["ddpm", "ddim", "dpm++2m"]), ("flow", ["euler", "heun"])])
+def test_a_default_step_count_fits_a_short_process(objective, samplers):
+    """A two-step process of a toy config samples with its defaults; they are not refused."""
+    process = make_process(DiffusionConfig(objective=objective, num_timesteps=2))
+    for sampler in samplers:
+        assert 1 <= process.default_steps(sampler) <= 2 and process.timesteps(process.default_steps(sampler))
+
+
 # ---- samplers ----------------------------------------------------------------------------------
 
 

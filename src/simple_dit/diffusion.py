@@ -212,7 +212,8 @@ class GaussianDiffusion(_Process):
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
 
     def default_steps(self, sampler: str) -> int:
-        return {"ddpm": self.num_timesteps, "ddim": 50, "dpm++2m": 20}[sampler]
+        # Never more than the process has (a short process of a toy config): a default is not refused.
+        return min(self.num_timesteps, {"ddpm": self.num_timesteps, "ddim": 50, "dpm++2m": 20}[sampler])
 
     def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):
         device = x.device
@@ -294,8 +295,8 @@ class RectifiedFlow(_Process):
 
     def default_steps(self, sampler: str) -> int:
         # Few steps suffice for a straight-path flow model: on the default model, 4 Euler steps
-        # score as well as 20 (the sweep is in BENCHMARKS.md).
-        return 4 if sampler == "euler" else 10
+        # score as well as 20 (the sweep is in BENCHMARKS.md); never more than the process has.
+        return min(self.num_timesteps, 4 if sampler == "euler" else 10)
 
     def timesteps(self, steps: int) -> list[float]:
         # As for DDPM, at most one step per time the network was trained to tell apart.
