@@ -89,10 +89,22 @@ def test_a_pipeline_keeps_its_own_config():
     assert pipe.config.model.input_size == 28 and pipe([1], steps=1).shape == (1, 1, 28, 28)
 
 
-def test_a_pipeline_refuses_class_names_given_as_one_string():
+@pytest.mark.parametrize("names", ["abcdefghij", 5])
+def test_a_pipeline_refuses_class_names_given_as_one_string_or_a_number(names):
     config = get_preset("dit-tiny")
     with pytest.raises(UserError, match="class_names is a sequence of names"):
-        Pipeline(config, build_model(config.model), class_names="abcdefghij")
+        Pipeline(config, build_model(config.model), class_names=names)
+
+
+def test_a_pipeline_call_refuses_a_progress_that_is_not_a_bool():
+    config = get_preset("dit-tiny")
+    with pytest.raises(UserError, match="progress must be True or False"):
+        Pipeline(config, build_model(config.model))([1], steps=2, progress="no")
+
+
+def test_a_model_source_that_cannot_be_read_is_one_line():
+    with pytest.raises(UserError, match="cannot read .*File name too long"):
+        Pipeline.from_pretrained("/tmp/" + "a" * 5000)
 
 
 @pytest.mark.parametrize("objective", ["eps", "flow"])

@@ -477,6 +477,7 @@ def test_a_time_budget_with_the_progress_bar_ends_with_a_checkpoint(tmp_path, mo
         ("dit-tiny", {"model.depth": 2.5}, "model.depth must be a positive integer"),
         ("dit-tiny", {"model.class_dropout_prob": 1.5}, "class_dropout_prob must be in [0, 1)"),
         ("dit-tiny", {"model.mlp_ratio": -1}, "model.mlp_ratio must be a positive number"),
+        ("dit-tiny", {"model.mlp_ratio": 0.01}, "giving the MLP from 1 to"),  # 0.32 of a unit: an MLP of none
         ("dit-tiny", {"train.dataset": ["mnist"]}, "unknown dataset ['mnist']"),
         ("dit-tiny", {"train.precision": {}}, "unknown precision {}"),
         ("unet-tiny", {"model.channels": (8, 16)}, "model.channels must be three positive integers"),

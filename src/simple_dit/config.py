@@ -180,8 +180,10 @@ def validate_model_config(m: ModelConfig) -> ModelConfig:
     p = m.class_dropout_prob
     _check(is_number(p) and 0 <= p < 1, f"model.class_dropout_prob must be in [0, 1), got {p!r}")
     if isinstance(m, DiTConfig):
-        _check(is_number(m.mlp_ratio) and 0 < m.mlp_ratio * m.hidden_size <= MAX_COUNT,
-               f"model.mlp_ratio must be a positive number (at most {MAX_COUNT:,} units in the MLP), got {m.mlp_ratio!r}")  # fmt: skip
+        # The MLP's width as DiTBlock rounds it: 0.01 x 32 would build an MLP of no units.
+        _check(is_number(m.mlp_ratio) and 0 < m.mlp_ratio * m.hidden_size <= MAX_COUNT and int(m.mlp_ratio * m.hidden_size) >= 1,
+               f"model.mlp_ratio must be a positive number giving the MLP from 1 to {MAX_COUNT:,} units (times hidden_size "
+               f"{m.hidden_size}), got {m.mlp_ratio!r}")  # fmt: skip
         _check(m.input_size % m.patch_size == 0, f"patch size {m.patch_size} does not divide image size {m.input_size}")
         _check(m.hidden_size % m.num_heads == 0, f"hidden size {m.hidden_size} is not divisible by {m.num_heads} heads")
         _check(m.hidden_size % 4 == 0, f"hidden size {m.hidden_size} must be divisible by 4 (2-D sin-cos positions)")

@@ -198,6 +198,12 @@ def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> t
     guidance.json applies (None for a lone file) and the training step of the weights (None where
     an export does not say)."""
     path = resolve_pretrained(source)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # said below, with what to do about it
+    except OSError as e:  # a name too long, a directory that may not be read
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if path.is_dir() and not (path / MODEL_NAME).exists() and not (path / CHECKPOINT_NAME).exists() and (path / CONFIG_NAME).is_file():
         raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}: "
                         "restore the weights file, or train the run again (one stopped before its first checkpoint has none)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Sequence
 
@@ -96,8 +97,8 @@ class Pipeline:
             raise UserError(f"a Pipeline samples from fp32 weights (bf16 by autocast, precision='bf16'); the model's are {sorted(map(str, kinds))}: pass model.float()")
         self.num_classes = config.model.num_classes
         dataset = DATASETS.get(config.train.dataset) if isinstance(config.train.dataset, str) else None
-        if isinstance(class_names, str):  # would be one name per letter
-            raise UserError(f"class_names is a sequence of names, one per class, not the string {class_names!r}")
+        if isinstance(class_names, str) or not (class_names is None or isinstance(class_names, Iterable)):  # a str: one name per letter
+            raise UserError(f"class_names is a sequence of names, one per class, not {class_names!r}")
         self.class_names = tuple(class_names if class_names is not None else dataset.class_names if dataset else map(str, range(self.num_classes)))
         if not all(isinstance(name, str) for name in self.class_names):
             raise UserError(f"class_names must be strings, got {list(self.class_names)[:3]!r}...")
@@ -204,6 +205,8 @@ class Pipeline:
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = self.diffusion.default_steps(sampler) if steps is None else check_positive_int(steps, "steps")
         self.diffusion.timesteps(n_steps)  # more steps than the process has: refused before the progress bar is drawn
+        if not isinstance(progress, bool):  # "no" is truthy
+            raise UserError(f"progress must be True or False, got {progress!r}")
         batch_size = check_positive_int(batch_size, "batch_size")  # a Python int: split() takes no NumPy one
         record_every = max(1, n_steps // GIF_FRAMES)
         from tqdm import tqdm
