@@ -364,6 +364,8 @@ def test_pipeline_rejects_bad_labels(straight_run):
             pipe([1], **({"steps": 2} | bad))
     with pytest.raises(UserError, match="one label per image"):
         pipe.grid(pipe([1, 2, 3], steps=2), [1, 2])
+    with pytest.raises(UserError, match="images with values, got 1 channels of 0 x 0"):
+        pipe.grid(torch.zeros(3, 1, 0, 0, dtype=torch.uint8), [1, 2, 3])  # an empty grid, silently, before
     images = pipe([1, 2], steps=2, batch_size=np.int64(1))  # NumPy's ints are ints here too
     for bad in (-1, 0, "3"):
         with pytest.raises(UserError, match="max_per_row must be"):

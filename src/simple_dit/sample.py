@@ -272,8 +272,9 @@ class Pipeline:
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)):
             raise UserError(f"a grid takes uint8 images (N, C, H, W) and one label per image, got {getattr(images, 'dtype', type(images))} "
                             f"{tuple(getattr(images, 'shape', ()))} and {len(labels)} labels")  # fmt: skip
-        if images.shape[1] not in (1, 3) or images.is_meta:
-            raise UserError(f"a grid takes grey (1 channel) or RGB (3 channel) images with values, got {images.shape[1]} channels on {images.device}")
+        if images.shape[1] not in (1, 3) or images.is_meta or 0 in images.shape[2:]:
+            raise UserError(f"a grid takes grey (1 channel) or RGB (3 channel) images with values, got {images.shape[1]} channels of "
+                            f"{images.shape[2]} x {images.shape[3]} on {images.device}")  # fmt: skip
         return labelled_grid(images.cpu(), labels, self.class_names, check_positive_int(max_per_row, "max_per_row"))
 
     def save_grid(self, images: torch.Tensor, labels, path: str | Path) -> Path:
