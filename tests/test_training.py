@@ -355,6 +355,8 @@ def test_pipeline_rejects_bad_labels(straight_run):
     for labels in ([1.5], [[1], [2]], ["3"], [float("nan")], [2**70], torch.tensor([True])):
         with pytest.raises(UserError, match="labels must be"):
             pipe(labels, steps=2)
+    with pytest.raises(UserError, match="label 18446744073709551615 is out of range"):  # not wrapped to -1
+        pipe(np.array([2**64 - 1], dtype=np.uint64), steps=2)
     for bad, fragment in (({"steps": 0}, "steps must be"), ({"steps": 2.0}, "steps must be"), ({"batch_size": 0}, "batch_size must be"),
                           ({"batch_size": True}, "batch_size must be"), ({"seed": -1}, "seed must be"), ({"guidance": float("inf")}, "guidance must be"),
                           ({"trajectory": "abc"}, "trajectory must be"), ({"guidance_interval": {0: 1, 1: 2}}, "guidance interval must be"),

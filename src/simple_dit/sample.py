@@ -168,6 +168,10 @@ class Pipeline:
             raise UserError("no labels to sample")
         if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise UserError(f"labels must be a 1-D sequence of integer class indices, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if labels.dtype in (torch.uint32, torch.uint64):  # .long() would wrap the largest into negatives
+            too_large = labels.double() >= self.num_classes
+            if bool(too_large.any()):
+                raise UserError(f"label {labels[too_large][0].item()} is out of range: classes are 0..{self.num_classes - 1}")
         labels = labels.long().flatten()
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
