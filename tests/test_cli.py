@@ -470,6 +470,17 @@ def test_a_failed_write_is_one_line_whatever_type_its_file_name(monkeypatch, cap
     assert capsys.readouterr().err.strip().splitlines() == ["simple-dit: error: /run/tb/events.out: Permission denied"]
 
 
+def test_under_torchrun_compare_is_refused_and_rank_0_alone_says_why(monkeypatch, tmp_path, capsys):
+    argv = ["compare", "--presets", "dit-tiny", "--budget", "64-images", "--out", str(tmp_path / "c")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == said and all("compare runs in one process" in line for line in err), (rank, err)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_missing_extra_is_a_one_line_hint(monkeypatch, tmp_path, capsys):
     import sys as _sys
 

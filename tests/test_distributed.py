@@ -61,3 +61,59 @@ def test_two_processes_stopped_and_resumed_train_what_an_unbroken_run_does(tmp_p
     resumed = records_without_clock(tmp_path / "resumed")
     assert 4 not in [r["step"] for r in resumed]  # the window the first call stopped in is completed, not cut in two
     assert resumed == records_without_clock(tmp_path / "straight")
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes."""
+    pids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in pids:
+        try:
+            environ = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "RANK" in environ:
+            ranks[int(environ["RANK"])] = int(pid)
+    return ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the workers' ranks")
+def test_a_stop_signal_to_one_process_stops_all_after_the_same_step(tmp_path, mnist_dir):
+    """torchrun hands a signal to each worker at its own moment (here: to rank 1 alone): the
+    processes agree on it after each step, so rank 0 checkpoints the step they all stopped at,
+    and says so in one line (rank 1 used to stop a step early, its peer dying in gloo)."""
+    import signal
+    import time
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simple_dit.cli",
+                             "train", "--preset", "dit-tiny", "--out", str(out), "--max-steps", "100000", "--sample-every", "0",
+                             "--checkpoint-every", "0", "--no-progress", "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() or len(ranks := _rank_pids(proc.pid)) < 2:  # training has started
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        os.kill(ranks[1], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in stderr.splitlines() if line.startswith("simple-dit:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], stderr[-3000:]
+    assert "Connection closed" not in stderr and "diverged" not in stderr, stderr[-3000:]
+    assert load_weights(out)[2]["step"] == int(lines[0].split("at step ")[1].split(";")[0])
+
+
+def test_a_divergence_found_at_a_checkpoint_step_stops_every_process_with_one_line(tmp_path, mnist_dir):
+    """Rank 0 checks the loss before each checkpoint it writes; the others now check at the same
+    steps (they used to go on into a collective whose peer had left)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simple_dit.cli",
+                             "train", "--preset", "dit-tiny", "--out", str(tmp_path / "ddp"), "--lr", "1e30", "--checkpoint-every", "2",
+                             "--max-steps", "60", "--sample-every", "0", "--no-progress", "--device", "cpu"],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("simple-dit:")]
+    assert result.returncode != 0 and len(lines) == 1 and "training diverged" in lines[0], result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr, result.stderr[-3000:]

@@ -468,6 +468,9 @@ def cmd_bench(args) -> None:
 def cmd_compare(args) -> None:
     from .compare import compare, effect_lines, fmt_stat, rewrite_report, verdict_lines
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its processes would each run the whole comparison
+        raise UserError("compare runs in one process; start it without torchrun (train is the command torchrun runs)")
+
     if args.report_only:
         # Every setting comes from the comparison itself; one given here would be ignored, so refuse it.
         defaults = vars(build_parser().parse_args(["compare", "--report-only", "--out", str(args.out)]))
@@ -531,6 +534,12 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "compare
             "serve": cmd_serve, "bench": cmd_bench}
 
 
+def _speaks() -> bool:
+    """Whether this process says why it stopped: under torchrun, rank 0 alone (every process
+    checks the same input and stops at the same step, and would say the same line)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _run(parser: argparse.ArgumentParser, args) -> int:
     """The command ``args`` names; its exit status, with one line on stderr for what is not a bug."""
     try:
@@ -544,13 +553,15 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             parser.print_help()
             return 2
     except UserError as e:
-        print(f"simple-dit: error: {e}", file=sys.stderr)
+        if _speaks():
+            print(f"simple-dit: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a size limit, a vanished directory: one line, not a traceback
         print(f"simple-dit: error: {os.fsdecode(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2 if e.errno == errno.ENAMETOOLONG else 1  # a name too long is bad input, like any other
     except Interrupted as e:
-        print(f"simple-dit: {e}", file=sys.stderr)
+        if _speaks():
+            print(f"simple-dit: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("simple-dit: interrupted; nothing it wrote is left half-written", file=sys.stderr)

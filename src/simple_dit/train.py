@@ -691,6 +691,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = step(x0, y)
+            if world > 1:  # the whole batch's loss, as one process would log it (the gradients DDP averaged already)
+                _mean_over_processes(loss, world)
             update_ema(ema, model, ema_decay_at(state.step, tc.ema_decay))
             state.step, state.images_seen = state.step + 1, state.images_seen + tc.batch_size
             window.add(loss, grad_norm, tc.batch_size, lr)
@@ -703,11 +705,15 @@ def train(
 
             if due(tc.log_every):
                 log_window()
-            if signals.received is not None:
+            received = _agreed_signal(signals.received, world, device)  # every process stops at the same step
+            if received is not None:
                 if is_main:
                     checkpoint()
-                raise Interrupted(signals.received, f"stopped by {signal.Signals(signals.received).name} at step {state.step}; checkpoint saved, --resume continues")
+                raise Interrupted(received, f"stopped by {signal.Signals(received).name} at step {state.step}; checkpoint saved, --resume continues")
             if not is_main:
+                if due(tc.checkpoint_every):  # where rank 0 checks before it writes, so that a divergence stops every process
+                    window.check_finite(state, last_checkpoint)
+                    last_checkpoint = state.step
                 continue
             if due(tc.sample_every):
                 sample_grid()
@@ -729,6 +735,15 @@ def train(
     return out_dir / CHECKPOINT_NAME
 
 
+def _flag_device(device: torch.device) -> torch.device | str:
+    """Where a flag that processes exchange lives. A CPU flag goes by gloo without waiting for the
+    GPU's queue, which would be a host sync every step; a group of NCCL alone (one the caller
+    made) sends only CUDA tensors."""
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else "cpu"
+
+
 def _time_is_up(minutes: float, train_seconds: float, world: int, device: torch.device) -> bool:
     if not minutes:
         return False
@@ -736,12 +751,30 @@ def _time_is_up(minutes: float, train_seconds: float, world: int, device: torch.
     if world > 1:
         import torch.distributed as dist
 
-        # A CPU flag goes by gloo without waiting for the GPU's queue, which would be a host sync
-        # every step; a group of NCCL alone (one the caller made) sends only CUDA tensors.
-        flag = torch.tensor([float(up)], device=device if dist.get_backend() == "nccl" else "cpu")
+        flag = torch.tensor([float(up)], device=_flag_device(device))
         dist.broadcast(flag, src=0)  # rank 0's clock decides, so every rank stops at the same step
         up = bool(flag.item())
     return up
+
+
+def _agreed_signal(received: int | None, world: int, device: torch.device) -> int | None:
+    """The stop signal any process has received (torchrun passes one to each, each at its own
+    moment), so that all stop after the same step and rank 0 checkpoints it."""
+    if world == 1:
+        return received
+    import torch.distributed as dist
+
+    flag = torch.tensor([received or 0], device=_flag_device(device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def _mean_over_processes(loss: torch.Tensor, world: int) -> None:
+    """``loss`` (one process's share of the batch) in place as the mean over every process's."""
+    import torch.distributed as dist
+
+    dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+    loss.div_(world)
 
 
 def _progress_bar(max_steps: int, minutes: float, state: TrainState, enabled: bool):
