@@ -146,8 +146,18 @@ else
            "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu "$out/verdict" "$verdict_records")
 fi
 budget_s=${GPU_CHECK_BUDGET_S:-470}
+case $budget_s in ''|*[!0-9]*) echo "gpu-check.sh: error: GPU_CHECK_BUDGET_S='$budget_s' is not a number of seconds" >&2; exit 2 ;; esac
 read -r -a extra_caps <<<"${GPU_CHECK_CAPS:-}"  # e.g. GPU_CHECK_CAPS="tests=300 compare=400"
+for kv in "${extra_caps[@]}"; do
+  case $kv in
+    *=*[!0-9]* | *= | =* | [!a-z]*) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;;
+  esac
+done
 caps+=("${extra_caps[@]}")
+kinds="env bench-compile bench compare tests diffusers parts levers repeat verdict"
+for kind in ${GPU_CHECK_ONLY:-}; do  # a typo would otherwise drop its steps without a word
+  case " $kinds " in *" $kind "*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_ONLY names no step kind '$kind' (${kinds// /, })" >&2; exit 2 ;; esac
+done
 
 cap() {  # cap KIND -> seconds (the last setting wins)
   local kv found=60

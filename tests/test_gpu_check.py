@@ -101,6 +101,17 @@ def test_only_keeps_the_steps_of_the_kinds_named():
     assert all(n.endswith("-compile") for n in names if n != "compare-article")
     bad = gpu_check("--plan", env={"GPU_CHECK_ONLY": "everything"})
     assert bad.returncode == 2 and "names no step kind" in bad.stderr
+    typo = gpu_check("--plan", env={"GPU_CHECK_ONLY": "env lever"})  # its steps used to be dropped without a word
+    assert typo.returncode == 2 and "names no step kind 'lever'" in typo.stderr
+
+
+@pytest.mark.parametrize("name, value, fragment", [("GPU_CHECK_BUDGET_S", "abc", "is not a number of seconds"),
+                                                   ("GPU_CHECK_CAPS", "env=abc", "is not KIND=SECONDS"),
+                                                   ("GPU_CHECK_CAPS", "tests=", "is not KIND=SECONDS")])
+def test_a_malformed_setting_is_one_line_before_any_step(name, value, fragment, tmp_path):
+    result = gpu_check("--cpu-dry-run", "--out", tmp_path / "out", env={name: value, "GPU_CHECK_ONLY": "env"})
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()] and fragment in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 STUB = r"""#!/usr/bin/env bash
