@@ -25,6 +25,8 @@
 #
 #   bash scripts/verdict-grid.sh [--gpu] [--save] [OUT [RECORDS]]   # OUT: runs/verdict-10m or runs/verdict-600k-gpu
 #
+# OUT and RECORDS given are taken from the current directory; the defaults lie in the repository.
+#
 # On the CPU nothing else should run on the machine meanwhile: the budget is training time, and a
 # process competing for the cores makes a run see fewer images. Environment (defaults in brackets,
 # the GPU profile's after a slash): SIMPLE_DIT [.venv/bin/simple-dit, else simple-dit, else
@@ -39,6 +41,7 @@
 # it with a stub simple-dit.
 set -euo pipefail
 
+caller=$(pwd)
 cd "$(dirname "$0")/.."
 save_only=false gpu=false
 while [ $# -gt 0 ]; do
@@ -51,6 +54,16 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ $# -gt 2 ] || [[ "${1:-}" == -* ]] || [[ "${2:-}" == -* ]]; then
+  echo "verdict-grid.sh: error: options come before OUT and RECORDS, and nothing after them (see --help)" >&2
+  exit 2
+fi
+# OUT and RECORDS as given are the caller's paths; the defaults are the repository's.
+given=()
+for path in "$@"; do
+  if [[ "$path" == /* ]]; then given+=("$path"); else given+=("$caller/$path"); fi
+done
+set -- "${given[@]}"
 if $gpu; then
   out=${1:-runs/verdict-600k-gpu} records=${2:-docs/verdict-600k-gpu}
   presets=${VERDICT_PRESETS:-unet-seed,dit-seed,dit-unet-size,unet-dit-size}
@@ -123,20 +136,35 @@ if $save_only; then
 fi
 records restore
 trap 'records save' EXIT  # also when a step fails or the grid is stopped
-# A stop signal reaches the running compare too (it checkpoints and exits); the shell waits for
-# it, then exits through the EXIT trap above, which saves the records.
-trap 'exit 143' TERM
-trap 'exit 130' INT
+# A stop signal, sent to the process group or to this script alone, reaches the running compare
+# (it checkpoints and exits; SIGTERM, since a background process ignores SIGINT); the shell waits
+# for it, then exits through the EXIT trap above, which saves the records.
+child=""
+stop() {  # stop EXIT_STATUS
+  if [ -n "$child" ]; then
+    kill -TERM "$child" 2>/dev/null || true
+    wait "$child" || true
+  fi
+  exit "$1"
+}
+trap 'stop 143' TERM
+trap 'stop 130' INT
+compare() {  # in the background, so that a trap runs at once rather than when compare has ended
+  "${sd[@]}" compare "$@" &
+  child=$!
+  wait "$child"
+  child=""
+}
 
 if $gpu; then
   step "1/1: $presets, epsilon and rectified flow, lrs $lrs"
-  "${sd[@]}" compare --presets "$presets" --objective eps,flow --lrs "$lrs" "${common[@]}"
+  compare --presets "$presets" --objective eps,flow --lrs "$lrs" "${common[@]}"
   step "report: $out/report.md (its records: $records)"
   exit 0
 fi
 
 step "1/2: $presets, epsilon, lrs $lrs"
-"${sd[@]}" compare --presets "$presets" --objective eps --lrs "$lrs" "${common[@]}"
+compare --presets "$presets" --objective eps --lrs "$lrs" "${common[@]}"
 
 best_lr() {  # best_lr PRESET -> its best learning rate with epsilon, from the report of step 1
   "$py" - "$out/results.json" "$1" <<'EOF'
@@ -153,10 +181,10 @@ EOF
 for preset in ${presets//,/ }; do
   lr=$(best_lr "$preset")
   step "2/2: $preset, rectified flow at its best epsilon lr $lr"
-  "${sd[@]}" compare --presets "$preset" --objective flow --lrs "$lr" "${common[@]}"
+  compare --presets "$preset" --objective flow --lrs "$lr" "${common[@]}"
 done
 if [ -n "$mini" ]; then
   step "2/2: $mini, its own recipe (rectified flow, lr 3e-3)"
-  "${sd[@]}" compare --presets "$mini" --lrs 3e-3 "${common[@]}"
+  compare --presets "$mini" --lrs 3e-3 "${common[@]}"
 fi
 step "report: $out/report.md (its records: $records)"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "verdict-grid.sh"
@@ -128,9 +129,24 @@ def test_unknown_options_are_refused_before_anything_runs(tmp_path):
     result, commands = grid(tmp_path, "--gpus")
     assert result.returncode == 2 and commands == [] and "unknown option '--gpus'" in result.stderr
     assert not (tmp_path / "verdict").exists()
+    for args in (["out", "records", "extra"], ["out", "--save"]):  # the option was taken for RECORDS
+        result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert result.returncode == 2 and "options come before OUT and RECORDS" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "records").exists()
 
 
-def test_a_stop_signal_lets_the_running_compare_finish_then_saves_the_records(tmp_path):
+def test_relative_paths_are_the_callers(tmp_path):
+    stub, log = tmp_path / "simple-dit", tmp_path / "log.txt"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "SIMPLE_DIT": str(stub), "PYTHON": sys.executable, "STUB_LOG": str(log)}
+    result = subprocess.run(["bash", str(SCRIPT), "--save", "out", "records"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "runs").is_dir() and (tmp_path / "records" / "runs").is_dir()
+
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_a_stop_signal_lets_the_running_compare_finish_then_saves_the_records(to_group, tmp_path):
     # The stub stands in for a compare in training: on SIGTERM it "checkpoints" (writes a finished
     # run's records) and exits; the grid must wait for it and save what it wrote.
     stub, log, out, records = tmp_path / "simple-dit", tmp_path / "log.txt", tmp_path / "verdict", tmp_path / "records"
@@ -146,7 +162,10 @@ def test_a_stop_signal_lets_the_running_compare_finish_then_saves_the_records(tm
     deadline = time.monotonic() + 30
     while not log.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(grid_process.pid, signal.SIGTERM)  # as `timeout` does: the whole process group
+    if to_group:
+        os.killpg(grid_process.pid, signal.SIGTERM)  # as `timeout` does: the whole process group
+    else:
+        os.kill(grid_process.pid, signal.SIGTERM)  # the script alone: it passes the signal on (it used to wait for compare's end)
     _, stderr = grid_process.communicate(timeout=30)
     assert grid_process.returncode == 143, stderr
     assert (records / "runs" / "unet-seed_lr0.001" / "evals.jsonl").read_text() == "{}\n"
