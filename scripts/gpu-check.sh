@@ -37,7 +37,7 @@
 # default shared/data/mnist or ../shared/data/mnist, whichever exists); GPU_CHECK_WHEELS (a
 # directory of wheels to install pytest, and pytest-xdist if there, from where pytest is missing).
 #
-# DIR (default runs/gpu-check) receives logs/<step>.log for every step, the comparison under
+# DIR (default runs/gpu-check in the repository; one given is taken from the current directory) receives logs/<step>.log for every step, the comparison under
 # compare/, steps.tsv and summary.json (the same object as the last line, numbers to 4 significant
 # digits).
 set -uo pipefail
@@ -47,7 +47,7 @@ usage() {
 }
 
 mode=gpu
-out=runs/gpu-check
+out=runs/gpu-check out_given=
 plan_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,17 +55,19 @@ while [ $# -gt 0 ]; do
     --plan) plan_only=1 ;;
     --out)
       if [ $# -lt 2 ] || [ -z "$2" ]; then echo "gpu-check.sh: error: --out needs a directory" >&2; exit 2; fi
-      out=$2
+      out=$2 out_given=1
       shift ;;
-    --out=*) out=${1#--out=}; [ -n "$out" ] || { echo "gpu-check.sh: error: --out needs a directory" >&2; exit 2; } ;;
+    --out=*) out=${1#--out=} out_given=1; [ -n "$out" ] || { echo "gpu-check.sh: error: --out needs a directory" >&2; exit 2; } ;;
     -h | --help) usage; exit 0 ;;
     *) echo "gpu-check.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+caller=$(pwd)
 cd "$(dirname "$0")/.." || exit 2
 repo=$(pwd)
+if [ -n "$out_given" ] && [[ "$out" != /* ]]; then out=$caller/$out; fi  # a DIR given is the caller's; the default, the repository's
 
 if [ -n "${PYTHON:-}" ]; then
   py=$PYTHON
