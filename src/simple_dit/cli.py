@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
-        self.exit(2, f"simple-dit: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"simple-dit: error: {message} (see {self.prog} --help)\n" if _speaks() else None)
 
 
 def _path(text: str) -> Path:

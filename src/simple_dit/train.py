@@ -691,8 +691,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = step(x0, y)
-            if world > 1:  # the whole batch's loss, as one process would log it (the gradients DDP averaged already)
-                _mean_over_processes(loss, world)
+            # Under torchrun, the whole batch's loss (as one process would log it; DDP averaged the
+            # gradients already) and a stop signal any process received, so that all stop after this step.
+            received = _agree_on_step(loss, signals.received, world, device)
             update_ema(ema, model, ema_decay_at(state.step, tc.ema_decay))
             state.step, state.images_seen = state.step + 1, state.images_seen + tc.batch_size
             window.add(loss, grad_norm, tc.batch_size, lr)
@@ -705,7 +706,6 @@ def train(
 
             if due(tc.log_every):
                 log_window()
-            received = _agreed_signal(signals.received, world, device)  # every process stops at the same step
             if received is not None:
                 if is_main:
                     checkpoint()
@@ -757,24 +757,27 @@ def _time_is_up(minutes: float, train_seconds: float, world: int, device: torch.
     return up
 
 
-def _agreed_signal(received: int | None, world: int, device: torch.device) -> int | None:
-    """The stop signal any process has received (torchrun passes one to each, each at its own
-    moment), so that all stop after the same step and rank 0 checkpoints it."""
+def _agree_on_step(loss: torch.Tensor, received: int | None, world: int, device: torch.device) -> int | None:
+    """``loss`` (this process's share of the batch) made in place the mean over every process's,
+    and the stop signal that any process has received (torchrun hands one to each, each at its own
+    moment), or None. One sum over the processes where the loss lives with the flags (on a CPU);
+    on a GPU the loss's own, queued without a host sync, and the flags' over gloo."""
     if world == 1:
         return received
     import torch.distributed as dist
 
-    flag = torch.tensor([received or 0], device=_flag_device(device))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
-
-
-def _mean_over_processes(loss: torch.Tensor, world: int) -> None:
-    """``loss`` (one process's share of the batch) in place as the mean over every process's."""
-    import torch.distributed as dist
-
-    dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-    loss.div_(world)
+    stops = (signal.SIGTERM, signal.SIGINT)
+    flags = torch.tensor([float(received == s) for s in stops], dtype=torch.float64, device=_flag_device(device))
+    if loss.device == flags.device:
+        summed = torch.cat([loss.reshape(1).double(), flags])
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        loss.copy_(summed[0] / world)
+        flags = summed[1:]
+    else:
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss.div_(world)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return next((int(s) for s, n in zip(stops, flags.tolist()) if n > 0), None)
 
 
 def _progress_bar(max_steps: int, minutes: float, state: TrainState, enabled: bool):
