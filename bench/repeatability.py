@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from simple_dit.checkpoint import load_weights
+from simple_dit.checkpoint import largest_weight_difference
 from simple_dit.config import get_preset
 from simple_dit.models.unet import UNetCond
 from simple_dit.runtime import device_name, parse_device
@@ -74,11 +74,6 @@ SETTINGS = {
     "contiguous": contiguous_unet,
     "deterministic-algorithms": deterministic_algorithms,
 }
-
-
-def largest_weight_difference(run_a: Path, run_b: Path) -> float:
-    a, b = load_weights(run_a, use_ema=False)[1], load_weights(run_b, use_ema=False)[1]
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def main() -> None:

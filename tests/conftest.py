@@ -29,6 +29,7 @@ os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from simple_dit.checkpoint import largest_weight_difference  # noqa: E402, F401 (the tests take it from here)
 
 torch.set_num_threads(THREADS)
 
@@ -64,14 +65,6 @@ def resume_tolerance(device: str, preset: str, precision: str) -> float:
 
 
 RECORDS_SPREAD = 1e-2  # how far the losses and norms of runs that do not repeat may be apart
-
-
-def largest_weight_difference(run_a: Path, run_b: Path, *, use_ema: bool = False) -> float:
-    """The largest absolute difference between the weights (and buffers) two runs checkpointed."""
-    from simple_dit.checkpoint import load_weights
-
-    a, b = load_weights(run_a, use_ema=use_ema)[1], load_weights(run_b, use_ema=use_ema)[1]
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = (

@@ -197,6 +197,13 @@ def load_weights(run_dir_or_file, use_ema: bool = True) -> tuple[RunConfig, dict
     return RunConfig.from_dict(meta["config"]), weights, meta["train_state"]
 
 
+def largest_weight_difference(run_a, run_b, *, use_ema: bool = False) -> float:
+    """The largest absolute difference between the weights (and buffers) two runs checkpointed:
+    0 where two runs repeat each other bit for bit."""
+    a, b = load_weights(run_a, use_ema=use_ema)[1], load_weights(run_b, use_ema=use_ema)[1]
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def weights_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
     """What keeps ``model.load_state_dict(weights)`` from working, in a few words naming the first
     tensor missing, unexpected or of another shape (PyTorch's own message takes many lines, the
