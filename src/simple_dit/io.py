@@ -68,25 +68,45 @@ def atomic_copy(source: Path, path: Path) -> None:
     atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
+class StopSignals:
+    """SIGINT and SIGTERM set a flag that the holder reads when it can act on it: the training loop
+    after each step, so a preempted run checkpoints the step it finished instead of dying
+    mid-write. Handlers are installed only in the main thread (Python's rule; Python runs them
+    there whichever thread the OS delivers to) and where Python installed the ones they replace,
+    which are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not None:  # one Python did not install could not be put back
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def stop_signals_deferred():
     """SIGINT and SIGTERM held back until the block ends, then handled as they would have been: a
-    few renames that make one change must all happen, or none. (Python runs signal handlers in
-    the main thread whichever thread the OS delivers to, so it is the handlers that wait here, not
-    a signal mask.)"""
-    stops = (signal.SIGINT, signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in stops):
-        yield  # handlers that Python did not install cannot be put back
-        return
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in stops}
+    few renames that make one change must all happen, or none."""
+    stops = StopSignals()
     try:
-        yield
+        with stops:
+            yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for signum in received[:1]:
-            signal.raise_signal(signum)
+        if stops.received is not None:
+            signal.raise_signal(stops.received)
 
 
 def replace_set(directory: Path, names: list[str], write) -> list[Path]:

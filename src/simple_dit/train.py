@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from .config import RunConfig, validate_config
 from .data import load_dataset
 from .diffusion import DEFAULT_GUIDANCE, make_process
 from .errors import Interrupted, TrainingDiverged, UserError
-from .io import LOCK_NAME, DirectoryLock, atomic_copy, ensure_writable_dir, is_temporary, read_jsonl, write_json
+from .io import LOCK_NAME, DirectoryLock, StopSignals, atomic_copy, ensure_writable_dir, is_temporary, read_jsonl, write_json
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, is_eval_record, truncate_metrics
 from .models import build_model
 from .runtime import (
@@ -353,31 +352,6 @@ class _Window:
                 f"training diverged: the loss or gradient norm became non-finite between steps {state.step - self.steps + 1} "
                 f"and {state.step}; {kept}; lower --lr or set --grad-clip"
             )
-
-
-class StopSignals:
-    """SIGINT and SIGTERM set a flag that the loop reads after each step, so a preempted run
-    checkpoints the step it finished instead of dying mid-write. Handlers are installed only in
-    the main thread (Python's rule) and restored on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def training_precision(precision: str, device: torch.device) -> str:
