@@ -222,7 +222,7 @@ if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     case " $GPU_CHECK_ONLY " in *" $kind "*) kept+=("$step") ;; esac
   done
   if [ ${#kept[@]} -eq 0 ]; then
-    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (env, bench-compile, bench, compare, tests, diffusers, parts, levers, repeat, verdict)" >&2
+    echo "gpu-check.sh: error: GPU_CHECK_ONLY='$GPU_CHECK_ONLY' names no step kind (${kinds// /, })" >&2
     exit 2
   fi
   steps=("${kept[@]}")
