@@ -324,6 +324,35 @@ def test_a_stop_signal_during_a_sets_renames_waits_for_the_whole_set(signum, rai
     assert snapshot(tmp_path) == {name: hashlib.md5(b"new").hexdigest() for name in ("s.png", "s.npz")}  # the old gif gone with its set
 
 
+def test_two_sets_written_into_one_directory_at_once_do_not_interleave(tmp_path):
+    """Two ``sample``s with one --out: the second waits for the first's renames, so the files
+    left are one sample's set, never one's grid beside the other's arrays."""
+    import fcntl
+    import threading
+
+    from simple_dit.io import replace_set
+
+    fd = os.open(tmp_path, os.O_RDONLY)  # as a first writer in the middle of its set holds it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def second_writer():
+        replace_set(tmp_path, ["s.png", "s.npz"], lambda staging: [(staging / n).write_text("second") for n in ("s.png", "s.npz")])
+        done.set()
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    try:
+        assert not done.wait(0.5)
+        for name in ("s.png", "s.npz"):
+            (tmp_path / name).write_text("first")
+    finally:
+        os.close(fd)
+    thread.join(10)
+    assert done.is_set()
+    assert snapshot(tmp_path) == {name: hashlib.md5(b"second").hexdigest() for name in ("s.png", "s.npz")}
+
+
 def test_a_set_writer_killed_outright_leaves_nothing_for_long(tmp_path):
     """SIGKILL leaves the staging directory; the next set written there removes it, but not one
     whose writer is still running."""

@@ -15,8 +15,6 @@ The package ships one such file, ``assets/default-dit-mini.safetensors``: what
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -98,35 +96,20 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str
     } | (metadata or {})  # fmt: skip
     guidance = source / GUIDANCE_NAME  # the guidance picked for the run: an export samples as its run does
 
-    def write(staging: Path) -> None:
+    def write(staging: Path) -> None:  # with the directory locked
+        # What an export killed mid-write left (older versions wrote each file through a temporary).
+        for tmp in out_dir.glob(".*"):
+            if is_temporary(tmp.name) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
         _save_file(tensors, str(staging / MODEL_NAME), meta)
         write_json(staging / CONFIG_NAME, config.to_dict())
         if guidance.is_file():  # else an earlier export's pick goes with the rest of its set
             shutil.copyfile(guidance, staging / GUIDANCE_NAME)
 
-    with _export_lock(out_dir):
-        # What an export killed mid-write left (older versions wrote each file through a temporary).
-        for tmp in out_dir.glob(".*"):
-            if is_temporary(tmp.name) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
-        # One set: an interrupted export leaves the last export whole, never one file of each.
-        replace_set(out_dir, [MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME], write)
+    # One set: an interrupted export leaves the last export whole, never one file of each.
+    replace_set(out_dir, [MODEL_NAME, CONFIG_NAME, GUIDANCE_NAME], write,
+                busy=f"another export is writing into {out_dir}; wait for it to finish")  # fmt: skip
     return out_dir / MODEL_NAME
-
-
-@contextlib.contextmanager
-def _export_lock(out_dir: Path):
-    """One export at a time into ``out_dir``: a lock on the directory itself, not a lock file,
-    which a Hub clone would push."""
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another export is writing into {out_dir}; wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def resolve_pretrained(source: str | os.PathLike | None) -> Path:

@@ -109,14 +109,41 @@ def stop_signals_deferred():
             signal.raise_signal(stops.received)
 
 
-def replace_set(directory: Path, names: list[str], write) -> list[Path]:
+def replace_set(directory: Path, names: list[str], write, *, busy: str | None = None) -> list[Path]:
     """Write files that belong together (``sample``'s grid, arrays and animation; an export's
     weights, config and guidance) as one set: ``write(staging)`` writes those of ``names`` it
     makes, by their own names, into a temporary directory beside them; then they replace their
     old versions together, and the other ``names`` (an earlier set's) are removed. A SIGINT or
     SIGTERM waits for the renames, so an interruption leaves the old set or the new one, whole,
-    and no temporary behind. Returns the paths written."""
+    and no temporary behind. One set is written into a directory at a time, so that two writers'
+    renames never interleave: the second waits for the first, or, given ``busy``, is refused with
+    that message. Returns the paths written."""
     directory = Path(directory)
+    with _one_writer(directory, busy):
+        return _replace_set(directory, names, write)
+
+
+@contextlib.contextmanager
+def _one_writer(directory: Path, busy: str | None):
+    """An exclusive ``flock`` on the directory itself, not on a lock file (which a Hub clone of an
+    export would push)."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise UserError(busy) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _replace_set(directory: Path, names: list[str], write) -> list[Path]:
     for stale in directory.glob(".set.*.tmp"):  # a staging directory its killed (SIGKILL) writer left
         if stale.is_dir() and not _process_alive(stale.name.split(".")[2]):
             shutil.rmtree(stale, ignore_errors=True)
