@@ -244,6 +244,14 @@ def test_bad_generate_requests_get_400_with_a_json_error(server, body, fragment)
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("body", [b'{"classes": [1], "seed": ' + b"9" * 4000 + b"}", b'{"classes": [' + b"9" * 4000 + b"]}"], ids=["seed", "class"])
+def test_a_huge_number_is_not_echoed_whole(server, body):
+    status, hdrs, payload = request(server, "POST", "/api/generate", body, {"Content-Type": "application/json"})
+    error = assert_refused(status, hdrs, payload, 400)
+    assert "9" * 40 in error and "9" * 41 not in error, error
+
+
+@pytest.mark.faults
 def test_malformed_http_gets_a_json_error(server):
     host = f"Host: {server.server_address[0]}\r\nContent-Type: application/json"
     cases = [
@@ -253,6 +261,8 @@ def test_malformed_http_gets_a_json_error(server):
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: abc\r\n\r\n".encode(), 400),
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: -5\r\n\r\n".encode(), 400),
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: 99999999999\r\n\r\n".encode(), 413),
+        (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: \xb2\r\n\r\n{{}}".encode("latin-1"), 400),  # a digit to isdigit(), not to int()
+        (f"POST /api/generate HTTP/1.1\r\n{host}\r\nContent-Length: 15\r\nContent-Length: 2\r\n\r\n{{\"classes\": [1]}}".encode(), 400),
         (f"POST /api/generate HTTP/1.1\r\n{host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode(), 411),
         (f"GET /{'a' * 70000} HTTP/1.1\r\n{host}\r\n\r\n".encode(), 414),
         (f"DELETE / HTTP/1.1\r\n{host}\r\n\r\n".encode(), 501),

@@ -93,7 +93,7 @@ def _int_field(obj: dict, key: str, default, lo: int, hi: int):
     if not _is_int(v):
         raise HTTPError(400, f"{key} must be an integer, got {json.dumps(v)[:40]}")
     if not lo <= v <= hi:
-        raise HTTPError(400, f"{key} must be between {lo} and {hi}, got {v}")
+        raise HTTPError(400, f"{key} must be between {lo} and {hi}, got {str(v)[:40]}")
     return v
 
 
@@ -134,7 +134,7 @@ def parse_generate(body: bytes, model: "ServedModel") -> GenerateRequest:
         if not _is_int(c):
             raise HTTPError(400, f"classes must be integers, got {json.dumps(c)[:40]}")
         if not 0 <= c < k:
-            raise HTTPError(400, f"class {c} is out of range: classes are 0..{k - 1}")
+            raise HTTPError(400, f"class {str(c)[:40]} is out of range: classes are 0..{k - 1}")
     per_class = _int_field(obj, "per_class", 1, 1, MAX_IMAGES)
     if len(classes) * per_class > MAX_IMAGES:
         raise HTTPError(400, f"{len(classes)} classes x {per_class} per class is {len(classes) * per_class} images; at most {MAX_IMAGES} a request")
@@ -415,12 +415,15 @@ class Handler(BaseHTTPRequestHandler):
         # which this server never grants.
         if self.headers.get_content_type() != "application/json":
             raise HTTPError(415, "send the request body as Content-Type: application/json")
-        length = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
         if self.headers.get("Transfer-Encoding"):
             raise HTTPError(411, "send the body with a Content-Length, not chunked")
-        if length is None:
+        if not lengths:
             raise HTTPError(411, "a Content-Length header is required")
-        if not length.strip().isdigit():
+        if len(set(lengths)) > 1:  # which one frames the body is ambiguous (RFC 9112, 6.3)
+            raise HTTPError(400, "the request has more than one Content-Length")
+        length = lengths[0].strip()
+        if not (length.isascii() and length.isdigit()):  # headers arrive as latin-1: "\xb2".isdigit(), yet int() refuses it
             raise HTTPError(400, "Content-Length must be a non-negative integer")
         n = int(length)
         if n > MAX_BODY:
