@@ -112,7 +112,7 @@ def test_a_billion_sampler_steps_are_refused_before_sampling(objective):
     config = get_preset("dit-tiny")
     config.diffusion.objective = objective
     sampler = "euler" if objective == "flow" else "ddim"
-    with pytest.raises(UserError, match="--steps must be between 1 and 1000"):
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
         Pipeline(config, build_model(config.model))([1], steps=10**9, sampler=sampler)
 
 
@@ -133,7 +133,7 @@ def test_a_guidance_that_overflows_is_refused_after_one_step_not_every_batch():
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"meter": "x"}, "meter must be an evaluate.QualityMeter"), ({"log": 5}, "log must be a function"),
     ({"dataset": ["mnist"]}, "unknown dataset"), ({"wandb": 5}, "--wandb takes a W&B project name"),
-    ({"objectives": "flow", "steps": 10**9}, "--steps must be between 1 and 1000"),
+    ({"objectives": "flow", "steps": 10**9}, "steps must be between 1 and 1000"),
 ])  # fmt: skip
 def test_compare_refuses_bad_arguments_before_writing_anything(tmp_path, kwargs, fragment):
     if "wandb" in kwargs:

@@ -349,7 +349,7 @@ def test_resume_without_a_checkpoint(tmp_path):
         (["--list-presets", "train", "--out", "{tmp}/r"], "--list-presets lists the presets and runs nothing"),
         (["sample", "{run}/samples.png", "--out", "{tmp}/x"], "samples.png is not a simple-dit checkpoint or export"),
         (["sample", "{run}", "--out", "{tmp}/x", "--n", str(2**70)], "argument --n: must be at most 2,147,483,647"),
-        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--steps", "1001", "--out", "{tmp}/c"], "--steps must be between 1 and 1000"),
+        (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--steps", "1001", "--out", "{tmp}/c"], "steps must be between 1 and 1000"),
         (["compare", "--presets", "dit-tiny", "--budget", "64-images", "--final-n", str(2**70), "--out", "{tmp}/c"], "argument --final-n: must be at most"),
         (["bench", "--preset", "dit-tiny", "--device", "mps"], "unsupported device 'mps'"),
         (["sample", "{run}", "--out", "{tmp}/x", "--n", "2", "--device", "cpu:5"], "there is one CPU device"),

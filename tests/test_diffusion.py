@@ -135,7 +135,7 @@ def test_all_timesteps_walk_every_step():
 @pytest.mark.parametrize("steps", [0, -1, 1001, 10**9])
 def test_timesteps_out_of_range(steps, objective):
     """Flow's steps are capped too: a billion of them would have filled the memory with times."""
-    with pytest.raises(UserError, match="--steps must be between 1 and 1000"):
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
         make_process(DiffusionConfig(objective=objective)).timesteps(steps)
 
 

@@ -125,6 +125,11 @@ class _Process:
         inside a compiled step, they would be CPU inputs (no CUDA graphs) and cost a recompile."""
         return self
 
+    def check_steps(self, steps: int) -> None:
+        """Named for the API's argument and the command line's flag alike."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise UserError(f"steps must be between 1 and {self.num_timesteps} (the process's timesteps), got {steps}")
+
     def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The objective's MSE at a time and noise drawn from the global RNG."""
         return self.loss_at(model, x0, y, *self.training_draws(x0))
@@ -207,8 +212,7 @@ class GaussianDiffusion(_Process):
 
     def timesteps(self, steps: int) -> list[int]:
         """``steps`` evenly spaced timesteps from T-1 down to 0."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise UserError(f"--steps must be between 1 and {self.num_timesteps}, got {steps}")
+        self.check_steps(steps)
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
 
     def default_steps(self, sampler: str) -> int:
@@ -299,9 +303,7 @@ class RectifiedFlow(_Process):
         return min(self.num_timesteps, 4 if sampler == "euler" else 10)
 
     def timesteps(self, steps: int) -> list[float]:
-        # As for DDPM, at most one step per time the network was trained to tell apart.
-        if not 1 <= steps <= self.num_timesteps:
-            raise UserError(f"--steps must be between 1 and {self.num_timesteps}, got {steps}")
+        self.check_steps(steps)  # as for DDPM, at most one step per time the network was trained to tell apart
         return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
     def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):

@@ -208,7 +208,7 @@ class Pipeline:
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = self.diffusion.default_steps(sampler) if steps is None else check_positive_int(steps, "steps")
-        self.diffusion.timesteps(n_steps)  # more steps than the process has: refused before the progress bar is drawn
+        self.diffusion.check_steps(n_steps)  # more steps than the process has: refused before the progress bar is drawn
         if not isinstance(progress, bool):  # "no" is truthy
             raise UserError(f"progress must be True or False, got {progress!r}")
         batch_size = check_positive_int(batch_size, "batch_size")  # a Python int: split() takes no NumPy one

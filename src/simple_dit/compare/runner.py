@@ -573,7 +573,7 @@ def compare(
         for objective in objective_list or [get_preset(preset).diffusion.objective]:
             process = make_process(dataclasses.replace(get_preset(preset).diffusion, objective=objective))
             check_sampler(process, sampler)
-            process.timesteps(steps)
+            process.check_steps(steps)
     stats = {p: _model_stats(p) for p in preset_names}
     for preset in preset_names:  # a budget of more steps than a run can take
         schedule(budget, fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
