@@ -83,6 +83,16 @@ def test_guidance_runs_only_inside_its_interval(interval, expected):
     assert model.calls == expected
 
 
+@pytest.mark.parametrize("steps", [10, 20, 40, 50, 100])
+def test_a_step_on_the_intervals_edge_is_guided_at_every_step_count(steps):
+    """t = 0.3 is a step of each of these grids: guided, whichever way float32 rounds it."""
+    process = RectifiedFlow(DiffusionConfig(objective="flow"))
+    model = CountingVelocity(process)
+    process.sample(model, torch.zeros(1, dtype=torch.long), steps=steps, guidance=3.0, guidance_interval=(0.3, 1.0), null_class=10)
+    guided = [t for size, t in model.calls if size == 2]
+    assert len(guided) == round(0.7 * steps) + 1 and min(guided) == pytest.approx(0.3)
+
+
 def test_eps_models_are_guided_at_every_step_by_default():
     process = GaussianDiffusion()
     exact, sizes = ExactEps(process), []

@@ -156,7 +156,9 @@ class _Process:
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
             """The prediction at model time t (a number in 0..T-1, the same for the whole batch)."""
-            g = guidance if lo <= t / (self.num_timesteps - 1) <= hi else 1.0
+            # An edge counts within a millionth: the flow's time grid is float32, where 0.3 is
+            # 0.30000001 at 20 steps and 0.29999998 at 50, and [lo, hi] includes its edges.
+            g = guidance if lo - 1e-6 <= t / (self.num_timesteps - 1) <= hi + 1e-6 else 1.0
             return guided_prediction(model, x, torch.full((x.shape[0],), t, device=x.device), labels, g, null_class).float()
 
         for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), generator)):
