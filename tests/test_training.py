@@ -344,6 +344,22 @@ def test_pipeline_is_deterministic_per_seed(straight_run):
     assert len(trajectory) == 5 and torch.equal(trajectory[-1], d)
 
 
+@pytest.mark.parametrize("device", devices)
+def test_an_image_does_not_depend_on_the_batch_it_is_drawn_in(straight_run, device):
+    """batch_size is a memory setting: each image draws its noise, DDPM's at every step too, from
+    its own generator (one generator for all used to give DDPM's images other noise at another
+    batch size, and every sampler's on a GPU, whose streams do not split across calls)."""
+    pipe = Pipeline.from_pretrained(straight_run, device=device, precision="fp32")
+    labels = [0, 1, 2, 3, 4, 5, 6]
+    for sampler in pipe.diffusion.samplers:
+        whole = pipe(labels, sampler=sampler, steps=5, seed=3)
+        for batch_size in (1, 3):
+            again = pipe(labels, sampler=sampler, steps=5, seed=3, batch_size=batch_size)
+            assert (whole.int() - again.int()).abs().max() <= 2, (sampler, batch_size)  # rounding of other GEMM shapes, at most
+        alone = pipe(labels[:1], sampler=sampler, steps=5, seed=3)
+        assert (whole[:1].int() - alone.int()).abs().max() <= 2, sampler
+
+
 def test_pipeline_rejects_bad_labels(straight_run):
     pipe = Pipeline.from_pretrained(straight_run, device="cpu")
     with pytest.raises(UserError, match="label 12 is out of range"):

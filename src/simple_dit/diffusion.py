@@ -103,6 +103,34 @@ def check_sampler(process, sampler: str | None) -> str:
     return sampler
 
 
+class ImageNoise:
+    """Standard normal draws of shape (count, *image_shape), one after another: the starting noise,
+    then DDPM's fresh noise at each step. From one generator for the whole batch, or, given one
+    generator per image (as diffusers takes them), each image's from its own: an image's noise then
+    does not depend on the batch it is drawn in (one generator's stream does not split across calls
+    of different sizes on a GPU). Per image, the first draw is one image and the rest come
+    STEPS_AHEAD at a time, the same calls in whatever batch, so that a DDPM step does not cost a
+    draw per image."""
+
+    STEPS_AHEAD = 20
+
+    def __init__(self, generator: torch.Generator | list[torch.Generator] | None, count: int, image_shape: tuple, device: torch.device):
+        if isinstance(generator, list) and len(generator) != count:
+            raise UserError(f"one generator per image: {len(generator)} generators for {count} images")
+        self.generator, self.count, self.image_shape, self.device = generator, count, tuple(image_shape), device
+        self._ahead: list[torch.Tensor] = []
+        self._first = True
+
+    def __call__(self) -> torch.Tensor:
+        if not isinstance(self.generator, list):
+            return torch.randn((self.count, *self.image_shape), generator=self.generator, device=self.device)
+        if not self._ahead:
+            k = 1 if self._first else self.STEPS_AHEAD
+            block = torch.stack([torch.randn((k, *self.image_shape), generator=g, device=self.device) for g in self.generator], dim=1)
+            self._ahead, self._first = list(block.unbind(0))[::-1], False
+        return self._ahead.pop()
+
+
 class _Process:
     """What both processes share: sampler selection and the sampling loop's frame. Subclasses
     define ``samplers`` (the first is the default), ``default_steps`` and ``_steps``, a generator
@@ -145,14 +173,16 @@ class _Process:
         guidance: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         null_class: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         image_shape: tuple[int, int, int] = (1, 28, 28),
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1] for ``labels``; ``on_step(i, x)`` sees the state after each step."""
+        """Images in [-1, 1] for ``labels``; ``on_step(i, x)`` sees the state after each step.
+        ``generator``: one for the batch, or a list of one per image (``ImageNoise``)."""
         sampler = check_sampler(self, sampler)
         lo, hi = check_guidance_interval(self.default_guidance_interval if guidance_interval is None else guidance_interval)
-        x = torch.randn((labels.shape[0], *image_shape), generator=generator, device=labels.device)
+        noise = ImageNoise(generator, labels.shape[0], image_shape, labels.device)
+        x = noise()
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
             """The prediction at model time t (a number in 0..T-1, the same for the whole batch)."""
@@ -161,7 +191,7 @@ class _Process:
             g = guidance if lo - 1e-6 <= t / (self.num_timesteps - 1) <= hi + 1e-6 else 1.0
             return guided_prediction(model, x, torch.full((x.shape[0],), t, device=x.device), labels, g, null_class).float()
 
-        for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), generator)):
+        for i, x in enumerate(self._steps(denoise, x, sampler, steps or self.default_steps(sampler), noise)):
             if on_step is not None:
                 on_step(i, x)
         return x
@@ -221,8 +251,7 @@ class GaussianDiffusion(_Process):
         # Never more than the process has (a short process of a toy config): a default is not refused.
         return min(self.num_timesteps, {"ddpm": self.num_timesteps, "ddim": 50, "dpm++2m": 20}[sampler])
 
-    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):
-        device = x.device
+    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, noise: ImageNoise):
         ts = self.timesteps(steps)
         previous = None  # DPM-Solver++'s last (x0 prediction, step size h)
         for i, t in enumerate(ts):
@@ -235,7 +264,7 @@ class GaussianDiffusion(_Process):
                 mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
                 if t_prev >= 0:
                     std = math.sqrt(beta * (1 - abar_prev) / (1 - abar))
-                    mean = mean + std * torch.randn(x.shape, generator=generator, device=device)
+                    mean = mean + std * noise()
                 x = mean
             elif sampler == "dpm++2m":
                 x, previous = self._dpm_solver_2m_step(x, eps, abar, abar_prev, previous)
@@ -308,7 +337,7 @@ class RectifiedFlow(_Process):
         self.check_steps(steps)  # as for DDPM, at most one step per time the network was trained to tell apart
         return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
-    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, generator):
+    def _steps(self, denoise, x: torch.Tensor, sampler: str, steps: int, noise: ImageNoise):
         ts = self.timesteps(steps)
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:

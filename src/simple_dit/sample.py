@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import sys
 from collections.abc import Iterable
@@ -28,6 +29,15 @@ from .runtime import all_finite, autocast, check_fits_in_memory, check_positive_
 GIF_FRAMES = 40
 GIF_MAX_IMAGES = 100
 MAX_SANE_GUIDANCE = 100.0  # far past any useful scale (the web page allows 20); where sampling overflows, a likelier cause than the weights
+
+
+def image_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """The generators of images ``first`` .. ``first + count - 1`` of a request: image i's seeded
+    with start + i, where ``start`` is a hash of the request's seed. PyTorch's CPU generator keeps
+    only 32 bits of a seed, so seed * 2**32 + i would give every request the same noise, and seed
+    + i seed 1's first image seed 0's second one's."""
+    start = int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
+    return [torch.Generator(device=device).manual_seed((start + i) % 2**32) for i in range(first, first + count)]
 
 
 def _check_model_matches(model_config, model: torch.nn.Module) -> None:
@@ -194,7 +204,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """uint8 images (N, C, H, W) for ``labels``, drawn ``batch_size`` at a time.
 
-        The same arguments and seed give the same images. Guidance applies where the path's time
+        The same arguments and seed give the same images, and an image does not depend on
+        ``batch_size`` (each image draws its noise from its own generator). Guidance applies where the path's time
         (0 = data, 1 = noise) lies in ``guidance_interval`` [lo, hi]; default: the objective's. If
         ``trajectory`` is a list, it receives uint8 frames of the first batch's denoising (at most
         GIF_FRAMES of them).
@@ -204,7 +215,7 @@ class Pipeline:
         if trajectory is not None and not isinstance(trajectory, list):
             raise UserError(f"trajectory must be a list (it receives the frames) or None, got {type(trajectory).__name__}")
         guidance = self.guidance if guidance is None else check_guidance(guidance)
-        generator = torch.Generator(device=self.device).manual_seed(check_seed(seed, "seed"))
+        seed = check_seed(seed, "seed")
         c, s = self.model.in_channels, self.config.model.input_size
         sampler = check_sampler(self.diffusion, sampler)
         n_steps = self.diffusion.default_steps(sampler) if steps is None else check_positive_int(steps, "steps")
@@ -237,7 +248,8 @@ class Pipeline:
                 with autocast(self.device, self.precision):
                     x = self.diffusion.sample(
                         model, batch_labels.to(self.device), sampler=sampler, steps=n_steps, guidance=guidance,
-                        guidance_interval=guidance_interval, null_class=self.num_classes, generator=generator,
+                        guidance_interval=guidance_interval, null_class=self.num_classes,
+                        generator=image_generators(seed, b * batch_size, len(batch_labels), self.device),
                         image_shape=(c, s, s), on_step=on_step,
                     )  # fmt: skip
                 check_finite(x)
