@@ -164,6 +164,41 @@ def test_a_stop_signal_checkpoints_every_run_and_resume_is_exact(tmp_path, mnist
         assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0
 
 
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_a_stop_signal_checkpoints_a_run_that_finished_before_it_too(preset, tmp_path, mnist_dir, monkeypatch):
+    """A run that reached its stop earlier than its company had no checkpoint yet (the loop's end
+    writes it) and was left without one by a signal: its steps were lost."""
+    import os
+    import signal
+
+    import simple_dit.batched as batched
+    from simple_dit.errors import Interrupted
+
+    def group(name, resume=False):
+        return [(_config(preset, lr=1e-3, seed=0, steps=3), tmp_path / f"{name}0", resume),
+                (_config(preset, lr=3e-3, seed=1, steps=6), tmp_path / f"{name}1", resume)]  # fmt: skip
+
+    train_together(group("straight"), device="cpu")
+    calls, update_ema = [], batched.update_ema
+
+    def signalling_update_ema(*args):
+        update_ema(*args)
+        calls.append(1)
+        if len(calls) == 8:  # the second run's update of step 5: the first stopped at 3
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(batched, "update_ema", signalling_update_ema)
+    with pytest.raises(Interrupted):
+        train_together(group("stopped"), device="cpu")
+    assert [load_weights(tmp_path / f"stopped{k}")[2]["step"] for k in range(2)] == [3, 5]
+    assert records_without_clock(tmp_path / "stopped0") == records_without_clock(tmp_path / "straight0")  # closed as if never stopped
+    monkeypatch.setattr(batched, "update_ema", update_ema)
+    train_together([group("stopped", resume=True)[1]], device="cpu")  # as compare resumes: the unfinished run alone
+    for k in range(2):
+        assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0
+        assert records_without_clock(tmp_path / f"stopped{k}") == records_without_clock(tmp_path / f"straight{k}")
+
+
 def test_runs_trained_together_compiled_train_the_eager_steps(tmp_path, mnist_dir, monkeypatch, capsys):
     """With --compile the batched step is warmed up and used, not quietly replaced by the eager one,
     and trains what the eager one trains. The aot_eager backend stands in for inductor: the same

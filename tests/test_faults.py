@@ -637,6 +637,60 @@ def test_an_unreadable_checkpoint_is_not_called_damaged(straight, monkeypatch):
         load_weights(straight)
 
 
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_a_signal_on_the_last_step_leaves_a_resume_the_records_of_a_run_that_never_stopped(preset, tmp_path, mnist_dir, monkeypatch):
+    """Stopped on its last step, a run is at its stop: the resume trains nothing, and used to
+    return at once, so that step's evaluation and the last partial window's record were never
+    written."""
+    import simple_dit.train as training
+
+    def config():
+        c = get_preset(preset)
+        c.train.max_steps, c.train.batch_size, c.train.precision = 3, 16, "fp32"
+        c.train.sample_every, c.train.eval_every, c.train.eval_n, c.train.log_every, c.train.checkpoint_every = 3, 3, 10, 2, 0
+        return c
+
+    run = dict(progress=False, device="cpu", data_dir=str(mnist_dir))
+    train(config(), tmp_path / "straight", **run)
+    lr_at = training.lr_at
+
+    def signal_during_the_last_step(step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(training, "lr_at", signal_during_the_last_step)
+    with pytest.raises(Interrupted):
+        train(config(), tmp_path / "resumed", **run)
+    monkeypatch.setattr(training, "lr_at", lr_at)
+    assert checkpoint_step(tmp_path / "resumed") == 3
+    train(config(), tmp_path / "resumed", resume=True, **run)
+    assert records_without_clock(tmp_path / "resumed") == records_without_clock(tmp_path / "straight")
+    assert [r["step"] for r in records_without_clock(tmp_path / "resumed") if "eval_fid" in r or "loss" in r] == [2, 3, 3]
+    assert (tmp_path / "resumed" / "samples.png").read_bytes() == (tmp_path / "straight" / "samples.png").read_bytes()
+    train(config(), tmp_path / "resumed", resume=True, **run)  # once more: nothing is written twice
+    assert records_without_clock(tmp_path / "resumed") == records_without_clock(tmp_path / "straight")
+
+
+def test_a_signal_after_the_last_step_is_not_dropped(tmp_path, mnist_dir, monkeypatch):
+    """A signal during the run's final writes (here its final grid) used to be swallowed: the run
+    ended as if none had come, exit 0. It now takes effect once they are done."""
+    c = get_preset("dit-tiny")
+    c.train.max_steps, c.train.batch_size, c.train.sample_every = 2, 16, 0
+    import simple_dit.sample as sampling  # train() imports save_png from it at each call
+
+    real_save_png = sampling.save_png
+
+    def signal_while_saving(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save_png(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "save_png", signal_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, tmp_path / "run", progress=False, device="cpu", data_dir=str(mnist_dir))
+    assert checkpoint_step(tmp_path / "run") == 2 and (tmp_path / "run" / "samples.png").is_file()
+
+
 def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, mnist_dir, monkeypatch):
     """A stop signal checkpoints the step it finished and leaves before that step's periodic grid
     and evaluation; the resumed run makes them first, so its records and grids are those of a run

@@ -262,6 +262,18 @@ def train_together(
                 batch.append((x0, y, t, noise))
             return [torch.stack(column) for column in zip(*batch)]
 
+        def close(run: _Run, finished: bool) -> None:
+            """``run``'s checkpoint, and where it is ``finished`` its last, partial window after it
+            (the checkpoint keeps the window open for a resumed run)."""
+            if run.out_dir in diverged:
+                return
+            try:
+                run.checkpoint(device)
+                if finished:
+                    run.log_window(len(dataset), together)
+            except TrainingDiverged as e:
+                diverged[run.out_dir] = e
+
         batched, warmed_for, together = loss_fn, None, len(members)
         while active := [m for m in members if m.state.step < m.max_steps and m.out_dir not in diverged]:
             models = [run.model for run in active]
@@ -309,18 +321,13 @@ def train_together(
                 except TrainingDiverged as e:
                     diverged[run.out_dir] = e
             if signals.received is not None:
-                for run in active:
-                    if run.out_dir not in diverged:
-                        run.checkpoint(device)
+                # Every run checkpointed, and those that reached their stop before the signal
+                # closed as the loop's end closes them (a resumed comparison does not revisit them).
+                for run in members:
+                    close(run, finished=run.state.step >= run.max_steps)
                 name = signal.Signals(signals.received).name
                 raise Interrupted(signals.received, f"stopped by {name}; every run trained together checkpointed")
 
         for run in members:
-            if run.out_dir in diverged:
-                continue
-            try:
-                run.checkpoint(device)  # before the partial window is logged: it stays open for a resumed run
-                run.log_window(len(dataset), together)  # the last, partial window
-            except TrainingDiverged as e:
-                diverged[run.out_dir] = e
+            close(run, finished=True)
     return diverged

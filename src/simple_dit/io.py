@@ -91,9 +91,13 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if exc_type is None and self.received is not None:
+            # Received after the holder last looked (during a run's final checkpoint or grid): it
+            # is handled now, as it would have been without this block, never dropped.
+            signal.raise_signal(self.received)
 
 
 @contextlib.contextmanager
@@ -104,9 +108,10 @@ def stop_signals_deferred():
     try:
         with stops:
             yield
-    finally:
-        if stops.received is not None:
+    except BaseException:
+        if stops.received is not None:  # the renames failed: the signal still takes effect
             signal.raise_signal(stops.received)
+        raise
 
 
 def replace_set(directory: Path, names: list[str], write, *, busy: str | None = None) -> list[Path]:

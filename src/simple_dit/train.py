@@ -568,28 +568,24 @@ def train(
             grid = ema_pipe.grid(images, grid_labels)
             return save_png(grid, grid_path()), grid
 
-        if resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
-            # Rerunning a finished command is not an error, and must not redo its last checkpoint;
-            # only the final grid, where a kill after that checkpoint took it, is made (the same one).
-            if is_main:
-                if final_samples and not (out_dir / FINAL_GRID_NAME).is_file():
-                    atomic_copy(grid_path() if grid_path().is_file() else draw_grid()[0], out_dir / FINAL_GRID_NAME)
-                print(f"simple-dit: {out_dir} is already at its stop (step {state.step}); nothing to train. "
-                      "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
-            return out_dir / CHECKPOINT_NAME
+        finished = resume and ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device))
         diffusion = make_process(config.diffusion).ready_for(device)
         forward_model = model
-        if world > 1:
+        if world > 1 and not finished:
             from torch.nn.parallel import DistributedDataParallel
 
             forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        # Before the records are touched: a W&B run that cannot start leaves them as they were.
-        logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
-        cleanup.callback(logger.close)
-        if is_main:
-            record_start(config, out_dir, state)
-            recorded = True
+        def open_logger() -> RunLogger:
+            logger = RunLogger(out_dir, enabled=is_main, config=config.to_dict(), wandb=wandb)
+            cleanup.callback(logger.close)
+            return logger
+
+        if not finished:  # a finished run's records stay as they are, completed below only where a stop cut them short
+            logger = open_logger()  # before the records are touched: a W&B run that cannot start leaves them as they were
+            if is_main:
+                record_start(config, out_dir, state)
+                recorded = True
         signals = cleanup.enter_context(StopSignals())
         window, last_checkpoint, meter = _Window.resumed(state.open_window), (state.step if resume else None), None
 
@@ -632,6 +628,31 @@ def train(
         def due(every: int) -> bool:  # 0 turns a periodic action off
             return every > 0 and state.step % every == 0
 
+        def what_a_stop_left_undone() -> list[Callable[[], object]]:
+            """A stop signal checkpoints the step it finished without that step's grid and
+            evaluation (a scheduler's grace period is short), and on a run's last step without its
+            last, partial window's record: a resumed run makes them first, from the same EMA
+            weights and seeds, so that its records are those of one that never stopped."""
+            at_stop = [r for r in read_jsonl(out_dir / METRICS_NAME) if r.get("step") == state.step]
+            undone = [sample_grid] if due(tc.sample_every) and not grid_path().exists() else []
+            undone += [evaluate] if due(tc.eval_every) and not any(is_eval_record(r) for r in at_stop) else []
+            return undone + ([log_window] if finished and window.steps and not any("loss" in r for r in at_stop) else [])
+
+        if finished:
+            # Rerunning a finished command is not an error and redoes nothing (not even its last
+            # checkpoint): it makes only what a stop on the last step, or a kill after its
+            # checkpoint, left undone, and the final grid where it is missing.
+            if is_main:
+                if undone := what_a_stop_left_undone():
+                    logger, bar = open_logger(), _progress_bar(max_steps, tc.minutes, state, enabled=False)
+                    for make in undone:
+                        make()
+                if final_samples and not (out_dir / FINAL_GRID_NAME).is_file():
+                    atomic_copy(grid_path() if grid_path().is_file() else draw_grid()[0], out_dir / FINAL_GRID_NAME)
+                print(f"simple-dit: {out_dir} is already at its stop (step {state.step}); nothing to train. "
+                      "A later --epochs, --max-steps or --minutes continues it", file=sys.stderr, flush=True)  # fmt: skip
+            return out_dir / CHECKPOINT_NAME
+
         order, local_batch = EpochOrder(len(dataset), tc.seed, tc.batch_size, device), tc.batch_size // world
         resident = dataset.to(device)
         model.train()
@@ -647,13 +668,8 @@ def train(
         bar = _progress_bar(max_steps, tc.minutes, state, progress and is_main)
         cleanup.callback(bar.close)
         if resume and is_main and state.step:
-            # A stop signal checkpoints the step it finished without that step's grid and
-            # evaluation (a scheduler's grace period is short): they are made now, from the same
-            # EMA weights and seeds, so the run's records are those of one that never stopped.
-            if due(tc.sample_every) and not grid_path().exists():
-                sample_grid()
-            if due(tc.eval_every) and not any(r.get("step") == state.step and is_eval_record(r) for r in read_jsonl(out_dir / METRICS_NAME)):
-                evaluate()
+            for make in what_a_stop_left_undone():
+                make()
         while not ((max_steps and state.step >= max_steps) or _time_is_up(tc.minutes, state.train_seconds, world, device)):
             step_start = time.perf_counter()
             x0, y = resident.batch(order.indices(state.step, rank * local_batch, local_batch))
