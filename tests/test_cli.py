@@ -281,6 +281,27 @@ def test_resume_takes_the_command_that_started_the_run(run_copy):
     assert load_weights(run_copy)[2]["step"] == MAX_STEPS + 4
 
 
+def test_a_compiled_run_resumes_eager_with_no_compile(run_copy, monkeypatch):
+    """--compile may change on resume, as README says; a run started compiled had no way back."""
+    import simple_dit.train as training
+
+    config = json.loads((run_copy / "config.json").read_text())
+    config["train"]["compile"] = True  # as a run started with --compile records it
+    (run_copy / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(training, "compile_model", lambda *a, **k: pytest.fail("compiled after --no-compile"))
+    assert main(["train", "--out", str(run_copy), "--resume", "--no-compile", "--max-steps", str(MAX_STEPS + 1), "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((run_copy / "config.json").read_text())["train"]["compile"] is False
+
+
+def test_a_compile_time_logged_by_a_killed_attempt_is_not_kept_beside_the_next_ones(tmp_path):
+    from simple_dit.logger import truncate_metrics
+
+    records = [{"step": 0, "compile_seconds": 30.0}, {"step": 5, "loss": 0.5}, {"step": 5, "compile_seconds": 31.0}, {"step": 6, "loss": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    truncate_metrics(tmp_path, 5)  # resuming from the checkpoint of step 5, which compiles again
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:2]
+
+
 def test_the_package_lists_and_loads_its_public_names_and_modules_on_first_use():
     code = ("import sys, simple_dit; assert 'torch' not in sys.modules; assert {'Pipeline', 'get_preset'} <= set(dir(simple_dit)); "
             "assert simple_dit.config.get_preset('dit-tiny').preset == 'dit-tiny' and simple_dit.Pipeline.__name__ == 'Pipeline'")  # fmt: skip

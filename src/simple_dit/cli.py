@@ -85,9 +85,9 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", type=_nonempty, help="directory with the IDX .gz files (default $SIMPLE_DIT_DATA, then the user cache)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--compile", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the denoiser (on one GPU the whole step replays as one CUDA graph; compiled before the clock starts, "
-                        "eager if it fails)")
+                        "eager if it fails); --no-compile resumes a compiled run eager")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (0 = off)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--eval-every", type=int, help="steps between quality evaluations (FID, label accuracy, ...) logged to metrics.jsonl (0 = off)")

@@ -90,8 +90,9 @@ def is_eval_record(record: dict) -> bool:
 def truncate_metrics(run_dir: Path, step: int, *, partial_window: bool = False) -> None:
     """Drop the records a killed run logged after its last checkpoint (they are about to be redone),
     with ``partial_window`` the training record of step ``step`` too (a stopped run's last, partial
-    logging window, which the resumed run completes), and lines that are not records (torn or
-    garbled): the readable ones around them stay."""
+    logging window, which the resumed run completes), the compile time logged at step ``step`` (by
+    an attempt killed after compiling: the resumed run compiles anew and logs its own), and lines
+    that are not records (torn or garbled): the readable ones around them stay."""
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return
@@ -99,7 +100,8 @@ def truncate_metrics(run_dir: Path, step: int, *, partial_window: bool = False) 
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = loads_strict(line)  # metrics.jsonl stays strict JSON: a hand-written NaN goes too
-            if record["step"] < step or (record["step"] == step and not (partial_window and "loss" in record)):
+            redone = (partial_window and "loss" in record) or "compile_seconds" in record
+            if record["step"] < step or (record["step"] == step and not redone):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
