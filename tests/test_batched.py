@@ -199,6 +199,18 @@ def test_a_stop_signal_checkpoints_a_run_that_finished_before_it_too(preset, tmp
         assert records_without_clock(tmp_path / f"stopped{k}") == records_without_clock(tmp_path / f"straight{k}")
 
 
+def test_a_resume_together_under_another_recipe_or_past_its_stop_is_refused(tmp_path, mnist_dir):
+    """As train() refuses them: train_together resumed a checkpoint under any recipe it was given."""
+    train_together(_group("dit-tiny", tmp_path, "run", steps=4), device="cpu")
+    before = [load_weights(tmp_path / f"run{k}")[2]["step"] for k in range(2)]
+    other_lr = [(_config("dit-tiny", lr=5e-2, seed=0, steps=6), tmp_path / "run0", True)]
+    with pytest.raises(UserError, match="lr"):
+        train_together(other_lr, device="cpu")
+    with pytest.raises(UserError, match="past the requested stop"):
+        train_together(_group("dit-tiny", tmp_path, "run", steps=2, resume=True), device="cpu")
+    assert [load_weights(tmp_path / f"run{k}")[2]["step"] for k in range(2)] == before
+
+
 def test_runs_trained_together_compiled_train_the_eager_steps(tmp_path, mnist_dir, monkeypatch, capsys):
     """With --compile the batched step is warmed up and used, not quietly replaced by the eager one,
     and trains what the eager one trains. The aot_eager backend stands in for inductor: the same

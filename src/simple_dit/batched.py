@@ -35,7 +35,7 @@ from .models.dit import Attention, plain_attention
 from .models.embeddings import LabelEmbedder
 from .runtime import autocast, compile_model, deterministic_compiled_kernels, parse_device, rng_state, set_rng_state, synchronize
 from .train import (
-    EpochOrder, StopSignals, TrainState, _Window, clip_and_step, ema_decay_at, load_training_set, lr_at, planned_steps,
+    EpochOrder, StopSignals, TrainState, _Window, check_resumable, clip_and_step, ema_decay_at, load_training_set, lr_at, planned_steps,
     prepare_output_dir, record_start, start_run, training_precision, update_ema, warm_up_compiled,
 )  # fmt: skip
 
@@ -234,11 +234,13 @@ def train_together(
         for config, out_dir, resume in runs:
             out_dir, tc = Path(out_dir), config.train
             cleanup.callback(prepare_output_dir(out_dir, resume).release)
-            model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device)
+            if resume:  # as train() resumes: the recipe the checkpoint was trained with, to a later stop
+                check_resumable(config, out_dir)
+            max_steps = planned_steps(tc, len(dataset))  # never 0: --minutes is refused above
+            model, ema, optimizer, state = start_run(config, out_dir, resume=resume, device=device, stop_step=max_steps)
             record_start(config, out_dir, state)
             logger = RunLogger(out_dir, enabled=True, config=config.to_dict())
             cleanup.callback(logger.close)
-            max_steps = planned_steps(tc, len(dataset))  # never 0: --minutes is refused above
             order = EpochOrder(len(dataset), tc.seed, tc.batch_size, device)
             members.append(_Run(config, out_dir, model.train(), ema, optimizer, state, order, logger, max_steps,
                                 rng_state(device), state.step if resume else None, _Window.resumed(state.open_window)))  # fmt: skip
