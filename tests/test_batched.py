@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,34 @@ def test_a_resume_together_under_another_recipe_or_past_its_stop_is_refused(tmp_
     assert [load_weights(tmp_path / f"run{k}")[2]["step"] for k in range(2)] == before
 
 
+def test_a_group_stopped_while_its_checkpoints_are_written_resumes_together_and_exactly(tmp_path, mnist_dir, monkeypatch):
+    """A kill between two runs' checkpoint writes used to leave the first at its new step: the
+    resumed comparison trained the second alone, where a UNet's batched bf16 kernels round
+    otherwise than in a group of two. The group's checkpoints now move into place together."""
+    import simple_dit.batched as batched
+
+    for name in ("straight", "stopped"):  # as compare trains: a segment per evaluation point
+        train_together(_group("unet-tiny", tmp_path, name, steps=3, precision="bf16"), device="cpu")
+    train_together(_group("unet-tiny", tmp_path, "straight", steps=6, precision="bf16", resume=True), device="cpu")
+    write_file, writes = batched.write_checkpoint_file, []
+
+    def killed_in_the_second_write(path, **parts):
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # as a kill would leave it: the first run's file written, the second's not
+        return write_file(path, **parts)
+
+    monkeypatch.setattr(batched, "write_checkpoint_file", killed_in_the_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_together(_group("unet-tiny", tmp_path, "stopped", steps=6, precision="bf16", resume=True), device="cpu")
+    assert [load_weights(tmp_path / f"stopped{k}")[2]["step"] for k in range(2)] == [3, 3]
+    assert not [p for k in range(2) for p in (tmp_path / f"stopped{k}").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(batched, "write_checkpoint_file", write_file)
+    train_together(_group("unet-tiny", tmp_path, "stopped", steps=6, precision="bf16", resume=True), device="cpu")
+    for k in range(2):
+        assert largest_weight_difference(tmp_path / f"straight{k}", tmp_path / f"stopped{k}") == 0.0
+
+
 def test_runs_trained_together_compiled_train_the_eager_steps(tmp_path, mnist_dir, monkeypatch, capsys):
     """With --compile the batched step is warmed up and used, not quietly replaced by the eager one,
     and trains what the eager one trains. The aot_eager backend stands in for inductor: the same
@@ -293,7 +322,13 @@ def test_a_stop_on_a_checkpoint_step_writes_that_checkpoint_once(tmp_path, mnist
         return save_checkpoint
 
     monkeypatch.setattr(training, "save_checkpoint", counting(training.save_checkpoint))
-    monkeypatch.setattr(batched, "save_checkpoint", counting(batched.save_checkpoint))
+    write_file = batched.write_checkpoint_file
+
+    def counting_file(path, **parts):  # runs trained together write into a temporary beside the checkpoint
+        written.append((Path(path).parent.name, parts["train_state"]["step"]))
+        return write_file(path, **parts)
+
+    monkeypatch.setattr(batched, "write_checkpoint_file", counting_file)
     config = _config("dit-tiny", lr=1e-3, seed=0, steps=4)
     config.train.checkpoint_every = 2
     train(config, tmp_path / "alone", progress=False, device="cpu", final_samples=False)

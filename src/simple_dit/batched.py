@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, write_checkpoint_file
+from .io import atomic_write_together
 from .config import RunConfig, validate_config
 from .diffusion import make_process
 from .errors import Interrupted, TrainingDiverged, UserError
@@ -80,15 +82,29 @@ class _Run:
             self.logger.log(self.window.record(self.state, num_examples) | {"trained_together": together}, scalars=_Window.SCALARS)
         self.window = _Window()
 
-    def checkpoint(self, device: torch.device) -> None:
-        if self.last_checkpoint == self.state.step:  # written already (a stop on a checkpoint step): nothing has changed since
-            return
+    def checkpoint_due(self) -> bool:
+        """Whether the run has a step to checkpoint (not at a stop on a checkpoint step, written
+        already); raises TrainingDiverged where nothing may be written."""
+        if self.last_checkpoint == self.state.step:
+            return False
         self.window.check_finite(self.state, self.last_checkpoint)
+        return True
+
+    def write_checkpoint(self, path: str, device: torch.device) -> None:
         self.state.open_window = self.window.saved()
         with self.own_rng(device):  # the checkpoint stores the global RNG: this run's
-            save_checkpoint(self.out_dir, config=self.config, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                            train_state=dataclasses.asdict(self.state))  # fmt: skip
-        self.last_checkpoint = self.state.step
+            write_checkpoint_file(path, config=self.config, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                  train_state=dataclasses.asdict(self.state))  # fmt: skip
+
+
+def checkpoint_together(runs: list[_Run], device: torch.device) -> None:
+    """The runs' checkpoints (each ``checkpoint_due``), moved into place together once all are on
+    disk: a kill between two runs' writes used to leave one at its new step and one at its old,
+    which a resumed comparison then trained apart, in other company, where a UNet's batched bf16
+    kernels round otherwise. (A kill in the microseconds between two renames still splits them.)"""
+    atomic_write_together([(run.out_dir / CHECKPOINT_NAME, functools.partial(run.write_checkpoint, device=device)) for run in runs])
+    for run in runs:
+        run.last_checkpoint = run.state.step
 
 
 class BatchedLoss:
@@ -264,17 +280,24 @@ def train_together(
                 batch.append((x0, y, t, noise))
             return [torch.stack(column) for column in zip(*batch)]
 
-        def close(run: _Run, finished: bool) -> None:
-            """``run``'s checkpoint, and where it is ``finished`` its last, partial window after it
-            (the checkpoint keeps the window open for a resumed run)."""
-            if run.out_dir in diverged:
-                return
-            try:
-                run.checkpoint(device)
-                if finished:
-                    run.log_window(len(dataset), together)
-            except TrainingDiverged as e:
-                diverged[run.out_dir] = e
+        def checkpoint(runs: list[_Run], *, close_finished: bool = False) -> None:
+            """The checkpoints of ``runs`` that have a step to write, together; with
+            ``close_finished``, then the last, partial window of each run at its stop (the
+            checkpoint keeps the window open for a resumed run)."""
+            due = []
+            for run in runs:
+                try:
+                    if run.out_dir not in diverged and run.checkpoint_due():
+                        due.append(run)
+                except TrainingDiverged as e:
+                    diverged[run.out_dir] = e
+            checkpoint_together(due, device)
+            for run in runs if close_finished else []:
+                try:
+                    if run.out_dir not in diverged and run.state.step >= run.max_steps:
+                        run.log_window(len(dataset), together)
+                except TrainingDiverged as e:
+                    diverged[run.out_dir] = e
 
         batched, warmed_for, together = loss_fn, None, len(members)
         while active := [m for m in members if m.state.step < m.max_steps and m.out_dir not in diverged]:
@@ -318,18 +341,15 @@ def train_together(
                 try:
                     if run.due(run.config.train.log_every):
                         run.log_window(len(dataset), together)
-                    if run.due(run.config.train.checkpoint_every):
-                        run.checkpoint(device)
                 except TrainingDiverged as e:
                     diverged[run.out_dir] = e
+            checkpoint([run for run in active if run.due(run.config.train.checkpoint_every)])
             if signals.received is not None:
                 # Every run checkpointed, and those that reached their stop before the signal
                 # closed as the loop's end closes them (a resumed comparison does not revisit them).
-                for run in members:
-                    close(run, finished=run.state.step >= run.max_steps)
+                checkpoint(members, close_finished=True)
                 name = signal.Signals(signals.received).name
                 raise Interrupted(signals.received, f"stopped by {name}; every run trained together checkpointed")
 
-        for run in members:
-            close(run, finished=True)
+        checkpoint(members, close_finished=True)
     return diverged

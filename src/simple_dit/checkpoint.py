@@ -60,6 +60,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     train_state: dict,
 ) -> Path:
+    path = Path(run_dir) / CHECKPOINT_NAME
+    atomic_write(path, lambda tmp: write_checkpoint_file(tmp, config=config, model=model, ema=ema, optimizer=optimizer, train_state=train_state))
+    return path
+
+
+def write_checkpoint_file(path: str, *, config: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          train_state: dict) -> None:  # fmt: skip
+    """The checkpoint written to ``path`` as it stands (``save_checkpoint`` moves it into place)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
@@ -78,9 +86,7 @@ def save_checkpoint(
         "train_state": json.dumps(train_state),
         "optimizer": json.dumps(opt_meta),
     }
-    path = Path(run_dir) / CHECKPOINT_NAME
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
-    return path
+    _save_file(tensors, path, metadata)
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:

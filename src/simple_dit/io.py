@@ -16,6 +16,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -39,28 +40,45 @@ def fsync_dir(directory: Path) -> None:
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` only once it is complete on disk."""
-    path = Path(path)
-    if "\0" in str(path):  # the OS's "embedded null byte" is a ValueError, not an OSError
-        raise UserError(f"cannot write {str(path)!r}: a path cannot hold a NUL character")
+    atomic_write_together([(path, write)])
+
+
+def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) -> None:
+    """``atomic_write`` of several files, which are moved into place together only once all are
+    complete on disk (a SIGINT or SIGTERM waits for the renames): the checkpoints of runs trained
+    together, where a kill between two runs' writes used to leave one run ahead of the others."""
+    staged: list[tuple[str, Path]] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-    fsync_dir(path.parent)
+        for path, write in writes:
+            path = Path(path)
+            if "\0" in str(path):  # the OS's "embedded null byte" is a ValueError, not an OSError
+                raise UserError(f"cannot write {str(path)!r}: a path cannot hold a NUL character")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(fd)
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror}") from None
+            staged.append((tmp, path))
+            try:
+                write(tmp)
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        with stop_signals_deferred():
+            for tmp, path in staged:
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:
+                    raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):  # not moved into place: a failed or interrupted write
+                _remove(tmp)
+    for directory in {path.parent for _, path in staged}:
+        fsync_dir(directory)
 
 
 def atomic_copy(source: Path, path: Path) -> None:
