@@ -637,12 +637,29 @@ def test_an_unreadable_checkpoint_is_not_called_damaged(straight, monkeypatch):
         load_weights(straight)
 
 
+def train_stopped_by_sigint_in_step(step: int, config, out_dir, monkeypatch, **run) -> None:
+    """``train(config, out_dir, **run)`` with a SIGINT arriving while it takes its step ``step``
+    (counted from 1): it checkpoints that step and raises Interrupted."""
+    import simple_dit.train as training
+
+    lr_at = training.lr_at
+
+    def signalling(index, *args):
+        if index == step - 1:  # the step about to become step ``step``
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(index, *args)
+
+    monkeypatch.setattr(training, "lr_at", signalling)
+    with pytest.raises(Interrupted):
+        train(config, out_dir, **run)
+    monkeypatch.setattr(training, "lr_at", lr_at)
+
+
 @pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
 def test_a_signal_on_the_last_step_leaves_a_resume_the_records_of_a_run_that_never_stopped(preset, tmp_path, mnist_dir, monkeypatch):
     """Stopped on its last step, a run is at its stop: the resume trains nothing, and used to
     return at once, so that step's evaluation and the last partial window's record were never
     written."""
-    import simple_dit.train as training
 
     def config():
         c = get_preset(preset)
@@ -652,17 +669,7 @@ def test_a_signal_on_the_last_step_leaves_a_resume_the_records_of_a_run_that_nev
 
     run = dict(progress=False, device="cpu", data_dir=str(mnist_dir))
     train(config(), tmp_path / "straight", **run)
-    lr_at = training.lr_at
-
-    def signal_during_the_last_step(step, *args):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(training, "lr_at", signal_during_the_last_step)
-    with pytest.raises(Interrupted):
-        train(config(), tmp_path / "resumed", **run)
-    monkeypatch.setattr(training, "lr_at", lr_at)
+    train_stopped_by_sigint_in_step(3, config(), tmp_path / "resumed", monkeypatch, **run)
     assert checkpoint_step(tmp_path / "resumed") == 3
     train(config(), tmp_path / "resumed", resume=True, **run)
     assert records_without_clock(tmp_path / "resumed") == records_without_clock(tmp_path / "straight")
@@ -695,7 +702,6 @@ def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, m
     """A stop signal checkpoints the step it finished and leaves before that step's periodic grid
     and evaluation; the resumed run makes them first, so its records and grids are those of a run
     that never stopped (the evaluation of step 2 used to be missing)."""
-    import simple_dit.train as training
 
     def config():
         c = get_preset("dit-tiny")
@@ -705,17 +711,7 @@ def test_a_signal_stop_makes_its_steps_grid_and_evaluation_on_resume(tmp_path, m
 
     run = dict(progress=False, device="cpu", final_samples=False, data_dir=str(mnist_dir))
     train(config(), tmp_path / "straight", **run)
-    lr_at = training.lr_at
-
-    def signal_during_step_2(step, *args):
-        if step == 1:  # the step about to become step 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(training, "lr_at", signal_during_step_2)
-    with pytest.raises(Interrupted):
-        train(config(), tmp_path / "resumed", **run)
-    monkeypatch.setattr(training, "lr_at", lr_at)
+    train_stopped_by_sigint_in_step(2, config(), tmp_path / "resumed", monkeypatch, **run)
     assert checkpoint_step(tmp_path / "resumed") == 2 and not (tmp_path / "resumed" / "samples" / "step_0000002.png").exists()
     train(config(), tmp_path / "resumed", resume=True, **run)
 
