@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, write_checkpoint_file
-from .io import atomic_write_together
 from .config import RunConfig, validate_config
 from .diffusion import make_process
 from .errors import Interrupted, TrainingDiverged, UserError
+from .io import atomic_write_together
 from .logger import RunLogger
 from .models.dit import Attention, plain_attention
 from .models.embeddings import LabelEmbedder

@@ -205,10 +205,10 @@ class Pipeline:
         """uint8 images (N, C, H, W) for ``labels``, drawn ``batch_size`` at a time.
 
         The same arguments and seed give the same images, and an image does not depend on
-        ``batch_size`` (each image draws its noise from its own generator). Guidance applies where the path's time
-        (0 = data, 1 = noise) lies in ``guidance_interval`` [lo, hi]; default: the objective's. If
-        ``trajectory`` is a list, it receives uint8 frames of the first batch's denoising (at most
-        GIF_FRAMES of them).
+        ``batch_size`` (each image draws its noise from its own generator). Guidance applies where
+        the path's time (0 = data, 1 = noise) lies in ``guidance_interval`` [lo, hi]; default: the
+        objective's. If ``trajectory`` is a list, it receives uint8 frames of the first batch's
+        denoising (at most GIF_FRAMES of them).
         """
         labels = self.validate_labels(labels)
         check_image_count(len(labels), self.config)
