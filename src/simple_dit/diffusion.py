@@ -106,9 +106,10 @@ def check_sampler(process, sampler: str | None) -> str:
 class ImageNoise:
     """Standard normal draws of shape (count, *image_shape), one after another: the starting noise,
     then DDPM's fresh noise at each step. From one generator for the whole batch, or, given one
-    generator per image (as diffusers takes them), each image's from its own: an image's noise then
-    does not depend on the batch it is drawn in (one generator's stream does not split across calls
-    of different sizes on a GPU). Per image, the first draw is one image and the rest come
+    generator per image (as diffusers takes them), each image's from its own, on the generator's
+    device: an image's noise then does not depend on the batch it is drawn in (one generator's
+    stream does not split across calls of different sizes on a GPU), and CPU generators give it the
+    same noise on every device. Per image, the first draw is one image and the rest come
     STEPS_AHEAD at a time, the same calls in whatever batch, so that a DDPM step does not cost a
     draw per image."""
 
@@ -126,8 +127,8 @@ class ImageNoise:
             return torch.randn((self.count, *self.image_shape), generator=self.generator, device=self.device)
         if not self._ahead:
             k = 1 if self._first else self.STEPS_AHEAD
-            block = torch.stack([torch.randn((k, *self.image_shape), generator=g, device=self.device) for g in self.generator], dim=1)
-            self._ahead, self._first = list(block.unbind(0))[::-1], False
+            block = torch.stack([torch.randn((k, *self.image_shape), generator=g, device=g.device) for g in self.generator], dim=1)
+            self._ahead, self._first = list(block.to(self.device).unbind(0))[::-1], False
         return self._ahead.pop()
 
 

@@ -31,13 +31,14 @@ GIF_MAX_IMAGES = 100
 MAX_SANE_GUIDANCE = 100.0  # far past any useful scale (the web page allows 20); where sampling overflows, a likelier cause than the weights
 
 
-def image_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
+def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
     """The generators of images ``first`` .. ``first + count - 1`` of a request: image i's seeded
-    with start + i, where ``start`` is a hash of the request's seed. PyTorch's CPU generator keeps
-    only 32 bits of a seed, so seed * 2**32 + i would give every request the same noise, and seed
-    + i seed 1's first image seed 0's second one's."""
+    with start + i, where ``start`` is a hash of the request's seed. On the CPU, so that a seed
+    draws the same noise on every device. PyTorch's CPU generator keeps only 32 bits of a seed, so
+    seed * 2**32 + i would give every request the same noise, and seed + i seed 1's first image
+    seed 0's second one's."""
     start = int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
-    return [torch.Generator(device=device).manual_seed((start + i) % 2**32) for i in range(first, first + count)]
+    return [torch.Generator().manual_seed((start + i) % 2**32) for i in range(first, first + count)]
 
 
 def _check_model_matches(model_config, model: torch.nn.Module) -> None:
@@ -249,7 +250,7 @@ class Pipeline:
                     x = self.diffusion.sample(
                         model, batch_labels.to(self.device), sampler=sampler, steps=n_steps, guidance=guidance,
                         guidance_interval=guidance_interval, null_class=self.num_classes,
-                        generator=image_generators(seed, b * batch_size, len(batch_labels), self.device),
+                        generator=image_generators(seed, b * batch_size, len(batch_labels)),
                         image_shape=(c, s, s), on_step=on_step,
                     )  # fmt: skip
                 check_finite(x)
