@@ -938,6 +938,7 @@ def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, caps
     assert main(["compare", "--report-only", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is damaged or from an older simple-dit" in err[0] and snapshot(out) == before
+    assert "restore it" in err[0] and "another --out" in err[0]  # as resuming it says: rerunning into it is refused
     # Resuming it is refused too, before its settings or results are rewritten.
     with pytest.raises(UserError, match="is damaged, so its runs' settings are unknown"):
         C.compare("dit-tiny", "320-images", out, **sweep["kwargs"])

@@ -155,6 +155,17 @@ def test_a_second_export_into_a_directory_being_written_is_refused(run, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_an_export_is_readable_as_every_file_the_package_writes(run, tmp_path):
+    """safetensors creates its file 0600: an export, the file meant to be shared, was its owner's alone."""
+    import stat
+
+    from simple_dit.io import _UMASK  # the process's umask, as every file the package writes takes it
+
+    export(run, tmp_path / "exported")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "exported").iterdir()}
+    assert modes == {"config.json": 0o666 & ~_UMASK, "model.safetensors": 0o666 & ~_UMASK}
+
+
 def test_bad_input_is_one_line(run, tmp_path, cli):
     assert_user_error(cli("export", tmp_path / "missing", "--out", tmp_path / "x"), "no checkpoint", str(tmp_path / "missing"))
     assert_user_error(cli("export", run, "--out", tmp_path / "x", "--dtype", "int8"), "--dtype 'int8'", "fp32, fp16, bf16")

@@ -226,6 +226,21 @@ def test_compare_refuses_a_directory_in_use(tmp_path):
     assert_user_error(result, "in use", f"pid {os.getpid()}")
 
 
+def test_a_run_training_before_its_first_checkpoint_is_said_to_be_in_use_not_missing(tmp_path):
+    """--resume, sample and export of a run another process is training said "no checkpoint ...
+    train a model there first", of a run being trained."""
+    import json as json_
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json_.dumps(get_preset("dit-tiny").to_dict()))  # as a run writes it at its start
+    with DirectoryLock(out):
+        for argv in (["train", "--out", out, "--resume", "--max-steps", 4], ["sample", out, "--out", tmp_path / "s", "--n", 2],
+                     ["export", out, "--out", tmp_path / "e"]):  # fmt: skip
+            assert_user_error(run_cli(*argv), "in use", f"pid {os.getpid()}", "no checkpoint yet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 # ---- divergence --------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .config import RunConfig, is_number
 from .errors import UserError
-from .io import atomic_write
+from .io import DirectoryLock, atomic_write
 from .runtime import all_finite, is_integer, rng_state, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -107,6 +107,9 @@ def check_not_inside_a_run(out_dir: str | os.PathLike) -> None:
         raise UserError(f"--out {out_dir} is inside the training run {enclosing}; choose a directory outside it")
 
 
+NOT_YET_CHECKPOINTED = "it has written no checkpoint yet: wait for its first one"
+
+
 def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
     from .compare.runner import SETTINGS_NAME
 
@@ -118,6 +121,7 @@ def checkpoint_path(run_dir_or_file: str | os.PathLike) -> Path:
     if p.is_dir():
         raise UserError(f"{p} is a directory, not a checkpoint; restore the run's checkpoint file there")
     if not p.is_file():
+        DirectoryLock.check_free(p.parent, NOT_YET_CHECKPOINTED)  # a run training now, before its first checkpoint
         raise UserError(f"no checkpoint at {p}; train a model there first (simple-dit train --out DIR)")
     return p
 

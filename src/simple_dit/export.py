@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, _save_file, check_not_inside_a_run, load_weights, weights_mismatch
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, NOT_YET_CHECKPOINTED, _save_file, check_not_inside_a_run, load_weights, weights_mismatch
 from .config import RunConfig, validate_config
 from .errors import UserError
-from .io import ensure_writable_dir, is_temporary, replace_set, write_json
+from .io import DirectoryLock, ensure_writable_dir, is_temporary, replace_set, write_json
 from .models import build_model
 from .runtime import all_finite, is_integer
 
@@ -188,6 +188,7 @@ def load_pretrained(source: str | os.PathLike | None, use_ema: bool = True) -> t
     except OSError as e:  # a name too long, a directory that may not be read
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if path.is_dir() and not (path / MODEL_NAME).exists() and not (path / CHECKPOINT_NAME).exists() and (path / CONFIG_NAME).is_file():
+        DirectoryLock.check_free(path, NOT_YET_CHECKPOINTED)  # a run training now, before its first checkpoint
         raise UserError(f"{path} holds a {CONFIG_NAME} but neither an export's {MODEL_NAME} nor a run's {CHECKPOINT_NAME}: "
                         "restore the weights file, or train the run again (one stopped before its first checkpoint has none)")
     if is_export(path):

@@ -177,7 +177,8 @@ def _replace_set(directory: Path, names: list[str], write) -> list[Path]:
     try:
         write(staging)
         made = [name for name in names if (staging / name).is_file()]
-        for name in made:  # on disk before the renames that publish them
+        for name in made:  # on disk before the renames that publish them, with the usual permissions
+            os.chmod(staging / name, 0o666 & ~_UMASK)  # safetensors creates its files 0600
             with open(staging / name, "rb+") as f:
                 os.fsync(f.fileno())
         with stop_signals_deferred():
@@ -348,13 +349,13 @@ class DirectoryLock:
         remove_stale_temporaries(directory)
 
     @staticmethod
-    def in_use(directory: Path, lock_fd: int) -> UserError:
+    def in_use(directory: Path, lock_fd: int, advice: str = "wait for it or choose another --out") -> UserError:
         """The error for ``directory``, naming the pid its holder wrote into the lock file."""
         holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        return UserError(f"{directory} is in use by another simple-dit process (pid {holder}); wait for it or choose another --out")
+        return UserError(f"{directory} is in use by another simple-dit process (pid {holder}); {advice}")
 
     @staticmethod
-    def check_free(directory: Path) -> None:
+    def check_free(directory: Path, advice: str = "wait for it or choose another --out") -> None:
         """Raise ``in_use`` where another process holds ``directory``, touching nothing: what is in
         a directory that another process is writing says nothing yet."""
         import fcntl
@@ -366,7 +367,7 @@ class DirectoryLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            raise DirectoryLock.in_use(directory, fd) from None
+            raise DirectoryLock.in_use(directory, fd, advice) from None
         finally:
             os.close(fd)  # and with it the probe's shared lock
 

@@ -115,7 +115,8 @@ def settings_on_disk(out_dir: Path) -> Settings:
     try:
         return Settings.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UserError) as e:
-        raise UserError(f"{path} is damaged or from an older simple-dit ({type(e).__name__}: {e}); rerun the comparison with its settings") from None
+        raise UserError(f"{path} is damaged or from an older simple-dit ({type(e).__name__}: {e}); "
+                        "restore it (e.g. from git), or run the comparison again into another --out") from None  # fmt: skip
 
 
 def _comparison_in(out_dir: Path) -> dict | None:
