@@ -147,16 +147,19 @@ else
            "VERDICT_EVAL=--guidances 1,3 --eval-every-frac 0.5 --eval-n 12 --steps 2" "VERDICT_TRAIN=--device cpu"
            "SIMPLE_DIT=$py -m simple_dit.cli" "PYTHON=$py" bash scripts/verdict-grid.sh --gpu "$out/verdict" "$verdict_records")
 fi
+kinds="env bench-compile bench compare tests diffusers parts levers repeat verdict"
 budget_s=${GPU_CHECK_BUDGET_S:-470}
 case $budget_s in ''|*[!0-9]*) echo "gpu-check.sh: error: GPU_CHECK_BUDGET_S='$budget_s' is not a number of seconds" >&2; exit 2 ;; esac
+budget_s=$((10#$budget_s))  # decimal: bash reads 08 as a bad octal number and 0100 as 64
 read -r -a extra_caps <<<"${GPU_CHECK_CAPS:-}"  # e.g. GPU_CHECK_CAPS="tests=300 compare=400"
 for kv in "${extra_caps[@]}"; do
-  case $kv in
-    *=*[!0-9]* | *= | =* | [!a-z]*) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;;
-  esac
+  case $kv in [a-z]*=[0-9]*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;; esac
+  case ${kv#*=} in *[!0-9]*) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;; esac
+  case " $kinds " in *" ${kv%%=*} "*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_CAPS names no step kind '${kv%%=*}' (${kinds// /, })" >&2; exit 2 ;; esac
+  # No 0: timeout 0 is no limit at all, and every step runs under a limit.
+  [ $((10#${kv#*=})) -gt 0 ] || { echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv': a step needs at least 1 second" >&2; exit 2; }
+  caps+=("${kv%%=*}=$((10#${kv#*=}))")
 done
-caps+=("${extra_caps[@]}")
-kinds="env bench-compile bench compare tests diffusers parts levers repeat verdict"
 for kind in ${GPU_CHECK_ONLY:-}; do  # a typo would otherwise drop its steps without a word
   case " $kinds " in *" $kind "*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_ONLY names no step kind '$kind' (${kinds// /, })" >&2; exit 2 ;; esac
 done
@@ -434,7 +437,7 @@ for line in open(os.path.join(out, "steps.tsv")):
         step["status"], step["reason"] = "failed", fell_back
     steps.append(step)
 failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
-summary = {"check": "gpu-check", "mode": mode, "ok": not failed, "failed": failed, "seconds": int(seconds),
+summary = {"check": "gpu-check", "mode": mode, "ok": bool(steps) and not failed,  # a check that ran nothing checked nothing "failed": failed, "seconds": int(seconds),
            "budget_s": int(budget), "python": python, "data_dir": data or None, "out": out, "steps": steps}
 
 

@@ -107,11 +107,27 @@ def test_only_keeps_the_steps_of_the_kinds_named():
 
 @pytest.mark.parametrize("name, value, fragment", [("GPU_CHECK_BUDGET_S", "abc", "is not a number of seconds"),
                                                    ("GPU_CHECK_CAPS", "env=abc", "is not KIND=SECONDS"),
-                                                   ("GPU_CHECK_CAPS", "tests=", "is not KIND=SECONDS")])
+                                                   ("GPU_CHECK_CAPS", "tests=", "is not KIND=SECONDS"),
+                                                   ("GPU_CHECK_CAPS", "env", "is not KIND=SECONDS"),  # used to cap env at "env"
+                                                   ("GPU_CHECK_CAPS", "test=5", "names no step kind 'test'"),  # used to be ignored
+                                                   ("GPU_CHECK_CAPS", "env=0", "at least 1 second")])  # timeout 0: no limit
 def test_a_malformed_setting_is_one_line_before_any_step(name, value, fragment, tmp_path):
     result = gpu_check("--cpu-dry-run", "--out", tmp_path / "out", env={name: value, "GPU_CHECK_ONLY": "env"})
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()] and fragment in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_numbers_with_a_leading_zero_are_decimal():
+    """bash read a budget of 08 as a bad octal number (the check then ran no step and said ok)
+    and 0100 as 64."""
+    plan = gpu_check("--cpu-dry-run", "--plan", env={"GPU_CHECK_ONLY": "env", "GPU_CHECK_CAPS": "env=0100", "GPU_CHECK_BUDGET_S": "08"})
+    assert plan.returncode == 0 and plan.stdout.split("\t")[1] == "100", plan.stdout
+
+
+def test_a_check_that_runs_no_step_is_not_ok(tmp_path):
+    result = gpu_check("--cpu-dry-run", "--out", tmp_path / "out", env={"GPU_CHECK_ONLY": "env", "GPU_CHECK_BUDGET_S": "5"})
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 1 and not summary["ok"] and [s["status"] for s in summary["steps"]] == ["not_run"]
 
 
 STUB = r"""#!/usr/bin/env bash
