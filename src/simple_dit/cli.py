@@ -461,7 +461,7 @@ def cmd_bench(args) -> None:
                        precision=args.precision, device=args.device, repeats=args.repeats, compile=args.compile,
                        together=args.runs_together)  # fmt: skip
     for key, value in result.items():
-        print(f"{key:>22}: {value:.1f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")  # dit-tiny's GFLOPs are 0.001
     print(json.dumps(result))
 
 
