@@ -10,22 +10,19 @@ Each variant times ``simple_dit.train.train_step`` in fp32 (the step training ru
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 import simple_dit.models.dit as dit
 from simple_dit import build_model, get_preset
+from simple_dit.config import DiTConfig
 from simple_dit.bench import interleaved_median_seconds
 from simple_dit.diffusion import make_process
 from simple_dit.runtime import parse_device
 from simple_dit.train import train_step
 
-sdpa_attention = dit.Attention.forward
-
-
-def explicit_attention(self, x):
-    b, n, d = x.shape
-    q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-    weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-    return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+ours = dit.Attention.attend  # on a GPU the fused kernel, on a CPU the explicit ops
+sdpa_attention = staticmethod(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+explicit_attention = staticmethod(dit.plain_attention)
 
 
 def main() -> None:
@@ -36,6 +33,8 @@ def main() -> None:
     ap.add_argument("--device")
     args = ap.parse_args()
     config = get_preset(args.preset)
+    if not isinstance(config.model, DiTConfig):
+        ap.error(f"--preset {args.preset}: the attention levers are a DiT's; choose a DiT preset")
     dev = parse_device(args.device)
     process = make_process(config.diffusion)
     torch.manual_seed(0)
@@ -48,7 +47,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
 
         def step():
-            dit.Attention.forward = attention
+            dit.Attention.attend = attention
             train_step(model, process, optimizer, x, y, precision="fp32", grad_clip=config.train.grad_clip)
 
         return step
@@ -59,7 +58,7 @@ def main() -> None:
         for fused in (False, True)
     }
     seconds = interleaved_median_seconds(steps, dev, warmup=2, repeats=args.repeats)
-    dit.Attention.forward = sdpa_attention
+    dit.Attention.attend = ours
     for name, s in seconds.items():
         print(f"{args.preset} batch {args.batch_size}, {name:>32}: {args.batch_size / s:7.1f} training images/s")
 

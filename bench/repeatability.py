@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device")
     ap.add_argument("--compile", action="store_true", help="train with --compile (on a GPU: the step replayed as one CUDA graph)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """Sampling speed against quality for a trained run: each (sampler, steps[, guidance interval])
 draws the same n class-cycled images (same seed), timed, then scored with the evaluation metrics.
-The row with the most steps is the reference that the others' FID is compared with.
+The row with the most forward passes per image (steps, two per guided one) is the reference that
+the others' FID is compared with.
 
     .venv/bin/python bench/sampling.py RUN_DIR|default [--n 1000] [--guidance 3] [--batch-size 500] \
         [--configs euler:5,euler:10,heun:5,euler:20,euler:50,euler:4:0-1] [--seed 0] [--device cuda]

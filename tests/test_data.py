@@ -139,6 +139,18 @@ def test_fashion_mnist_loads_while_env_points_at_flat_mnist_dir(mnist_dir, monke
     assert len(ds) == 10000
 
 
+@pytest.mark.parametrize("where", ["a file", "missing"])
+def test_a_data_variable_that_names_no_directory_is_refused(mnist_dir, tmp_path, monkeypatch, where):
+    """It was passed over for the user cache: offline the error named the cache, online the data
+    would have been downloaded there without a word."""
+    target = mnist_dir / "t10k-images-idx3-ubyte.gz" if where == "a file" else tmp_path / "mnst"
+    monkeypatch.setenv("SIMPLE_DIT_DATA", str(target))
+    monkeypatch.setattr("simple_dit.data.default_cache_dir", lambda: tmp_path / "cache")
+    with pytest.raises(UserError, match=f"SIMPLE_DIT_DATA={target} is {'not a directory' if where == 'a file' else 'missing'}"):
+        load_dataset("mnist", "test")
+    assert not (tmp_path / "cache").exists()
+
+
 def _mirrored(monkeypatch, mirror: str) -> None:
     """MNIST's download mirrors replaced by one local URL (no network in the tests)."""
     import dataclasses

@@ -92,6 +92,9 @@ def _candidate_dirs(dataset: str, data_dir: str | os.PathLike | None) -> list[Pa
         roots = [Path(data_dir)]
     else:
         roots = [Path(p) for p in [os.environ.get("SIMPLE_DIT_DATA")] if p] + [default_cache_dir()]
+        if roots[0] != default_cache_dir() and not roots[0].is_dir():  # a typo would otherwise download, or fail naming the cache
+            raise UserError(f"SIMPLE_DIT_DATA={roots[0]} is {'not a directory' if roots[0].exists() else 'missing'}: "
+                            "it names the directory of the dataset's files")  # fmt: skip
     dirs = []
     for root in roots:
         dirs += [root / dataset, root]
