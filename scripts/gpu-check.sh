@@ -437,7 +437,8 @@ for line in open(os.path.join(out, "steps.tsv")):
         step["status"], step["reason"] = "failed", fell_back
     steps.append(step)
 failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
-summary = {"check": "gpu-check", "mode": mode, "ok": bool(steps) and not failed,  # a check that ran nothing checked nothing "failed": failed, "seconds": int(seconds),
+# A check that ran no step checked nothing: not ok.
+summary = {"check": "gpu-check", "mode": mode, "ok": bool(steps) and not failed, "failed": failed, "seconds": int(seconds),
            "budget_s": int(budget), "python": python, "data_dir": data or None, "out": out, "steps": steps}
 
 
