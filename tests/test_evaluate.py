@@ -420,3 +420,14 @@ def test_score_refuses_what_is_not_an_image_tensor_and_a_bootstrap_past_its_limi
     with pytest.raises(UserError, match=f"up to {MAX_BOOTSTRAP:,}"):
         meter.score(images, bootstrap=MAX_BOOTSTRAP + 1)
     assert meter.score(images, bootstrap=10, level=np.float32(0.9)).fid_ci is not None
+
+
+def test_an_interval_of_equal_replicates_contains_its_estimate():
+    """Samples collapsed to one image give equal replicates, and the bias shift put the interval
+    1e-13 below the estimate: the report's error bars came out negative and it crashed."""
+    from simple_dit.evaluate import percentile_interval
+
+    estimate = 136.5310975507547
+    lo, hi = percentile_interval(estimate, torch.full((200,), 136.53109755075468))
+    assert lo <= estimate <= hi and hi - lo < 1e-9
+    assert percentile_interval(0.5, torch.linspace(0.4, 0.6, 201), bounds=(0.0, 1.0)) == pytest.approx([0.405, 0.595])

@@ -311,11 +311,12 @@ def recall_replicates(real: torch.Tensor, fake: torch.Tensor, weights: torch.Ten
 
 
 def percentile_interval(estimate: float, replicates: torch.Tensor, level: float = BOOTSTRAP_LEVEL, bounds=(-math.inf, math.inf)) -> list[float]:
-    """The ``level`` percentile interval of ``replicates``, moved by their bias (mean - estimate)
-    and clipped to ``bounds``."""
+    """The ``level`` percentile interval of ``replicates``, moved by their bias (mean - estimate),
+    widened where rounding leaves the estimate outside it (replicates all equal, as of samples that
+    collapsed to one image, come back 1e-13 off), and clipped to ``bounds``."""
     shifted = replicates.double() - (replicates.double().mean() - estimate)
-    q = torch.quantile(shifted, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
-    return [float(min(max(v, bounds[0]), bounds[1])) for v in q]
+    lo, hi = torch.quantile(shifted, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return [float(min(max(v, bounds[0]), bounds[1])) for v in (min(lo, estimate), max(hi, estimate))]
 
 
 def bootstrap_intervals(

@@ -120,7 +120,9 @@ def _verdict_figure(results: dict, path: Path) -> Path:
                     continue
                 xs, stats = [x for x, _ in pts], [m for _, m in pts]
                 means = [m["mean"] for m in stats]
-                errors = [[m["mean"] - m["lo"] for m in stats], [m["hi"] - m["mean"] for m in stats]] if stats[0]["lo"] is not None else None
+                # Never negative: a record written before intervals were made to contain their estimate may miss it by rounding.
+                errors = ([[max(m["mean"] - m["lo"], 0.0) for m in stats], [max(m["hi"] - m["mean"], 0.0) for m in stats]]
+                          if stats[0]["lo"] is not None else None)  # fmt: skip
                 ax.errorbar(xs, means, yerr=errors, color=colours[i % len(colours)], marker="o", markersize=5, capsize=3, linewidth=1.6,
                             label=f"{entry['label']}, lr {agg['lr']:g}, guidance {agg['guidance']:g}")  # fmt: skip
             if metric in floor:
