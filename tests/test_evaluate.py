@@ -430,4 +430,6 @@ def test_an_interval_of_equal_replicates_contains_its_estimate():
     estimate = 136.5310975507547
     lo, hi = percentile_interval(estimate, torch.full((200,), 136.53109755075468))
     assert lo <= estimate <= hi and hi - lo < 1e-9
+    # One outlying replicate moves the bias shift, and 199 of 200 land below the estimate.
+    assert percentile_interval(1.0, torch.tensor([1.0] * 199 + [100.0], dtype=torch.float64)) == pytest.approx([0.505, 1.0])
     assert percentile_interval(0.5, torch.linspace(0.4, 0.6, 201), bounds=(0.0, 1.0)) == pytest.approx([0.405, 0.595])
