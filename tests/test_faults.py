@@ -255,6 +255,30 @@ def test_divergence_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_p
     strict_json_lines(out / "metrics.jsonl")  # valid JSON: no bare NaN
 
 
+def test_weights_that_overflow_while_the_loss_stays_finite_stop_training(tmp_path, mnist_dir, monkeypatch):
+    """A UNet at lr 1000 kept a finite loss while its BatchNorm running variance overflowed: the
+    checkpoint was written, and compare then failed on every rerun scoring it, where the run
+    should have been recorded as diverged."""
+    import simple_dit.train as training
+    from simple_dit.errors import TrainingDiverged
+
+    c = get_preset("unet-tiny")
+    c.train.max_steps, c.train.batch_size, c.train.checkpoint_every, c.train.sample_every, c.train.precision = 4, 16, 2, 0, "fp32"
+    update_ema, calls = training.update_ema, []
+
+    def overflowing_at_step_3(ema, model, decay):
+        update_ema(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 3:
+            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+
+    monkeypatch.setattr(training, "update_ema", overflowing_at_step_3)
+    with pytest.raises(TrainingDiverged, match="BatchNorm statistics became non-finite by step 4; the checkpoint of step 2 is kept"):
+        train(c, tmp_path / "run", progress=False, device="cpu", data_dir=str(mnist_dir))
+    _, weights, state = load_weights(tmp_path / "run", use_ema=False)
+    assert state["step"] == 2 and all(torch.isfinite(w).all() for w in weights.values())
+
+
 # ---- signals -----------------------------------------------------------------------------------
 
 

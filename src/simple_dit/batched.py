@@ -87,7 +87,7 @@ class _Run:
         already); raises TrainingDiverged where nothing may be written."""
         if self.last_checkpoint == self.state.step:
             return False
-        self.window.check_finite(self.state, self.last_checkpoint)
+        self.window.check_finite(self.state, self.last_checkpoint, (self.model, self.ema))
         return True
 
     def write_checkpoint(self, path: str, device: torch.device) -> None:

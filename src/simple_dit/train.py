@@ -34,7 +34,7 @@ from .io import LOCK_NAME, DirectoryLock, StopSignals, atomic_copy, ensure_writa
 from .logger import METRICS_NAME, WANDB_RUN_NAME, RunLogger, WandbOptions, is_eval_record, truncate_metrics
 from .models import build_model
 from .runtime import (
-    MAX_COUNT, autocast, compile_model, cudagraph_skips, deterministic_compiled_kernels, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
+    MAX_COUNT, all_finite, autocast, compile_model, cudagraph_skips, deterministic_compiled_kernels, has_fused_adamw, parse_device, resolve_precision, rng_state, set_rng_state, synchronize,
     total_norm, warn_cudagraphs_skipped,
 )  # fmt: skip
 
@@ -344,14 +344,18 @@ class _Window:
             "images_per_s": self.images / max(self.seconds, 1e-9), "train_seconds": state.train_seconds,
         }  # fmt: skip
 
-    def check_finite(self, state: TrainState, last_checkpoint: int | None) -> None:
-        """Stop before anything is written from a diverged model (one host sync)."""
+    def check_finite(self, state: TrainState, last_checkpoint: int | None, models: tuple[torch.nn.Module, ...] = ()) -> None:
+        """Stop before anything is written from a diverged model (one host sync), and before a
+        checkpoint of ``models`` whose weights or buffers are not finite: a BatchNorm's running
+        variance can overflow while the loss and gradient norm stay finite (a UNet at lr 1000)."""
         if self.steps and not bool(torch.isfinite(torch.as_tensor(self.loss_sum + self.grad_norm_sum))):
-            kept = "no checkpoint was written" if last_checkpoint is None else f"the checkpoint of step {last_checkpoint} is kept"
-            raise TrainingDiverged(
-                f"training diverged: the loss or gradient norm became non-finite between steps {state.step - self.steps + 1} "
-                f"and {state.step}; {kept}; lower --lr or set --grad-clip"
-            )
+            what = f"the loss or gradient norm became non-finite between steps {state.step - self.steps + 1} and {state.step}"
+        elif not all_finite(t for model in models for t in model.state_dict().values()):
+            what = f"the weights or BatchNorm statistics became non-finite by step {state.step}"
+        else:
+            return
+        kept = "no checkpoint was written" if last_checkpoint is None else f"the checkpoint of step {last_checkpoint} is kept"
+        raise TrainingDiverged(f"training diverged: {what}; {kept}; lower --lr or set --grad-clip")
 
 
 def training_precision(precision: str, device: torch.device) -> str:
@@ -602,7 +606,7 @@ def train(
             nonlocal last_checkpoint
             if last_checkpoint == state.step:  # written already (a stop on a checkpoint step): nothing has changed since
                 return
-            window.check_finite(state, last_checkpoint)
+            window.check_finite(state, last_checkpoint, (model, ema))
             state.open_window = window.saved()
             save_checkpoint(out_dir, config=config, model=model, ema=ema, optimizer=optimizer, train_state=dataclasses.asdict(state))
             last_checkpoint = state.step
@@ -702,7 +706,7 @@ def train(
                 raise Interrupted(received, f"stopped by {signal.Signals(received).name} at step {state.step}; checkpoint saved, --resume continues")
             if not is_main:
                 if due(tc.checkpoint_every):  # where rank 0 checks before it writes, so that a divergence stops every process
-                    window.check_finite(state, last_checkpoint)
+                    window.check_finite(state, last_checkpoint, (model, ema))
                     last_checkpoint = state.step
                 continue
             if due(tc.sample_every):
@@ -714,6 +718,8 @@ def train(
 
         if is_main:
             checkpoint()  # before the partial window is logged: it stays open for a resumed run
+        else:  # the check rank 0 makes before it writes, so that a divergence stops every process
+            window.check_finite(state, last_checkpoint, (model, ema))
         log_window()  # the last, partial window: a short run still logs its loss and speed
         if is_main:
             if final_samples:
