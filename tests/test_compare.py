@@ -593,6 +593,15 @@ def test_cli_rejects_bad_input(args, fragment, tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "out").exists()
 
 
+def test_a_comparison_without_its_data_writes_nothing(tmp_path, monkeypatch):
+    """The data was looked for only when the first run trained: compare.json and empty run
+    directories were left, and the directory then refused other settings though nothing had trained."""
+    monkeypatch.setenv("SIMPLE_DIT_DATA", str(tmp_path / "no-data-here"))
+    with pytest.raises(UserError, match="SIMPLE_DIT_DATA=.* is missing"):
+        C.compare("dit-tiny,unet-tiny", "300-images", tmp_path / "out", eval_n=50, steps=5)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("holding, fragment", [
     ({"report.md": "my notes", "notes.txt": "mine"}, "is not empty and holds no comparison (notes.txt)"),
     ({"compare.json": '{"presets": ['}, "compare.json is damaged, so its runs' settings are unknown"),

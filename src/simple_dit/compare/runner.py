@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from ..checkpoint import CHECKPOINT_NAME, FINAL_GRID_NAME, check_not_inside_a_run
 from ..config import is_number
+from ..data import load_dataset
 from ..diffusion import DEFAULT_GUIDANCE
 from ..errors import Interrupted, TrainingDiverged, UserError
 from ..evaluate import BOOTSTRAP_LEVEL, CI_METRICS, GUIDANCE_NAME, GUIDANCE_RULE, SIGNIFICANCE, check_floor_count, pick_guidance, write_guidance
@@ -586,6 +587,8 @@ def compare(
     check_not_inside_a_run(out_dir)
     _comparison_in(out_dir)  # before the lock, so that a refused directory is left as it was
     wandb_options = None if wandb is None else WandbOptions(wandb, group=out_dir.resolve().name)
+    for split in ("train", "test"):  # found (or downloaded) before anything is written: a comparison without data leaves no directory
+        load_dataset(dataset, split, data_dir)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
         _check_settings(out_dir, settings)  # again under the lock
