@@ -776,6 +776,19 @@ def test_a_preset_out_of_the_verdict_does_not_hold_back_the_confirmed_one(sweep,
     assert "unet-tiny (eps)" in [e["label"] for e in results["presets"]] and results["verdict"] and results["confirmed_verdict"]
 
 
+def test_continuing_a_confirmed_comparison_without_final_n_keeps_its_confirmations(sweep, tmp_path):
+    """--final-n defaulted to 0: continuing a comparison without repeating it recorded 0 and the
+    report's confirmed table and verdict vanished, with nothing said."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], final_n=40))
+    confirmed = json.loads((out / "results.json").read_text())["confirmed_verdict"]
+    assert confirmed
+    C.compare("dit-tiny", "320-images", out, **{k: v for k, v in sweep["kwargs"].items() if k != "final_n"})
+    assert json.loads((out / C.SETTINGS_NAME).read_text())["final_n"] == 40
+    assert json.loads((out / "results.json").read_text())["confirmed_verdict"] == confirmed
+
+
 def test_report_only_without_the_dataset_leaves_out_a_confirmed_floor_it_cannot_score(sweep, tmp_path):
     """A comparison confirmed before the confirmation had its own floor: rewriting its report
     from records on a machine without the dataset leaves that row out, and says so."""

@@ -191,8 +191,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--final-n", type=_count(0), default=0, help="score the runs of each preset's best lr again, at its picked guidance, "
-                   "on this many fresh samples (e.g. 5000): the report's confirmed table and verdict (default 0: none)")
+    p.add_argument("--final-n", type=_count(0), help="score the runs of each preset's best lr again, at its picked guidance, "
+                   "on this many fresh samples (e.g. 5000): the report's confirmed table and verdict (default: the comparison's own "
+                   "when it continues one, else 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
     p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
                    help="train up to K runs of the same preset and objective at once, as one batched network, so that small "

@@ -513,7 +513,7 @@ def compare(
     guidances: str | Sequence[float] | None = None,
     wandb: str | None = None,
     compile: bool = False,
-    final_n: int = 0,
+    final_n: int | None = None,
     together: int = 1,
 ) -> dict:
     """Train and score every (preset, objective, lr, seed) at the same budget; write the report;
@@ -554,6 +554,13 @@ def compare(
     fractions = eval_fractions(eval_every_frac)
     if not is_integer(eval_n) or not 6 <= eval_n <= MAX_COUNT:
         raise UserError(f"--eval-n must be an integer of at least 6, got {eval_n}")
+    if final_n is None:  # not given: the comparison's own, so that resuming it without the flag keeps its confirmations
+        try:
+            final_n = json.loads((Path(out_dir) / SETTINGS_NAME).read_text()).get("final_n", 0)
+        except (OSError, ValueError, AttributeError):
+            final_n = 0
+        if not (is_integer(final_n) and (final_n == 0 or 6 <= final_n <= MAX_COUNT)):
+            final_n = 0  # none yet, or a damaged record: refused below, with the reason
     if not is_integer(final_n) or not (final_n == 0 or 6 <= final_n <= MAX_COUNT):
         raise UserError(f"--final-n must be 0 (no confirmation) or an integer of at least 6, got {final_n}")
     together = check_positive_int(together, "--runs-together")
