@@ -1110,3 +1110,19 @@ def test_compare_trains_each_preset_s_runs_together(tmp_path, mnist_dir, meter):
         assert [e["point"] for e in evals] == [1, 2] and all(e["fid"] > 0 for e in evals)
     assert {e["preset"] for e in results["presets"]} == {"dit-tiny", "unet-tiny"}
     assert all(math.isfinite(e["best_stats"]["fid"]["mean"]) for e in results["presets"])
+
+
+def test_a_best_learning_rate_at_the_edge_of_those_swept_is_pointed_out():
+    """As the guidance at an edge was: the rate is what a comparison is asked for, and one at the
+    edge of the sweep may not be the best."""
+    from simple_dit.compare.report import _lr_edge_note
+
+    def preset(label, best, lrs):
+        return {"label": label, "best_lr": best, "lrs": [{"lr": lr} for lr in lrs]}
+
+    results = {"presets": [preset("unet-seed (eps)", 1e-4, [1e-4, 3e-4, 1e-3]), preset("dit-seed (eps)", 3e-4, [1e-4, 3e-4, 1e-3]),
+                           preset("dit-mini (flow)", 3e-3, [3e-3])]}  # fmt: skip
+    assert _lr_edge_note(results) == ("Best learning rates at the edge of those swept: unet-seed (eps) 0.0001 of 0.0001–0.001; "
+                                      "a rate beyond the range may do better.")  # fmt: skip
+    results["presets"] = results["presets"][1:]
+    assert _lr_edge_note(results) is None

@@ -421,6 +421,19 @@ def _guidance_edge_note(results: dict) -> str | None:
             "a scale beyond the range may score better.")
 
 
+def _lr_edge_note(results: dict) -> str | None:
+    """A warning where a preset's best learning rate is the smallest or largest it was trained at:
+    a rate beyond them may do better, and "which rate" is what a comparison is asked."""
+    at_edge = []
+    for e in results["presets"]:
+        swept = sorted(a["lr"] for a in e["lrs"])
+        if len(swept) > 1 and e["best_lr"] in (swept[0], swept[-1]):
+            at_edge.append(f"{e['label']} {e['best_lr']:g} of {swept[0]:g}–{swept[-1]:g}")
+    if not at_edge:
+        return None
+    return f"Best learning rates at the edge of those swept: {', '.join(at_edge)}; a rate beyond the range may do better."
+
+
 def _confirmed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     head = ["preset", "best lr", "guidance", "FID", "label acc.", "precision", "recall", "seeds"]
     rows = []
@@ -560,8 +573,9 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     summary += [("table", _summary_rows(results)), ("note", _spread_note([e["best_stats"] for e in results["presets"]]) + f" Verdict: ahead where p < {SIGNIFICANCE:g}, else a tie, or not tested (see the notes).")]
     if len(pairs := results.get("pairwise", [])) > 1:
         summary += [("table", _pairwise_rows(pairs)), ("note", PAIRWISE_NOTE)]
-    if edge := _guidance_edge_note(results):
-        summary.append(("note", edge))
+    for edge in (_lr_edge_note(results), _guidance_edge_note(results)):
+        if edge:
+            summary.append(("note", edge))
     sections = [("summary", "Summary", summary)]
     n = results["settings"].get("final_n")
     if n and any(e.get("confirmed_stats") for e in results["presets"]):
