@@ -522,11 +522,13 @@ def _settings_line(results: dict) -> str:
 def _machines(results: dict) -> str:
     """The machines the runs trained on, with how many runs each (records from before they were
     recorded: none), e.g. for a comparison continued from another machine's records."""
-    runs = [r["final"].get("machine") for e in results["presets"] for r in e["runs"] if r["final"] and r["final"].get("machine")]
-    counted = Counter(runs)
+    finished = [r["final"] for e in results["presets"] for r in e["runs"] if r["final"]]
+    counted = Counter(r["machine"] for r in finished if r.get("machine"))
     if len(counted) <= 1:
         return next(iter(counted), "")
-    return "; ".join(f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in counted.most_common())
+    unrecorded = sum(1 for r in finished if not r.get("machine"))  # so that the counts add up to the runs
+    return "; ".join([f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in counted.most_common()]
+                     + ([f"not recorded ({unrecorded} run{'s' if unrecorded != 1 else ''})"] if unrecorded else []))  # fmt: skip
 
 
 NOTES = (
