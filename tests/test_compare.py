@@ -1133,6 +1133,6 @@ def test_the_machine_line_counts_every_finished_run():
     the counts came to 26 of its 27 runs."""
     from simple_dit.compare.report import _machines
 
-    runs = [{"final": {"machine": "Xeon"}}] * 2 + [{"final": {"machine": "EPYC"}}, {"final": {}}, {"final": None}]
+    runs = [{"final": {"machine": "Xeon"}}] * 2 + [{"final": {"machine": "EPYC"}}, {"final": {"step": 10}}, {"final": None}]
     assert _machines({"presets": [{"runs": runs}]}) == "Xeon (2 runs); EPYC (1 run); not recorded (1 run)"
     assert _machines({"presets": [{"runs": runs[:2] + runs[3:]}]}) == "Xeon"  # one machine: named alone, as before
