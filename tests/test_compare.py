@@ -70,6 +70,7 @@ def test_parse_lrs_and_presets():
 def test_schedule_for_each_kind_of_budget():
     fractions = C.eval_fractions(0.25)
     assert fractions == [0.25, 0.5, 0.75, 1.0] and C.eval_fractions(0.3) == [0.3, 0.6, 0.9, 1.0] and C.eval_fractions(1) == [1.0]
+    assert C.eval_fractions(0.3333333) == [0.3333333, 0.6666666, 1.0]  # not a point at 0.9999999 and another at 1
     images = C.schedule(C.parse_budget(BUDGET), fractions, batch_size=32, gflops_per_image=1.0)
     assert [(t.kind, t.value) for t in images] == [("steps", s) for s in STEPS]
     # FLOPs: 3 x forward GFLOPs per image; 3 * 0.5e9 * 640 FLOPs buy the same 640 images.

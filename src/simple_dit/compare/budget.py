@@ -159,8 +159,9 @@ def eval_fractions(every: float) -> list[float]:
     """Evaluation points as fractions of the budget: every 0.25 -> 0.25, 0.5, 0.75, 1."""
     if not (isinstance(every, (int, float)) and not isinstance(every, bool) and math.isfinite(every) and MIN_EVAL_EVERY_FRAC <= every <= 1):
         raise UserError(f"--eval-every-frac must be in [{MIN_EVAL_EVERY_FRAC:g}, 1] (at most {round(1 / MIN_EVAL_EVERY_FRAC)} evaluations per run), got {every}")
-    n = math.ceil(1 / every - 1e-9)
-    return [min(1.0, round(k * every, 12)) for k in range(1, n + 1)]
+    # A step that lands within a millionth of the end is the end: 0.3333333 made points at 0.9999999 and 1.
+    n = math.ceil(1 / every - 1e-6)
+    return [round(k * every, 12) for k in range(1, n)] + [1.0]
 
 
 def _lr_name(lr: float) -> str:
