@@ -67,18 +67,18 @@ def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) ->
                     os.fsync(f.fileno())
             except OSError as e:
                 raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        with stop_signals_deferred():
+        with stop_signals_deferred():  # a signal held back until the renames are durable too
             for tmp, path in staged:
                 try:
                     os.replace(tmp, path)
                 except OSError as e:
                     raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            for directory in {path.parent for _, path in staged}:
+                fsync_dir(directory)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):  # not moved into place: a failed or interrupted write
                 _remove(tmp)
-    for directory in {path.parent for _, path in staged}:
-        fsync_dir(directory)
 
 
 def atomic_copy(source: Path, path: Path) -> None:
