@@ -1137,3 +1137,16 @@ def test_the_machine_line_counts_every_finished_run():
     runs = [{"final": {"machine": "Xeon"}}] * 2 + [{"final": {"machine": "EPYC"}}, {"final": {"step": 10}}, {"final": None}]
     assert _machines({"presets": [{"runs": runs}]}) == "Xeon (2 runs); EPYC (1 run); not recorded (1 run)"
     assert _machines({"presets": [{"runs": runs[:2] + runs[3:]}]}) == "Xeon"  # one machine: named alone, as before
+
+
+def test_a_learning_rate_missing_a_seed_is_marked_incomplete(sweep, tmp_path):
+    """A seed whose run has not started leaves no records: its learning rate's row showed the
+    other seed's count as if that were the whole grid."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    assert main_report_only(out) == 0
+    assert "(incomplete)" not in (out / "report.md").read_text()
+    shutil.rmtree(out / "runs" / "dit-tiny_lr0.001_seed1")  # as if not yet started
+    assert main_report_only(out) == 0
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| dit-tiny (eps) | 0.001")]
+    assert any(row.endswith("| 1 (incomplete) |") for row in rows), rows  # the learning rates' table, its seeds column

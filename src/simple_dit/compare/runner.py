@@ -1004,7 +1004,9 @@ def _aggregate_lr(runs: list[dict], settings: Settings) -> dict:
                  **{k: statistics.fmean(f[k] for f in finals) for k in ("step", "images_seen", "train_seconds")}}  # fmt: skip
     speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
     return {
-        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in counted], "complete": all(r["complete"] for r in runs),
+        # Complete: every seed of the comparison has a finished run here (one not yet started has no record to count).
+        "lr": runs[0]["lr"], "seeds": [r["seed"] for r in counted],
+        "complete": all(r["complete"] for r in runs) and set(settings.seeds) <= {r["seed"] for r in runs},
         "diverged": any(r["diverged"] for r in runs), "guidance": g, "final": final, "stats": stats,
         "guidances": by_guidance, "curve": curve, "images_per_s": statistics.median(speeds) if speeds else None,
     }  # fmt: skip
