@@ -153,8 +153,9 @@ case $budget_s in ''|*[!0-9]*) echo "gpu-check.sh: error: GPU_CHECK_BUDGET_S='$b
 budget_s=$((10#$budget_s))  # decimal: bash reads 08 as a bad octal number and 0100 as 64
 read -r -a extra_caps <<<"${GPU_CHECK_CAPS:-}"  # e.g. GPU_CHECK_CAPS="tests=300 compare=400"
 for kv in "${extra_caps[@]}"; do
-  case $kv in [a-z]*=[0-9]*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;; esac
-  case ${kv#*=} in *[!0-9]*) echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2 ;; esac
+  if [[ $kv != [a-z]*=[0-9]* || ${kv#*=} == *[!0-9]* ]]; then
+    echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv' is not KIND=SECONDS" >&2; exit 2
+  fi
   case " $kinds " in *" ${kv%%=*} "*) ;; *) echo "gpu-check.sh: error: GPU_CHECK_CAPS names no step kind '${kv%%=*}' (${kinds// /, })" >&2; exit 2 ;; esac
   # No 0: timeout 0 is no limit at all, and every step runs under a limit.
   [ $((10#${kv#*=})) -gt 0 ] || { echo "gpu-check.sh: error: GPU_CHECK_CAPS entry '$kv': a step needs at least 1 second" >&2; exit 2; }

@@ -91,10 +91,11 @@ def _candidate_dirs(dataset: str, data_dir: str | os.PathLike | None) -> list[Pa
     if data_dir is not None:
         roots = [Path(data_dir)]
     else:
-        roots = [Path(p) for p in [os.environ.get("SIMPLE_DIT_DATA")] if p] + [default_cache_dir()]
-        if roots[0] != default_cache_dir() and not roots[0].is_dir():  # a typo would otherwise download, or fail naming the cache
-            raise UserError(f"SIMPLE_DIT_DATA={roots[0]} is {'not a directory' if roots[0].exists() else 'missing'}: "
+        env = os.environ.get("SIMPLE_DIT_DATA")
+        if env and not Path(env).is_dir():  # a typo would otherwise download, or fail naming the cache
+            raise UserError(f"SIMPLE_DIT_DATA={env} is {'not a directory' if Path(env).exists() else 'missing'}: "
                             "it names the directory of the dataset's files")  # fmt: skip
+        roots = ([Path(env)] if env else []) + [default_cache_dir()]
     dirs = []
     for root in roots:
         dirs += [root / dataset, root]
