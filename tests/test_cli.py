@@ -459,6 +459,24 @@ def test_a_malformed_argument_is_one_line(capsys, argv, fragment):
     assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    # (An unknown preset, so that the code before the check failed at once too, rather than trained.)
+    (["compare", "--presets", "no-such", "--lrs", "1e-3", "--budget", "64-images", "--lrs", "3e-3", "--out", "c"], "--lrs is given twice"),
+    (["sample", "--out", "x", "--n", "4", "--n=5"], "--n is given twice"),  # in a group of exclusive flags too
+    (["train", "--out", "r", "--preset", "no-such", "--compile", "--no-compile"], "--compile and --no-compile are both given"),
+    (["train", "--out", "r", "--preset", "no-such", "--resume", "--resume"], "--resume is given twice"),
+    (["train", "--out", "r", "--preset", "no-such", "--lr", "1e-3", "--lr=1e-4"], "--lr is given twice"),
+    (["--list-presets", "--list-presets"], "--list-presets is given twice"),
+])  # fmt: skip
+def test_a_flag_given_twice_is_refused_rather_than_the_last_kept(tmp_path, monkeypatch, capsys, argv, fragment):
+    """argparse keeps the last of a repeated flag without a word: "--lrs 1e-3 ... --lrs 3e-3" swept one rate."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simple-dit: error:") and fragment in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
 def test_running_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     import simple_dit.cli
 

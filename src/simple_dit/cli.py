@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import os
 import re
 import signal
@@ -32,9 +33,29 @@ class _Parser(argparse.ArgumentParser):
         # A value that starts with a minus and a digit is a value: argparse takes only plain
         # numbers so, and read "--guidance-interval -1,2" or "--budget -5m" as a missing one.
         self._negative_number_matcher = re.compile(r"^-\.?\d")
+        # A flag given twice would keep the last value without a word ("--lrs 1e-3 --lrs 3e-3"
+        # sweeps one rate). Argument groups share this registry.
+        for name in (None, "store", "store_true", argparse.BooleanOptionalAction):
+            self.register("action", name, _given_once(self._registry_get("action", name, name)))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.flags_given: dict[str, str] = {}  # dest -> the flag that set it, for this parse (a subcommand's parser has its own)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         self.exit(2, f"simple-dit: error: {message} (see {self.prog} --help)\n" if _speaks() else None)
+
+
+@functools.cache
+def _given_once(action: type) -> type:
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = parser.flags_given.get(self.dest)
+        if earlier is not None:
+            parser.error(f"{option_string} is given twice" if earlier == option_string else f"{earlier} and {option_string} are both given; give one")
+        parser.flags_given[self.dest] = option_string
+        action.__call__(self, parser, namespace, values, option_string)
+
+    return type(f"Once{action.__name__}", (action,), {"__call__": __call__})
 
 
 def _path(text: str) -> Path:
