@@ -24,12 +24,14 @@ from simple_dit.config import get_preset
 from simple_dit.models import build_model
 from simple_dit.sample import Pipeline
 from simple_dit.train import TrainState, make_optimizer
+from simple_dit.bench import run_script
+from simple_dit.runtime import count_arg
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-seed")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=count_arg(1), default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: the temporary directory)")
     args = ap.parse_args()
     config = get_preset(args.preset)
@@ -61,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,17 +10,17 @@ import time
 import torch
 
 from simple_dit import build_model, get_preset
-from simple_dit.bench import median_seconds
+from simple_dit.bench import median_seconds, run_script
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device
+from simple_dit.runtime import count_arg, parse_device
 from simple_dit.train import make_optimizer, make_step, training_precision
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batch-size", type=count_arg(1), default=32)
+    ap.add_argument("--repeats", type=count_arg(1), default=10)
     ap.add_argument("--device")
     args = ap.parse_args()
     config = get_preset(args.preset)
@@ -50,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,18 +20,18 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from simple_dit.bench import interleaved_median_seconds, median_seconds, reference_model
+from simple_dit.bench import interleaved_median_seconds, median_seconds, reference_model, run_script
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.runtime import compile_model, device_name, keep_freed_memory
+from simple_dit.runtime import compile_model, count_arg, device_name, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batch-size", type=count_arg(1), default=128)
+    ap.add_argument("--repeats", type=count_arg(1), default=10)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     keep_freed_memory()
@@ -114,4 +114,4 @@ def compiled_step_split(step) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,10 +16,10 @@ import json
 import torch
 
 from simple_dit import build_model, get_preset
-from simple_dit.bench import interleaved_median_seconds
+from simple_dit.bench import interleaved_median_seconds, run_script
 from simple_dit.models import count_parameters
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device, resolve_precision
+from simple_dit.runtime import count_arg, parse_device, resolve_precision
 from simple_dit.train import make_optimizer, train_step
 
 
@@ -43,8 +43,8 @@ class DiffusersDiT(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-seed")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=count_arg(1), default=128)
+    ap.add_argument("--repeats", type=count_arg(1), default=3)
     ap.add_argument("--device")
     args = ap.parse_args()
     config = get_preset(args.preset)
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

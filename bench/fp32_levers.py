@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import simple_dit.models.dit as dit
 from simple_dit import build_model, get_preset
 from simple_dit.config import DiTConfig
-from simple_dit.bench import interleaved_median_seconds
+from simple_dit.bench import interleaved_median_seconds, run_script
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device
+from simple_dit.runtime import count_arg, parse_device
 from simple_dit.train import train_step
 
 ours = dit.Attention.attend  # on a GPU the fused kernel, on a CPU the explicit ops
@@ -28,8 +28,8 @@ explicit_attention = staticmethod(dit.plain_attention)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch-size", type=count_arg(1), default=32)
+    ap.add_argument("--repeats", type=count_arg(1), default=7)
     ap.add_argument("--device")
     args = ap.parse_args()
     config = get_preset(args.preset)
@@ -64,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

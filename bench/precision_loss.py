@@ -20,8 +20,9 @@ from simple_dit import build_model, get_preset
 from simple_dit.checkpoint import load_weights
 from simple_dit.data import load_dataset
 from simple_dit.diffusion import make_process
-from simple_dit.runtime import parse_device
+from simple_dit.runtime import count_arg, parse_device
 from simple_dit.train import train
+from simple_dit.bench import run_script
 
 
 @torch.no_grad()
@@ -43,9 +44,9 @@ def validation_loss(config, weights, dataset, n: int, device, batch_size: int = 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-tiny")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--n", type=int, default=2000, help="test images in the validation loss")
+    ap.add_argument("--steps", type=count_arg(1), default=300)
+    ap.add_argument("--batch-size", type=count_arg(1))
+    ap.add_argument("--n", type=count_arg(1), default=2000, help="test images in the validation loss")
     ap.add_argument("--device")
     args = ap.parse_args()
     device = parse_device(args.device)
@@ -73,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

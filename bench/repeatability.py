@@ -33,8 +33,9 @@ import torch
 from simple_dit.checkpoint import largest_weight_difference
 from simple_dit.config import get_preset
 from simple_dit.models.unet import UNetCond
-from simple_dit.runtime import device_name, parse_device
+from simple_dit.runtime import count_arg, device_name, parse_device
 from simple_dit.train import train
+from simple_dit.bench import run_script
 
 
 @contextlib.contextmanager
@@ -80,8 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="unet-tiny")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=count_arg(1), default=12)
+    ap.add_argument("--batch-size", type=count_arg(1), default=16)
     ap.add_argument("--device")
     ap.add_argument("--compile", action="store_true", help="train with --compile (on a GPU: the step replayed as one CUDA graph)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
@@ -121,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,15 +19,16 @@ import time
 from simple_dit import Pipeline
 from simple_dit.diffusion import DEFAULT_GUIDANCE
 from simple_dit.evaluate import QualityMeter
-from simple_dit.runtime import keep_freed_memory
+from simple_dit.runtime import count_arg, keep_freed_memory
+from simple_dit.bench import run_script
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n", type=count_arg(1), default=1000)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=count_arg(1), default=500)
     ap.add_argument("--device")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default="euler:5,euler:10,heun:5,euler:20,euler:50", help="sampler:steps, comma-separated")
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,7 +28,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from simple_dit.bench import calls_per_timing, interleaved_median_seconds
+from simple_dit.bench import calls_per_timing, interleaved_median_seconds, run_script
 from simple_dit.config import DiTConfig, get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
@@ -103,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

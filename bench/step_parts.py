@@ -28,11 +28,11 @@ from collections import Counter
 
 import torch
 
-from simple_dit.bench import calls_per_timing, median_seconds
+from simple_dit.bench import calls_per_timing, median_seconds, run_script
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.runtime import autocast, device_name, keep_freed_memory, parse_device
+from simple_dit.runtime import autocast, count_arg, device_name, keep_freed_memory, parse_device
 from simple_dit.train import CapturedStep, make_optimizer, make_step, training_precision
 
 # Substrings of kernel (or operator) names; the first kind that matches wins. Attention comes first:
@@ -117,8 +117,8 @@ def step_arguments(repeats: int) -> argparse.ArgumentParser:
     (preset, batch), where, compiled or not, how many timings."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--batch-size", type=count_arg(1))
+    ap.add_argument("--repeats", type=count_arg(1), default=repeats)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device")
     return ap
@@ -183,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,20 +13,20 @@ import json
 
 import torch
 
-from simple_dit.bench import interleaved_median_seconds, step_together
+from simple_dit.bench import interleaved_median_seconds, run_script, step_together
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
-from simple_dit.runtime import device_name, keep_freed_memory, parse_device, resolve_precision
+from simple_dit.runtime import count_arg, device_name, keep_freed_memory, parse_device, resolve_precision
 from simple_dit.train import make_optimizer, train_step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-mini")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--runs", type=count_arg(1), default=3)
+    ap.add_argument("--batch-size", type=count_arg(1))
+    ap.add_argument("--repeats", type=count_arg(1), default=5)
     ap.add_argument("--device")
     args = ap.parse_args()
     keep_freed_memory()
@@ -64,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

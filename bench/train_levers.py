@@ -17,12 +17,12 @@ import json
 import torch
 import torch.nn.functional as F
 
-from simple_dit.bench import ConvPatchEmbed, FusedAttention, interleaved_median_seconds, median_seconds, reference_model
+from simple_dit.bench import ConvPatchEmbed, FusedAttention, interleaved_median_seconds, median_seconds, reference_model, run_script
 from simple_dit.config import get_preset
 from simple_dit.diffusion import make_process
 from simple_dit.models import build_model
 from simple_dit.models.dit import Mlp
-from simple_dit.runtime import compile_model, cpu_has_fast_bf16, keep_freed_memory
+from simple_dit.runtime import compile_model, count_arg, cpu_has_fast_bf16, keep_freed_memory
 from simple_dit.train import make_optimizer, train_step
 
 
@@ -34,8 +34,8 @@ class TanhMlp(Mlp):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="dit-seed")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=count_arg(1), default=128)
+    ap.add_argument("--repeats", type=count_arg(1), default=5)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     keep_freed_memory()
@@ -77,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +200,21 @@ def test_runs_trained_together_are_timed_compiled_as_training_compiles_them(monk
                                precision="fp32", compile=True)  # fmt: skip
     step()
     assert entered == [torch.device("cpu")]
+
+
+BENCH_SCRIPTS = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("script, argv, fragment", [
+    ("together.py", ["--repeats", "0"], "argument --repeats: must be positive, got 0"),
+    ("compile_speedup.py", ["--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
+    ("fp32_levers.py", ["--preset", "no-such"], "unknown preset 'no-such'"),
+    ("presets.py", ["--presets", "dit-tiny,no-such"], "unknown preset 'no-such'"),  # before the first is timed
+])  # fmt: skip
+def test_a_bench_script_refuses_bad_input_in_one_line(script, argv, fragment):
+    """The scripts are run by hand and by gpu-check.sh: a typo ends in one line, not a traceback
+    (``--repeats 0`` was a StatisticsError after the warm-up, an unknown preset a UserError's)."""
+    done = subprocess.run([sys.executable, str(BENCH_SCRIPTS / script), *argv], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines and lines[-1].startswith(f"{script}: error:") and fragment in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr and not done.stdout

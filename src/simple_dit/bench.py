@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,16 @@ from .train import CapturedStep, make_optimizer, make_step, training_precision
 # syncs, also counts the GPU idling while the host launches it (tens of microseconds, a few percent
 # of a 1-3 ms captured step), so throughput is timed over this many steps back to back.
 GPU_CALLS_PER_TIMING = 10
+
+
+def run_script(main) -> None:
+    """Run a script of bench/: bad input (an unknown preset, a device not present) ends in one
+    line and exit status 2, as the command's does, rather than in a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def calls_per_timing(device: torch.device) -> int:

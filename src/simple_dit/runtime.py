@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import numbers
@@ -57,6 +58,24 @@ def check_positive_int(value, name: str) -> int:
     if not is_integer(value) or not 0 < value <= MAX_COUNT:
         raise UserError(f"{name} must be a positive integer (at most {MAX_COUNT:,}), got {value!r}")
     return int(value)
+
+
+def count_arg(minimum: int, maximum: int = MAX_COUNT):
+    """An argparse type for a whole number from ``minimum`` to ``maximum``, so that a bad count
+    fails before a model is loaded; the Python API checks the same values again for its own callers."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {value}")
+        return value
+
+    return parse
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
