@@ -21,7 +21,7 @@ from .diffusion import DEFAULT_GUIDANCE, OBJECTIVES, SAMPLERS
 from .errors import Interrupted, UserError
 from .evaluate import MAX_BOOTSTRAP
 from .extras import require
-from .runtime import MAX_COUNT, PRECISIONS, keep_freed_memory
+from .runtime import PRECISIONS, count_arg, keep_freed_memory
 
 
 
@@ -70,24 +70,6 @@ def _nonempty(text: str) -> str:
     return text
 
 
-def _count(minimum: int, maximum: int = MAX_COUNT):
-    """An argparse type for a whole number from ``minimum`` to ``maximum``, so that a bad count
-    fails before a model is loaded; the Python API checks the same values again for its own callers."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value}")
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {value}")
-        return value
-
-    return parse
-
-
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run directory")
     p.add_argument("--preset", type=_nonempty, help=f"model/recipe preset (default {DEFAULT_PRESET}; see --list-presets)")
@@ -132,16 +114,16 @@ def _add_sample(sub) -> None:
     p.add_argument("run_dir", type=_path, nargs="?", help="a run directory or an exported one (default: the dit-mini shipped with the package)")
     p.add_argument("--out", required=True, type=_path, help="output path without extension: writes FILE.png, FILE.npz, FILE.gif")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--n", type=_count(1), help="number of images, classes cycled 0,1,2,...")
-    count.add_argument("--per-class", type=_count(1), help="images per class (default 10)")
+    count.add_argument("--n", type=count_arg(1), help="number of images, classes cycled 0,1,2,...")
+    count.add_argument("--per-class", type=count_arg(1), help="images per class (default 10)")
     count.add_argument("--labels", help="comma-separated class labels, e.g. 3,3,7")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim for eps models, euler for flow models")
-    p.add_argument("--steps", type=_count(1), help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m, 4 euler, 10 heun)")
+    p.add_argument("--steps", type=count_arg(1), help="denoising steps (default: 1000 ddpm, 50 ddim, 20 dpm++2m, 4 euler, 10 heun)")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (1 = none; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only where the path's time (0 = data, 1 = noise) is in [LO, HI] "
                    "(default: 0.3,1 for flow models, where guidance near the data changes little; 0,1 for eps models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_count(1), default=250, help="images drawn at a time (default 250)")
+    p.add_argument("--batch-size", type=count_arg(1), default=250, help="images drawn at a time (default 250)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--no-gif", action="store_true", help="skip the trajectory animation")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU; on a CPU its "
@@ -153,9 +135,9 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a run's samples (or an ADM-style .npz) against the test split")
     p.add_argument("source", type=_path, help="a run directory (samples are drawn) or an .npz with arr_0 and labels")
-    p.add_argument("--n", type=_count(6), help="images to draw from a run (default 5000)")
+    p.add_argument("--n", type=count_arg(6), help="images to draw from a run (default 5000)")
     p.add_argument("--sampler", choices=SAMPLERS)
-    p.add_argument("--steps", type=_count(1))
+    p.add_argument("--steps", type=count_arg(1))
     p.add_argument("--guidance", help="guidance scale, or a comma-separated list to score each (e.g. 1,1.5,2,3,4) and record the pick "
                    f"in RUN/guidance.json; default: the run's guidance.json, else {DEFAULT_GUIDANCE:g}")
     p.add_argument("--seed", type=int, help="the sampling seed (default 0)")
@@ -164,7 +146,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-dir", type=_nonempty)
     p.add_argument("--device", type=_nonempty, help="where a run's samples are drawn (default: cuda if available); the scoring runs on the CPU")
     p.add_argument("--plot", type=_path, help="write the FID against label-accuracy frontier over the guidance scales to this PNG")
-    p.add_argument("--bootstrap", type=_count(0, MAX_BOOTSTRAP), default=None,
+    p.add_argument("--bootstrap", type=count_arg(0, MAX_BOOTSTRAP), default=None,
                    help=f"bootstrap resamples of the confidence intervals (default 200, at most {MAX_BOOTSTRAP:,}; 0 = none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -180,14 +162,14 @@ def _add_export(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time training steps and denoiser evaluations of a preset")
     p.add_argument("--preset", type=_nonempty, default=DEFAULT_PRESET, help=f"default {DEFAULT_PRESET}")
-    p.add_argument("--batch-size", type=_count(1), help="default: the preset's")
+    p.add_argument("--batch-size", type=count_arg(1), help="default: the preset's")
     p.add_argument("--what", choices=["train", "sample", "all"], default="all", help="default all")
     p.add_argument("--reference", action="store_true", help="plain fp32 eager path of the same architecture")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--repeats", type=_count(1), default=5, help="timings (the median is reported; default 5); on a GPU each times 10 calls back to back")
+    p.add_argument("--repeats", type=count_arg(1), default=5, help="timings (the median is reported; default 5); on a GPU each times 10 calls back to back")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd step (on a GPU replayed as one CUDA graph, as training "
                    "runs it) and forward (compile time reported apart)")
-    p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
+    p.add_argument("--runs-together", type=count_arg(1), default=1, metavar="K",
                    help="time K models training together as one batched network (compare --runs-together); images/s of all K")
     p.add_argument("--device", type=_nonempty)
 
@@ -201,8 +183,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="comma-separated learning rates (default 1e-4,3e-4,1e-3)")
     p.add_argument("--out", required=True, type=_path, help="report directory (created; rerun with the same --out to resume)")
     p.add_argument("--eval-every-frac", type=float, default=0.25, help="evaluate every this fraction of the budget (default 0.25)")
-    p.add_argument("--eval-n", type=_count(6), default=1000, help="samples per evaluation (default 1000)")
-    p.add_argument("--steps", type=_count(1), default=20, help="sampler steps of the evaluation samples (default 20)")
+    p.add_argument("--eval-n", type=count_arg(6), default=1000, help="samples per evaluation (default 1000)")
+    p.add_argument("--steps", type=count_arg(1), default=20, help="sampler steps of the evaluation samples (default 20)")
     p.add_argument("--sampler", choices=sorted(set(SAMPLERS)), help="default: ddim for eps models, euler for flow models")
     p.add_argument("--guidances", default=f"{DEFAULT_GUIDANCE:g}",
                    help=f"comma-separated classifier-free guidance scales, each scored at every evaluation point (default {DEFAULT_GUIDANCE:g})")
@@ -212,11 +194,11 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", help="comma-separated training and sampling seeds, each its own run (default 0)")
     p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--final-n", type=_count(0), help="score the runs of each preset's best lr again, at its picked guidance, "
+    p.add_argument("--final-n", type=count_arg(0), help="score the runs of each preset's best lr again, at its picked guidance, "
                    "on this many fresh samples (e.g. 5000): the report's confirmed table and verdict (default: the comparison's own "
                    "when it continues one, else 0: none)")
     p.add_argument("--compile", action="store_true", help="train every run with torch.compile (CUDA graphs on a GPU)")
-    p.add_argument("--runs-together", type=_count(1), default=1, metavar="K",
+    p.add_argument("--runs-together", type=count_arg(1), default=1, metavar="K",
                    help="train up to K runs of the same preset and objective at once, as one batched network, so that small "
                    "models fill a GPU (budgets of images or FLOPs only; default 1: one run at a time)")
     p.add_argument("--device", type=_nonempty, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -309,8 +291,6 @@ def cmd_train(args) -> None:
                  progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote them
         print(f"checkpoint: {path}\nsamples: {args.out / FINAL_GRID_NAME}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # train's (under torchrun); NCCL warns at exit about a group left alive
 
 
 def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
@@ -546,10 +526,28 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
     try:
-        return _run(parser, args)
+        status = _run(parser, args)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+    _leave_the_process_group(status)
+    return status
+
+
+def _leave_the_process_group(status: int) -> None:
+    """Under torchrun, after train: the process group destroyed (NCCL warns at exit about one left
+    alive), and the process ended here with ``status``. DistributedDataParallel keeps its group's
+    gloo threads alive past destroy_process_group (torch 2.13), and now and then they abort the
+    interpreter's exit ("terminate called without an active exception", SIGABRT) after every file
+    was written and closed: a finished run reported failed. Nothing is left for the teardown to do."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
