@@ -948,7 +948,9 @@ def test_report_only_names_a_directory_where_the_settings_belong(tmp_path, capsy
 
 @pytest.mark.parametrize("key, value", [("lrs", "abc"), ("guidances", None), ("seeds", [-1]), ("presets", ["nope"]),
                                         ("eval_n", "60"), ("sampler", 3), ("fractions", "x"), ("fractions", [float("nan")]),
-                                        ("fractions", [-1, 1]), ("fractions", []), ("final_n", -5), ("precision", "bogus")])  # fmt: skip
+                                        ("fractions", [-1, 1]), ("fractions", []), ("final_n", -5), ("precision", "bogus"),
+                                        ("asked", "all"), ("asked", [{"preset": "dit-tiny", "lr": 1e-3, "seed": 0}]),
+                                        ("asked", [{"preset": "dit-tiny", "objective": "eps", "lr": -1, "seed": 0}])])  # fmt: skip
 def test_report_only_of_a_damaged_compare_json_is_one_line(sweep, tmp_path, capsys, key, value):
     from simple_dit.cli import main
 
@@ -1150,3 +1152,44 @@ def test_a_learning_rate_missing_a_seed_is_marked_incomplete(sweep, tmp_path):
     assert main_report_only(out) == 0
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| dit-tiny (eps) | 0.001")]
     assert any(row.endswith("| 1 (incomplete) |") for row in rows), rows  # the learning rates' table, its seeds column
+
+
+def test_the_runs_asked_for_are_recorded_and_those_not_finished_are_named(sweep, tmp_path):
+    """compare.json's lists are the union of what each invocation asked; which runs were asked is
+    recorded beside them, so that the report can say the grid is not whole and which runs are not
+    counted (a preset or seed not yet started left no trace: the settings line read as a whole grid)."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    asked = json.loads((out / C.SETTINGS_NAME).read_text())["asked"]
+    # The API's seed 0 first, then the command's seeds 0 and 1: each run once, in the order asked.
+    assert [(a["objective"], a["seed"]) for a in asked] == [("eps", 0), ("flow", 0), ("eps", 1), ("flow", 1)]
+    assert {a["preset"] for a in asked} == {"dit-tiny"} and {a["lr"] for a in asked} == {1e-3}
+    C.compare("dit-tiny", "320-images", out, **dict(sweep["kwargs"], seeds="2", objectives="flow", lrs="3e-3"), final_n=0)
+    shutil.rmtree(out / "runs" / "dit-tiny_flow_lr0.003_seed2")  # as if the last invocation had been stopped before it
+    assert main_report_only(out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["settings"]["asked"]) == 5
+    assert results["unfinished"] == [{"preset": "dit-tiny", "objective": "flow", "lr": 3e-3, "seed": 2, "started": False}]
+    md = (out / "report.md").read_text()
+    assert "seeds 0, 1, 2 (each its own run; not every combination: 5 runs asked for)" in md, md[:3000]
+    assert "Not yet counted, not finished: 1 of the 5 runs asked for (dit-tiny (flow) lr 0.003 seed 2 (not started))" in md
+
+
+def test_the_best_learning_rate_is_picked_among_those_with_every_seed(sweep, tmp_path):
+    """A learning rate run at one seed beside one run at two was picked on a mean over other seeds
+    when that one seed scored better."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    source, copy = out / "runs" / "dit-tiny_lr0.001", out / "runs" / "dit-tiny_lr0.003"
+    shutil.copytree(source, copy)
+    (copy / "checkpoint.safetensors").unlink()  # a run kept as records: its config.json says what it is
+    config = json.loads((copy / "config.json").read_text())
+    config["train"]["lr"] = 3e-3
+    (copy / "config.json").write_text(json.dumps(config))
+    better = [dict(r, fid=r["fid"] / 10, by_guidance=[dict(g, fid=g["fid"] / 10) for g in r.get("by_guidance", [])]) for r in read_jsonl(copy / C.EVALS_NAME)]
+    (copy / C.EVALS_NAME).write_text("".join(json.dumps(r) + "\n" for r in better))
+    assert main_report_only(out) == 0
+    (eps,) = [e for e in json.loads((out / "results.json").read_text())["presets"] if e["objective"] == "eps"]
+    assert [(a["lr"], a["seeds"], a["complete"]) for a in eps["lrs"]] == [(1e-3, [0, 1], True), (3e-3, [0], False)]
+    assert eps["lrs"][1]["final"]["fid"] < eps["lrs"][0]["final"]["fid"]  # the one seed scored better
+    assert eps["best_lr"] == 1e-3

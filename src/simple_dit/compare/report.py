@@ -512,11 +512,35 @@ def _settings_line(results: dict) -> str:
     objectives = f"objectives {', '.join(s['objectives'])} (overriding the presets' own)" if s.get("objectives") else "each preset's own objective"
     return (
         f"Budget {s['budget']['text']} per run; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])}; "
-        f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run); "
+        f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run{_combinations(s)}); "
         f"scored at {', '.join(f'{f:.0%}' for f in s['fractions'])} of the budget on {s['eval_n']} samples "
         f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])} at every step, EMA weights) against the "
         f"{s['dataset']} test split; trained on {_machines(results) or m['device']} with {threads}, precision {s['precision']}."
     )
+
+
+def _combinations(settings: dict) -> str:
+    """Where the runs asked for are not every combination of the lists (e.g. a second objective at
+    one learning rate only), how many they are."""
+    asked = settings.get("asked")
+    grid = len(settings["presets"]) * len(settings.get("objectives") or [None]) * len(settings["lrs"]) * len(settings["seeds"])
+    return "" if asked is None or len(asked) >= grid else f"; not every combination: {len(asked)} runs asked for"
+
+
+def _unfinished_note(results: dict) -> str | None:
+    """The runs asked for that no mean counts: not started, or stopped (or still training) before
+    their last evaluation."""
+    unfinished = results.get("unfinished") or []
+    if not unfinished:
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for run in unfinished:
+        groups.setdefault((run["preset"], run["objective"], run["lr"], run["started"]), []).append(run["seed"])
+    parts = [f"{preset} ({objective}) lr {lr:g} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ({'unfinished' if started else 'not started'})"
+             for (preset, objective, lr, started), seeds in groups.items()]  # fmt: skip
+    asked = results["settings"].get("asked")
+    count = f"{len(unfinished)} of the {len(asked)} runs asked for" if asked else f"{len(unfinished)} run{'s' if len(unfinished) != 1 else ''} asked for"
+    return f"Not yet counted, not finished: {count} ({'; '.join(parts)}); the same compare command finishes them."
 
 
 def _machines(results: dict) -> str:
@@ -539,7 +563,8 @@ NOTES = (
     "the same way; the evaluator learned from them, so the floor's label accuracy is somewhat above its accuracy on unseen digits). "
     f"Guidance is chosen the way the learning rate is: of each learning rate's guidance scales, the one with {GUIDANCE_RULE}, "
     "on the seed means of the final scores. The best learning rate of a preset has the lowest seed-mean final FID at its "
-    "guidance (ties: the highest label accuracy); a learning rate with a diverged seed is not picked. "
+    "guidance (ties: the highest label accuracy), among the learning rates whose every seed has finished where any has; "
+    "a learning rate with a diverged seed is not picked. "
     "Spread: the standard deviation over seeds (3 or more), the min-max range (2), half the "
     f"{BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples (1). "
     f"In the verdict each preset is tested against the leader, and is behind it only where the test rejects equal means at p < {SIGNIFICANCE:g} "
@@ -567,6 +592,8 @@ def _sections(results: dict, figures: dict[str, Path], grids: dict[str, tuple[Pa
     ("table", (head, rows)), ("img", path) or ("grids", [(path, caption)])."""
     verdict = verdict_lines(results)
     summary = [("list", verdict)] if verdict else []
+    if unfinished := _unfinished_note(results):
+        summary.append(("note", unfinished))
     if left_out := [e["label"] for e in results["presets"] if not _finite(e["best_stats"]["fid"]["mean"])]:
         summary.append(("note", f"Not in the verdict: {', '.join(left_out)} (no learning rate with a finished seed and none "
                                 "diverged)."))

@@ -64,6 +64,10 @@ class Settings:
     objectives: list[str] | None = None  # None: each preset's own
     compile: bool = False  # how fast, not what: runs may be resumed with or without it
     final_n: int = 0  # samples per seed of each preset's confirmation at its best lr and guidance (0: none)
+    # The runs every invocation of the comparison asked for, as (preset, objective, lr, seed): the
+    # lists above are their union, not a grid of which every combination was asked. None: not
+    # known (a comparison from before the record; its last invocation asked for the grid).
+    asked: list[tuple] | None = None
 
     # The settings that decide what a run directory and its evals.jsonl hold. (Presets, learning
     # rates, seeds and objectives may change between invocations: each run has its own directory.)
@@ -74,7 +78,19 @@ class Settings:
         d = {k: getattr(self, k) for k in keys}
         d["budget"] = {"kind": self.budget.kind, "amount": self.budget.amount, "text": str(self.budget)}
         d["guidance_rule"] = GUIDANCE_RULE
+        d["asked"] = None if self.asked is None else [{"preset": p, "objective": o, "lr": lr, "seed": seed} for p, o, lr, seed in self.asked]
         return d
+
+    def grid(self) -> list[tuple]:
+        """Every (preset, objective, lr, seed) of the lists, seed by seed (so that an interrupted
+        comparison has whole sweeps of the first seeds), then preset, objective and learning rate."""
+        from ..config import get_preset
+
+        return [(preset, objective, lr, seed) for seed in self.seeds for preset in self.presets
+                for objective in self.objectives or [get_preset(preset).diffusion.objective] for lr in self.lrs]  # fmt: skip
+
+    def runs_asked(self) -> list[tuple]:
+        return self.grid() if self.asked is None else self.asked
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -91,11 +107,17 @@ class Settings:
             raise ValueError(f"fractions must rise from above 0 to 1, got {fractions!r}")
         if not (is_integer(final_n) and (final_n == 0 or 6 <= final_n <= MAX_COUNT)) or not isinstance(d.get("compile", False), bool):
             raise ValueError("final_n must be 0 or at least 6, and compile true or false")
+        asked = d.get("asked")
+        if asked is not None:
+            if not isinstance(asked, list):
+                raise ValueError("asked must be a list of runs")
+            asked = [(parse_presets([c["preset"]])[0], parse_objectives([c["objective"]])[0], parse_lrs([c["lr"]])[0], parse_seeds([c["seed"]])[0])
+                     for c in asked]  # fmt: skip
         return cls(presets=parse_presets(d["presets"]), lrs=parse_lrs(d["lrs"]), budget=parse_budget(d["budget"]["text"]),
                    fractions=[float(f) for f in d["fractions"]], eval_n=check_positive_int(d["eval_n"], "eval_n"),
                    steps=check_positive_int(d["steps"], "steps"), sampler=d["sampler"], guidances=parse_guidances(d["guidances"]),
                    dataset=d["dataset"], seeds=parse_seeds(d["seeds"]), precision=d["precision"], objectives=parse_objectives(d.get("objectives")),
-                   compile=d.get("compile", False), final_n=final_n)  # fmt: skip
+                   compile=d.get("compile", False), final_n=final_n, asked=asked)  # fmt: skip
 
 
 # What a comparison writes into its directory (besides temporary files): anything else there is not its.
@@ -149,11 +171,14 @@ def _comparison_in(out_dir: Path) -> dict | None:
     return old
 
 
-def _check_settings(out_dir: Path, settings: Settings) -> None:
-    """Refuse to mix results of different settings in one report directory."""
+def _check_settings(out_dir: Path, settings: Settings) -> Settings:
+    """Refuse to mix results of different settings in one report directory; return ``settings``
+    with the runs asked for by every invocation so far, as recorded."""
     path = out_dir / SETTINGS_NAME
-    new = settings.to_dict()
     old = _comparison_in(out_dir)
+    earlier = Settings.from_dict(old).runs_asked() if old is not None and "seeds" in old else []
+    settings = dataclasses.replace(settings, asked=list(dict.fromkeys(earlier + settings.grid())))
+    new = settings.to_dict()
     if old is not None:
         if "seeds" not in old:  # written before --seeds and --guidances
             if old.get("seed", 0) != 0:
@@ -177,6 +202,7 @@ def _check_settings(out_dir: Path, settings: Settings) -> None:
                     "rerun it with the same settings to resume it, or choose another --out"
                 )
     write_json(path, new)
+    return settings
 
 
 def _train(config, run_dir: Path, *, resume: bool, data_dir, device, wandb=None) -> None:
@@ -598,7 +624,7 @@ def compare(
         load_dataset(dataset, split, data_dir)
     ensure_writable_dir(out_dir)
     with DirectoryLock(out_dir):
-        _check_settings(out_dir, settings)  # again under the lock
+        settings = _check_settings(out_dir, settings)  # again under the lock
         ensure_writable_dir(out_dir / "runs")
         return _run_all(out_dir, settings, stats, data_dir=data_dir, device=device, log=log, meter=meter, wandb=wandb_options, together=together)
 
@@ -615,20 +641,14 @@ class PlannedRun:
 
 
 def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun]:
-    """Every run of the comparison, seed by seed (so that an interrupted comparison has whole
-    sweeps of the first seeds), then preset, objective and learning rate."""
+    """Every run of this invocation's grid, in ``Settings.grid``'s order."""
     from ..config import get_preset
 
     plan = []
-    for seed in settings.seeds:
-        for preset in settings.presets:
-            own = get_preset(preset).diffusion.objective
-            targets = schedule(settings.budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
-            for objective in settings.objectives or [own]:
-                override = objective if objective != own else None
-                for lr in settings.lrs:
-                    run_dir = out_dir / "runs" / run_name(preset, lr, seed, override)
-                    plan.append(PlannedRun(preset, objective, override, lr, seed, run_dir, targets))
+    for preset, objective, lr, seed in settings.grid():
+        targets = schedule(settings.budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
+        override = objective if objective != get_preset(preset).diffusion.objective else None
+        plan.append(PlannedRun(preset, objective, override, lr, seed, out_dir / "runs" / run_name(preset, lr, seed, override), targets))
     return plan
 
 
@@ -1136,7 +1156,9 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     for entry in presets.values():
         entry["lrs"] = [_aggregate_lr([r for r in entry["runs"] if r["lr"] == lr], settings) for lr in settings.lrs
                         if any(r["lr"] == lr for r in entry["runs"])]  # fmt: skip
-        best = pick_best(entry["lrs"])
+        # Learning rates whose every seed has finished, where any has: a mean over other seeds (or
+        # over fewer) is not the same measurement.
+        best = pick_best([a for a in entry["lrs"] if a["complete"]] or entry["lrs"])
         entry["best_lr"] = best["lr"] if best["final"] else None
         entry["best_guidance"] = best["guidance"] if best["final"] else None
         entry["best"] = best["final"]
@@ -1150,6 +1172,12 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
             entry["confirmed_stats"] = _stats_at(confirmed, None, settings.guidances[0])
     device = torch.device(device)
     entries = list(presets.values())
+    held = {(e["preset"], r["objective"], r["lr"], r["seed"]): r for e in entries for r in e["runs"]}
+    unfinished = []  # asked for, and not counted in any mean (unknown where what was asked is)
+    for preset, objective, lr, seed in settings.asked or []:
+        run = held.get((preset, objective, lr, seed))
+        if not (run and (run["complete"] or run["diverged"])):
+            unfinished.append({"preset": preset, "objective": objective, "lr": lr, "seed": seed, "started": bool(run and run["evals"])})
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
     # confirmed verdict needs every preset confirmed.
     # A preset with no scores at all (every lr diverged, or unfinished) is out of both verdicts alike.
@@ -1162,6 +1190,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
         "machine": machine or {"device": device_name(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "presets": entries,
+        "unfinished": unfinished,
         "verdict": verdict(entries),
         "confirmed_verdict": verdict(entries, "confirmed_stats") if every_confirmed else [],
         "effects": effects(entries),
