@@ -1193,3 +1193,26 @@ def test_the_best_learning_rate_is_picked_among_those_with_every_seed(sweep, tmp
     assert [(a["lr"], a["seeds"], a["complete"]) for a in eps["lrs"]] == [(1e-3, [0, 1], True), (3e-3, [0], False)]
     assert eps["lrs"][1]["final"]["fid"] < eps["lrs"][0]["final"]["fid"]  # the one seed scored better
     assert eps["best_lr"] == 1e-3
+
+
+def test_the_report_says_how_the_runs_trained_where_they_differ():
+    """Under a time budget a run in bf16, or compiled, sees more images: runs continued on another
+    machine (``auto`` resolved otherwise) or with another --compile were mixed without a word."""
+    from simple_dit.compare.report import _how_trained
+
+    def results(*finals, precision="auto", compile=False):
+        return {"settings": {"precision": precision, "compile": compile}, "presets": [{"runs": [{"final": f} for f in finals]}]}
+
+    bf16, fp32 = {"train_precision": "bf16", "compiled": False}, {"train_precision": "fp32", "compiled": False}
+    assert _how_trained(results(bf16, bf16)) == "precision auto (bf16)"
+    assert _how_trained(results(bf16, fp32, bf16)) == "precision auto: bf16 (2 runs); fp32 (1 run)"
+    assert _how_trained(results(bf16, {"step": 3})) == "precision auto: bf16 (1 run); not recorded (1 run); eager (1 run); not recorded (1 run)"
+    assert _how_trained(results(bf16, dict(bf16, compiled=True))) == "precision auto (bf16); eager (1 run); compiled (1 run)"
+    assert _how_trained(results({"step": 3}, precision="fp32", compile=True)) == "precision fp32, compiled"  # records from before
+
+
+def test_each_evaluation_point_records_how_its_run_trained(sweep):
+    for name in SWEEP_RUNS:
+        (record,) = read_jsonl(sweep["out"] / "runs" / name / C.EVALS_NAME)
+        assert record["train_precision"] == "fp32" and record["compiled"] is False
+    assert "precision fp32." in (sweep["out"] / "report.md").read_text()

@@ -515,7 +515,7 @@ def _settings_line(results: dict) -> str:
         f"{objectives}; seeds {', '.join(map(str, s['seeds']))} (each its own run{_combinations(s)}); "
         f"scored at {', '.join(f'{f:.0%}' for f in s['fractions'])} of the budget on {s['eval_n']} samples "
         f"({sampler}, {s['steps']} steps, guidance {', '.join(f'{g:g}' for g in s['guidances'])} at every step, EMA weights) against the "
-        f"{s['dataset']} test split; trained on {_machines(results) or m['device']} with {threads}, precision {s['precision']}."
+        f"{s['dataset']} test split; trained on {_machines(results) or m['device']} with {threads}, {_how_trained(results)}."
     )
 
 
@@ -541,6 +541,31 @@ def _unfinished_note(results: dict) -> str | None:
     asked = results["settings"].get("asked")
     count = f"{len(unfinished)} of the {len(asked)} runs asked for" if asked else f"{len(unfinished)} run{'s' if len(unfinished) != 1 else ''} asked for"
     return f"Not yet counted, not finished: {count} ({'; '.join(parts)}); the same compare command finishes them."
+
+
+def _how_trained(results: dict) -> str:
+    """The precision the runs trained in (``auto`` as each machine resolved it) and whether they
+    were compiled, with the runs of each where they differ: under a time budget a run in bf16 or
+    compiled sees more images than one in fp32 or eager. Records from before they were recorded
+    count as not known."""
+    s = results["settings"]
+    finished = [r["final"] for e in results["presets"] for r in e["runs"] if r["final"]]
+
+    def counts(key: str, name) -> str:
+        counted = Counter(name(f[key]) if key in f else "not recorded" for f in finished)
+        return "; ".join(f"{value} ({n} run{'s' if n != 1 else ''})" for value, n in counted.most_common())
+
+    precisions = Counter(f.get("train_precision") for f in finished)
+    precision = f"precision {s['precision']}"
+    if len(precisions) > 1:
+        precision += f": {counts('train_precision', str)}"
+    elif s["precision"] == "auto" and None not in precisions and precisions:
+        precision += f" ({next(iter(precisions))})"
+    compiled = Counter(f.get("compiled") for f in finished)
+    if len(compiled) > 1:
+        return f"{precision}; {counts('compiled', lambda c: 'compiled' if c else 'eager')}"
+    only = next(iter(compiled), None)
+    return precision + (", compiled" if (s.get("compile") if only is None else only) else "")
 
 
 def _machines(results: dict) -> str:

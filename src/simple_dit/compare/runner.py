@@ -320,18 +320,20 @@ def _record_guidance(run_dir: Path, settings: Settings, targets: list[Target], s
                    seed=seed, ema=True, step=last.get("step"), source="simple-dit compare, final evaluation point")  # fmt: skip
 
 
-def _point_record(target: Target, state: dict, device) -> dict:
+def _point_record(target: Target, state: dict, device, settings: Settings) -> dict:
     """What every evals.jsonl record says about its evaluation point and the run's progress there,
-    and the machine it trained on (a comparison's runs may come from several: see
-    ``_run_config_on_disk``)."""
+    and how it trained: on which machine (a comparison's runs may come from several: see
+    ``_run_config_on_disk``), in which precision (``auto`` is the machine's) and whether compiled.
+    Under a time budget the last two change how many images a run sees."""
     import torch
 
-    from ..runtime import device_name
+    from ..runtime import device_name, resolve_precision
 
     return {
         "point": target.point, "fraction": target.fraction, "target_kind": target.kind, "target": target.value,
         "step": state["step"], "images_seen": state["images_seen"], "train_seconds": state["train_seconds"],
-        "machine": device_name(torch.device(device)),
+        "machine": device_name(torch.device(device)), "train_precision": resolve_precision(settings.precision, torch.device(device)),
+        "compiled": settings.compile,
     }  # fmt: skip
 
 
@@ -359,7 +361,7 @@ def _run_one(
             try:
                 _train(config, run_dir, resume=state is not None, data_dir=data_dir, device=device, wandb=wandb)
             except TrainingDiverged as e:
-                _record_divergence(run_dir, target, e, device, log)
+                _record_divergence(run_dir, target, e, device, log, settings)
                 return
         meter = meter or _Meters.get(settings.dataset, data_dir, log)
         _score_point(run_dir, target, len(targets), settings, seed, meter=meter, device=device, log=log, config=config, wandb=wandb)
@@ -399,11 +401,11 @@ def _targets_to_do(run_dir: Path, targets: list[Target]) -> list[Target] | None:
     return todo
 
 
-def _record_divergence(run_dir: Path, target: Target, error: TrainingDiverged, device, log) -> None:
+def _record_divergence(run_dir: Path, target: Target, error: TrainingDiverged, device, log, settings: Settings) -> None:
     """Too high a learning rate is a result of the sweep, not a failure of it: record it, so that
     the comparison goes on with the other runs and never retries this one."""
     state = _train_state(run_dir) or {"step": 0, "images_seen": 0, "train_seconds": 0.0}
-    append_jsonl(run_dir / EVALS_NAME, _point_record(target, state, device) | {"diverged": True, "message": str(error)})
+    append_jsonl(run_dir / EVALS_NAME, _point_record(target, state, device, settings) | {"diverged": True, "message": str(error)})
     log(f"{run_dir.name}: {error}")
 
 
@@ -414,7 +416,7 @@ def _score_point(run_dir: Path, target: Target, n_targets: int, settings: Settin
     state = _train_state(run_dir)
     grid = run_dir / "eval_samples" / f"point_{target.point}.png"
     scores = _evaluate(run_dir, settings, meter, device, grid, seed)
-    record = _point_record(target, state, device) | scores | {"grid": str(grid.relative_to(run_dir))}
+    record = _point_record(target, state, device, settings) | scores | {"grid": str(grid.relative_to(run_dir))}
     append_jsonl(run_dir / EVALS_NAME, record)
     atomic_copy(grid, run_dir / FINAL_GRID_NAME)
     if wandb is not None:
@@ -452,7 +454,7 @@ def _train_together(group: list[PlannedRun], settings: Settings, *, data_dir, de
             # show the group's own pace (steps, setup and checkpoints): this line does.
             log(f"{training[0].preset} group: {target.describe()} reached in {time.perf_counter() - started:.1f} s wall")
             for run_dir, error in diverged.items():
-                _record_divergence(run_dir, target, error, device, log)
+                _record_divergence(run_dir, target, error, device, log, settings)
         meter = meter or _Meters.get(settings.dataset, data_dir, log)
         started = time.perf_counter()
         for run in pending:
