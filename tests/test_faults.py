@@ -40,6 +40,17 @@ TRAIN = ["train", "--preset", "dit-tiny", "--checkpoint-every", "10", "--sample-
 RESUME = ["train", "--resume", "--no-progress", "--device", "cpu"]
 
 
+def train_with(*flags) -> list:
+    """TRAIN with ``flags``, where one of TRAIN's own takes the value given here (a flag given
+    twice is refused)."""
+    argv, flags = list(TRAIN), list(flags)
+    for i in range(0, len(flags) - 1):
+        if isinstance(flags[i], str) and flags[i] in argv[1:] and flags[i].startswith("--"):
+            argv[argv.index(flags[i]) + 1] = flags[i + 1]
+            flags[i : i + 2] = [None, None]
+    return argv + [f for f in flags if f is not None]
+
+
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "simple_dit.cli", *map(str, args)]
 
@@ -176,7 +187,7 @@ def test_random_kills_then_resume_equal_a_straight_run(straight, tmp_path):
             if checkpoint_step(out) >= 0:
                 proc = start(*RESUME, "--out", out, "--max-steps", STEPS)
             else:  # killed before its first checkpoint: the run starts again
-                proc = start(*TRAIN, "--out", out, "--max-steps", STEPS, "--checkpoint-every", 5)
+                proc = start(*train_with("--out", out, "--max-steps", STEPS, "--checkpoint-every", 5))
             if kills < 7:
                 kills += _kill_when(proc, out, rng)
             proc.communicate(timeout=120)
@@ -246,7 +257,7 @@ def test_a_run_training_before_its_first_checkpoint_is_said_to_be_in_use_not_mis
 
 def test_divergence_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    result = run_cli(*TRAIN, "--out", out, "--lr", "1e6", "--max-steps", 200, "--checkpoint-every", 5)
+    result = run_cli(*train_with("--out", out, "--lr", "1e6", "--max-steps", 200, "--checkpoint-every", 5))
     line = assert_user_error(result, "diverged", "non-finite")
     if "no checkpoint was written" not in line:
         _, weights, state = load_weights(out, use_ema=False)
@@ -285,7 +296,7 @@ def test_weights_that_overflow_while_the_loss_stays_finite_stop_training(tmp_pat
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_checkpoints_the_current_step_and_resume_is_exact(sig, code, tmp_path):
     out = tmp_path / "run"
-    proc = start(*TRAIN, "--out", out, "--max-steps", 10**6, "--checkpoint-every", "0")
+    proc = start(*train_with("--out", out, "--max-steps", 10**6, "--checkpoint-every", "0"))
     wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
