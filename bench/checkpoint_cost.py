@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from simple_dit.bench import run_script
 from simple_dit.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from simple_dit.config import get_preset
+from simple_dit.errors import UserError
 from simple_dit.models import build_model
+from simple_dit.runtime import count_arg
 from simple_dit.sample import Pipeline
 from simple_dit.train import TrainState, make_optimizer
-from simple_dit.bench import run_script
-from simple_dit.runtime import count_arg
 
 
 def main() -> None:
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=count_arg(1), default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: the temporary directory)")
     args = ap.parse_args()
+    if args.dir is not None and not Path(args.dir).is_dir():
+        raise UserError(f"--dir {args.dir} is not a directory")
     config = get_preset(args.preset)
     torch.manual_seed(0)
     model = build_model(config.model)

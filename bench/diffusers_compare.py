@@ -17,8 +17,8 @@ import torch
 
 from simple_dit import build_model, get_preset
 from simple_dit.bench import interleaved_median_seconds, run_script
-from simple_dit.models import count_parameters
 from simple_dit.diffusion import make_process
+from simple_dit.models import count_parameters
 from simple_dit.runtime import count_arg, parse_device, resolve_precision
 from simple_dit.train import make_optimizer, train_step
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import simple_dit.models.dit as dit
 from simple_dit import build_model, get_preset
-from simple_dit.config import DiTConfig
 from simple_dit.bench import interleaved_median_seconds, run_script
+from simple_dit.config import DiTConfig
 from simple_dit.diffusion import make_process
 from simple_dit.runtime import count_arg, parse_device
 from simple_dit.train import train_step

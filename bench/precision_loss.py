@@ -17,12 +17,12 @@ import time
 import torch
 
 from simple_dit import build_model, get_preset
+from simple_dit.bench import run_script
 from simple_dit.checkpoint import load_weights
 from simple_dit.data import load_dataset
 from simple_dit.diffusion import make_process
 from simple_dit.runtime import count_arg, parse_device
 from simple_dit.train import train
-from simple_dit.bench import run_script
 
 
 @torch.no_grad()

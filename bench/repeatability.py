@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from simple_dit.bench import run_script
 from simple_dit.checkpoint import largest_weight_difference
 from simple_dit.config import get_preset
 from simple_dit.models.unet import UNetCond
 from simple_dit.runtime import count_arg, device_name, parse_device
 from simple_dit.train import train
-from simple_dit.bench import run_script
 
 
 @contextlib.contextmanager

@@ -17,10 +17,25 @@ import json
 import time
 
 from simple_dit import Pipeline
+from simple_dit.bench import run_script
 from simple_dit.diffusion import DEFAULT_GUIDANCE
+from simple_dit.errors import UserError
 from simple_dit.evaluate import QualityMeter
 from simple_dit.runtime import count_arg, keep_freed_memory
-from simple_dit.bench import run_script
+
+
+def _parse_config(text: str) -> tuple:
+    """``sampler:steps[:lo-hi]`` as (sampler, steps, (lo, hi) or None)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or int(parts[1]) < 1:
+            raise ValueError
+        interval = tuple(float(v) for v in parts[2].split("-")) if len(parts) == 3 else None
+        if interval is not None and len(interval) != 2:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--configs: {text!r} is not sampler:steps or sampler:steps:lo-hi, e.g. euler:10 or euler:4:0-1") from None
+    return parts[0], int(parts[1]), interval
 
 
 def main() -> None:
@@ -33,6 +48,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default="euler:5,euler:10,heun:5,euler:20,euler:50", help="sampler:steps, comma-separated")
     args = ap.parse_args()
+    configs = [_parse_config(text) for text in args.configs.split(",")]  # before the model is loaded
     keep_freed_memory()  # as the CLI does: without it glibc returns and re-faults every batch's memory
     pipe = Pipeline.from_pretrained(args.run, device=args.device)
     meter = QualityMeter(pipe.config.train.dataset, progress=False)
@@ -40,10 +56,8 @@ def main() -> None:
     rows_seen = [0]  # images through the network; the sampling copy of the model keeps this hook
     pipe.model.register_forward_hook(lambda module, inputs, output: rows_seen.__setitem__(0, rows_seen[0] + inputs[0].shape[0]))
     rows = []
-    for config in args.configs.split(","):
-        sampler, steps, *interval = config.split(":")
-        steps = int(steps)
-        interval = tuple(float(v) for v in interval[0].split("-")) if interval else pipe.diffusion.default_guidance_interval
+    for config, (sampler, steps, interval) in zip(args.configs.split(","), configs):
+        interval = interval or pipe.diffusion.default_guidance_interval
         rows_seen[0], start = 0, time.perf_counter()
         images = pipe(labels, sampler=sampler, steps=steps, guidance=args.guidance, guidance_interval=interval, seed=args.seed,
                       batch_size=args.batch_size)  # fmt: skip

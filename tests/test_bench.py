@@ -210,6 +210,8 @@ BENCH_SCRIPTS = Path(__file__).resolve().parent.parent / "bench"
     ("compile_speedup.py", ["--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
     ("fp32_levers.py", ["--preset", "no-such"], "unknown preset 'no-such'"),
     ("presets.py", ["--presets", "dit-tiny,no-such"], "unknown preset 'no-such'"),  # before the first is timed
+    ("sampling.py", ["no-run", "--configs", "euler:5,ddim:x"], "--configs: 'ddim:x' is not sampler:steps"),  # before the model is loaded
+    ("checkpoint_cost.py", ["--dir", "/nonexistent"], "--dir /nonexistent is not a directory"),
 ])  # fmt: skip
 def test_a_bench_script_refuses_bad_input_in_one_line(script, argv, fragment):
     """The scripts are run by hand and by gpu-check.sh: a typo ends in one line, not a traceback

@@ -1173,26 +1173,65 @@ def test_the_runs_asked_for_are_recorded_and_those_not_finished_are_named(sweep,
     md = (out / "report.md").read_text()
     assert "seeds 0, 1, 2 (each its own run; not every combination: 5 runs asked for)" in md, md[:3000]
     assert "Not yet counted, not finished: 1 of the 5 runs asked for (dit-tiny (flow) lr 0.003 seed 2 (not started))" in md
+    # A run in training (records of its steps, no evaluation point yet) has started.
+    (out / "runs" / "dit-tiny_flow_lr0.003_seed2").mkdir()
+    shutil.copy(out / "runs" / "dit-tiny_flow_lr0.001" / "metrics.jsonl", out / "runs" / "dit-tiny_flow_lr0.003_seed2")
+    assert main_report_only(out) == 0
+    assert "(dit-tiny (flow) lr 0.003 seed 2 (unfinished))" in (out / "report.md").read_text()
+
+
+def _copied_run(out: Path, source: str, lr: float, seed: int, scale_fid: float = 1.0, diverged: bool = False) -> None:
+    """A copy of the sweep's run ``source`` kept as records (no weights), as the run of ``lr`` and
+    ``seed``, its scores scaled or its one evaluation point a divergence."""
+    from simple_dit.compare.budget import run_name
+
+    config = json.loads((out / "runs" / source / "config.json").read_text())
+    config["train"]["lr"], config["train"]["seed"] = lr, seed
+    own = "flow" if "flow" in source else None
+    copy = out / "runs" / run_name("dit-tiny", lr, seed, own)
+    shutil.copytree(out / "runs" / source, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    (copy / "config.json").write_text(json.dumps(config))
+    records = read_jsonl(copy / C.EVALS_NAME)
+    if diverged:
+        keep = ("point", "fraction", "target_kind", "target", "step", "images_seen", "train_seconds", "machine")
+        records = [{**{k: r[k] for k in keep}, "diverged": True, "message": "training diverged"} for r in records]
+    else:
+        records = [dict(r, fid=r["fid"] * scale_fid, by_guidance=[dict(g, fid=g["fid"] * scale_fid) for g in r.get("by_guidance", [])]) for r in records]
+    (copy / C.EVALS_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _eps_entry(out: Path) -> dict:
+    (eps,) = [e for e in json.loads((out / "results.json").read_text())["presets"] if e["objective"] == "eps"]
+    return eps
 
 
 def test_the_best_learning_rate_is_picked_among_those_with_every_seed(sweep, tmp_path):
     """A learning rate run at one seed beside one run at two was picked on a mean over other seeds
-    when that one seed scored better."""
+    when that one seed scored better; and still was where another objective had a seed more."""
     out = tmp_path / "report"
     shutil.copytree(sweep["out"], out)
-    source, copy = out / "runs" / "dit-tiny_lr0.001", out / "runs" / "dit-tiny_lr0.003"
-    shutil.copytree(source, copy)
-    (copy / "checkpoint.safetensors").unlink()  # a run kept as records: its config.json says what it is
-    config = json.loads((copy / "config.json").read_text())
-    config["train"]["lr"] = 3e-3
-    (copy / "config.json").write_text(json.dumps(config))
-    better = [dict(r, fid=r["fid"] / 10, by_guidance=[dict(g, fid=g["fid"] / 10) for g in r.get("by_guidance", [])]) for r in read_jsonl(copy / C.EVALS_NAME)]
-    (copy / C.EVALS_NAME).write_text("".join(json.dumps(r) + "\n" for r in better))
+    _copied_run(out, "dit-tiny_lr0.001", 3e-3, 0, scale_fid=0.1)  # the one seed scored better
     assert main_report_only(out) == 0
-    (eps,) = [e for e in json.loads((out / "results.json").read_text())["presets"] if e["objective"] == "eps"]
-    assert [(a["lr"], a["seeds"], a["complete"]) for a in eps["lrs"]] == [(1e-3, [0, 1], True), (3e-3, [0], False)]
-    assert eps["lrs"][1]["final"]["fid"] < eps["lrs"][0]["final"]["fid"]  # the one seed scored better
-    assert eps["best_lr"] == 1e-3
+    eps = _eps_entry(out)
+    assert [(a["lr"], a["seeds"]) for a in eps["lrs"]] == [(1e-3, [0, 1]), (3e-3, [0])]
+    assert eps["lrs"][1]["final"]["fid"] < eps["lrs"][0]["final"]["fid"] and eps["best_lr"] == 1e-3
+    _copied_run(out, "dit-tiny_flow_lr0.001_seed1", 1e-3, 2)  # flow gains a seed eps lacks: the pick stays within eps's seeds
+    assert main_report_only(out) == 0
+    assert _eps_entry(out)["best_lr"] == 1e-3
+
+
+def test_a_learning_rate_with_a_diverged_seed_does_not_take_the_preset_out_of_the_verdict(sweep, tmp_path):
+    """A run that diverged at its last point has every record, so its learning rate counted as
+    complete; where it was the only one, the preset had no best learning rate."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    shutil.rmtree(out / "runs" / "dit-tiny_lr0.001_seed1")
+    _copied_run(out, "dit-tiny_lr0.001", 3e-3, 0)
+    _copied_run(out, "dit-tiny_lr0.001", 3e-3, 1, diverged=True)
+    assert main_report_only(out) == 0
+    eps = _eps_entry(out)
+    assert [(a["lr"], a["seeds"], a["diverged"]) for a in eps["lrs"]] == [(1e-3, [0], False), (3e-3, [0, 1], True)]
+    assert eps["best_lr"] == 1e-3 and "Not in the verdict" not in (out / "report.md").read_text()
 
 
 def test_the_report_says_how_the_runs_trained_where_they_differ():

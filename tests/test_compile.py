@@ -68,6 +68,7 @@ def test_compiled_run_trains_the_eager_steps_and_resumes_exactly(preset, precisi
 
     compiles = [r for r in read_jsonl(straight / "metrics.jsonl") if "compile_seconds" in r]
     assert len(compiles) == 1 and compiles[0]["step"] == 0 and compiles[0]["compile_seconds"] > 0
+    assert load_weights(straight)[2]["compiled"] and not load_weights(eager)[2]["compiled"]  # as compare records
     # The compilation is not training time: 4 steps of a tiny model take far less than compiling it.
     last = [r for r in read_jsonl(straight / "metrics.jsonl") if "train_seconds" in r][-1]
     assert last["train_seconds"] < compiles[0]["compile_seconds"]
@@ -86,8 +87,9 @@ def test_a_failing_compiler_leaves_an_eager_run(tmp_path, mnist_dir, monkeypatch
     assert "torch.compile failed (RuntimeError: no C++ compiler); training eager" in capsys.readouterr().err
     assert not any("compile_seconds" in r for r in read_jsonl(tmp_path / "fallback" / "metrics.jsonl"))
     _, a, _ = load_weights(tmp_path / "eager")
-    _, b, _ = load_weights(tmp_path / "fallback")
+    _, b, state = load_weights(tmp_path / "fallback")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert state["compiled"] is False  # what compare records for the run: it trained eager
 
 
 def test_a_compiler_failure_names_what_the_backend_raised(tmp_path, mnist_dir, monkeypatch, capsys):

@@ -124,3 +124,18 @@ def test_a_divergence_found_at_a_checkpoint_step_stops_every_process_with_one_li
     lines = [line for line in result.stderr.splitlines() if line.startswith("simple-dit:")]
     assert result.returncode != 0 and len(lines) == 1 and "training diverged" in lines[0], result.stderr[-3000:]
     assert "Connection closed" not in result.stderr, result.stderr[-3000:]
+
+
+def test_main_called_in_process_leaves_a_process_group_of_the_callers_alone(tmp_path):
+    """Only the program's entry points end a torchrun worker after its command (see
+    cli.end_if_distributed); a caller's own group, and the caller, go on after main returns."""
+    script = (
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "from simple_dit.cli import main\n"
+        "status = main(['--list-presets'])\n"
+        "print('returned', status, dist.is_initialized())\n"
+        "dist.destroy_process_group()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "returned 0 True", done.stdout[-500:] + done.stderr[-2000:]

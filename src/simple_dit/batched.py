@@ -319,6 +319,8 @@ def train_together(
                     for run in active:
                         run.logger.log({"step": run.state.step, "compile_seconds": seconds})
             step_start, together = time.perf_counter(), len(active)
+            for run in active:
+                run.state.compiled = batched is compiled
             lrs = [lr_at(run.state.step, run.config.train.lr, run.config.train.warmup_steps) for run in active]
             with deterministic_compiled_kernels(device) if batched is compiled else contextlib.nullcontext():
                 losses, grad_norms = train_step_together(

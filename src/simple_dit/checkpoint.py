@@ -154,11 +154,11 @@ def _open(path: Path):
 
 def _is_train_state(state) -> bool:
     """A run's counters as training writes them: whole step and image counts, finite seconds, and
-    the logging window open at the checkpoint (absent from older checkpoints)."""
+    the logging window open at the checkpoint and whether compiled (absent from older checkpoints)."""
     return (
-        isinstance(state, dict) and set(state) - {"open_window"} == {"step", "images_seen", "train_seconds"}
+        isinstance(state, dict) and set(state) - {"open_window", "compiled"} == {"step", "images_seen", "train_seconds"}
         and _are_counts(state, ("step", "images_seen")) and _are_finite(state, ("train_seconds",))
-        and _is_open_window(state.get("open_window", {}))
+        and _is_open_window(state.get("open_window", {})) and isinstance(state.get("compiled", False), bool)
     )  # fmt: skip
 
 

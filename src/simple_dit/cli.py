@@ -526,25 +526,28 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
     try:
-        status = _run(parser, args)
+        return _run(parser, args)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    _leave_the_process_group(status)
-    return status
 
 
-def _leave_the_process_group(status: int) -> None:
-    """Under torchrun, after train: the process group destroyed (NCCL warns at exit about one left
-    alive), and the process ended here with ``status``. DistributedDataParallel keeps its group's
-    gloo threads alive past destroy_process_group (torch 2.13), and now and then they abort the
-    interpreter's exit ("terminate called without an active exception", SIGABRT) after every file
-    was written and closed: a finished run reported failed. Nothing is left for the teardown to do."""
+def end_if_distributed(status: int) -> None:
+    """Under torchrun, where train joined the process group: the group destroyed (NCCL warns at
+    exit about one left alive) and the process ended here with ``status``. DistributedDataParallel
+    keeps the group's gloo threads alive past destroy_process_group (torch 2.13), and now and then
+    they abort the interpreter's exit ("terminate called without an active exception", SIGABRT)
+    after every file was written and closed: a finished run was reported failed. Nothing is left
+    for the interpreter's teardown to do by then. Called by the program's entry points, never by
+    ``main``, which in-process callers call."""
+    from .train import made_a_process_group
+
+    if not made_a_process_group():
+        return
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -597,4 +600,6 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    end_if_distributed(status)
+    sys.exit(status)

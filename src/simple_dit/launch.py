@@ -7,9 +7,11 @@ import sys
 
 def main() -> int:
     try:
-        from .cli import main as run
+        from .cli import end_if_distributed, main as run
 
-        return run()
+        status = run()
     except KeyboardInterrupt:
         print("simple-dit: interrupted", file=sys.stderr)
         return 130
+    end_if_distributed(status)
+    return status

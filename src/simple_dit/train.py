@@ -49,6 +49,9 @@ class TrainState:
     # The logging window open at the checkpoint (_Window.saved): a run resumed from it logs the
     # records of a run that never stopped, not a window cut in two.
     open_window: dict = field(default_factory=dict)
+    # Whether the last stretch of training ran the compiled step (--compile, and the compiler did
+    # not fail): under a time budget it decides how many images a run sees.
+    compiled: bool = False
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -491,7 +494,16 @@ def init_distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         # NCCL for CUDA tensors, gloo for CPU ones: a CPU run on a GPU machine still needs gloo.
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        _GROUPS_MADE.append(dist.group.WORLD)
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+_GROUPS_MADE: list = []  # by init_distributed (a group the caller made is the caller's to end)
+
+
+def made_a_process_group() -> bool:
+    """Whether this process joined torchrun's process group in ``init_distributed``."""
+    return bool(_GROUPS_MADE)
 
 
 def train(
@@ -665,6 +677,7 @@ def train(
             model, forward_model, diffusion, optimizer, *resident.batch(torch.arange(local_batch, device=device)), precision=precision,
             grad_clip=tc.grad_clip, compile=tc.compile, capture=tc.compile and device.type == "cuda" and world == 1,
         )  # fmt: skip
+        state.compiled = compile_seconds is not None
         if compile_seconds is not None:
             logger.log({"step": state.step, "compile_seconds": compile_seconds})
         # Drawn from here: the compilation is not a step (nor part of the ETA), and what it prints

@@ -176,7 +176,12 @@ def _check_settings(out_dir: Path, settings: Settings) -> Settings:
     with the runs asked for by every invocation so far, as recorded."""
     path = out_dir / SETTINGS_NAME
     old = _comparison_in(out_dir)
-    earlier = Settings.from_dict(old).runs_asked() if old is not None and "seeds" in old else []
+    earlier = []
+    if old is not None and "seeds" in old:
+        recorded = Settings.from_dict(old)
+        earlier = recorded.runs_asked()
+        if recorded.asked is None and (out_dir / "runs").is_dir():  # one from before the record: its runs were asked for too
+            earlier += [(run.preset, run.objective, run.lr, run.seed) for run in runs_on_disk(out_dir, recorded, [], {})]
     settings = dataclasses.replace(settings, asked=list(dict.fromkeys(earlier + settings.grid())))
     new = settings.to_dict()
     if old is not None:
@@ -333,7 +338,7 @@ def _point_record(target: Target, state: dict, device, settings: Settings) -> di
         "point": target.point, "fraction": target.fraction, "target_kind": target.kind, "target": target.value,
         "step": state["step"], "images_seen": state["images_seen"], "train_seconds": state["train_seconds"],
         "machine": device_name(torch.device(device)), "train_precision": resolve_precision(settings.precision, torch.device(device)),
-        "compiled": settings.compile,
+        "compiled": state.get("compiled", False),
     }  # fmt: skip
 
 
@@ -1127,6 +1132,8 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
                     machine: dict | None = None) -> dict:  # fmt: skip
     import torch
 
+    from ..config import get_preset
+
     from ..runtime import device_name
 
     presets: dict[tuple, dict] = {}
@@ -1158,9 +1165,10 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     for entry in presets.values():
         entry["lrs"] = [_aggregate_lr([r for r in entry["runs"] if r["lr"] == lr], settings) for lr in settings.lrs
                         if any(r["lr"] == lr for r in entry["runs"])]  # fmt: skip
-        # Learning rates whose every seed has finished, where any has: a mean over other seeds (or
-        # over fewer) is not the same measurement.
-        best = pick_best([a for a in entry["lrs"] if a["complete"]] or entry["lrs"])
+        # Learning rates scored on every seed this preset and objective has runs of, where any is:
+        # a mean over other seeds (or over fewer) is not the same measurement.
+        seeds = {r["seed"] for r in entry["runs"]}
+        best = pick_best([a for a in entry["lrs"] if a["final"] and set(a["seeds"]) >= seeds] or entry["lrs"])
         entry["best_lr"] = best["lr"] if best["final"] else None
         entry["best_guidance"] = best["guidance"] if best["final"] else None
         entry["best"] = best["final"]
@@ -1179,7 +1187,10 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     for preset, objective, lr, seed in settings.asked or []:
         run = held.get((preset, objective, lr, seed))
         if not (run and (run["complete"] or run["diverged"])):
-            unfinished.append({"preset": preset, "objective": objective, "lr": lr, "seed": seed, "started": bool(run and run["evals"])})
+            own = get_preset(preset).diffusion.objective
+            run_dir = out_dir / "runs" / run_name(preset, lr, seed, objective if objective != own else None)
+            started = any((run_dir / name).is_file() for name in (CHECKPOINT_NAME, "metrics.jsonl", EVALS_NAME))  # in training, or stopped
+            unfinished.append({"preset": preset, "objective": objective, "lr": lr, "seed": seed, "started": started})
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
     # confirmed verdict needs every preset confirmed.
     # A preset with no scores at all (every lr diverged, or unfinished) is out of both verdicts alike.
