@@ -250,7 +250,7 @@ def list_presets() -> str:
 
 def cmd_train(args) -> None:
     from .checkpoint import FINAL_GRID_NAME, load_config
-    from .train import RESUME_FIXED, train
+    from .train import RESUME_FIXED, made_a_process_group, train
 
     overrides = {
         k: getattr(args, k)
@@ -291,6 +291,8 @@ def cmd_train(args) -> None:
                  progress=not args.no_progress, wandb=args.wandb)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote them
         print(f"checkpoint: {path}\nsamples: {args.out / FINAL_GRID_NAME}")
+    if made_a_process_group() and torch.distributed.is_initialized():  # train's, under torchrun (a caller's own stays the caller's)
+        torch.distributed.destroy_process_group()  # NCCL warns at exit about a group left alive
 
 
 def _refuse_a_file_of_a_run(png: Path, flag: str) -> None:
@@ -533,16 +535,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def end_if_distributed(status: int) -> None:
-    """Under torchrun, where train joined the process group: the group destroyed (NCCL warns at
-    exit about one left alive) and the process ended here with ``status``. DistributedDataParallel
-    keeps the group's gloo threads alive past destroy_process_group (torch 2.13), and now and then
-    they abort the interpreter's exit ("terminate called without an active exception", SIGABRT)
-    after every file was written and closed: a finished run was reported failed. Nothing is left
-    for the interpreter's teardown to do by then. Called by the program's entry points, never by
-    ``main``, which in-process callers call."""
-    from .train import made_a_process_group
-
-    if not made_a_process_group():
+    """Under torchrun, where train joined the process group: the group destroyed (where a stop or
+    an error left it) and the process ended here with ``status``. DistributedDataParallel keeps the
+    group's gloo threads alive past destroy_process_group (torch 2.13), and now and then they abort
+    the interpreter's exit ("terminate called without an active exception", SIGABRT) after every
+    file was written and closed: a finished run was reported failed. Nothing is left for the
+    interpreter's teardown to do by then. Called by the program's entry points, never by ``main``,
+    which in-process callers call."""
+    trained = sys.modules.get(f"{__package__}.train")  # a command that never imported it made no group
+    if trained is None or not trained.made_a_process_group():
         return
     import torch.distributed as dist
 
