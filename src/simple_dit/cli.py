@@ -535,20 +535,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def end_if_distributed(status: int) -> None:
-    """Under torchrun, where train joined the process group: the group destroyed (where a stop or
-    an error left it) and the process ended here with ``status``. DistributedDataParallel keeps the
-    group's gloo threads alive past destroy_process_group (torch 2.13), and now and then they abort
-    the interpreter's exit ("terminate called without an active exception", SIGABRT) after every
-    file was written and closed: a finished run was reported failed. Nothing is left for the
-    interpreter's teardown to do by then. Called by the program's entry points, never by ``main``,
+    """Under torchrun, where train joined the process group: the process ended here with
+    ``status``. DistributedDataParallel keeps the group's gloo threads alive past
+    destroy_process_group (torch 2.13), and now and then they abort the interpreter's exit
+    ("terminate called without an active exception", SIGABRT) after every file was written and
+    closed: a finished run was reported failed. Nothing is left for the interpreter's teardown to
+    do by then. A group that a stop or an error left is not destroyed here: under NCCL that can
+    wait on processes that are gone. Called by the program's entry points, never by ``main``,
     which in-process callers call."""
     trained = sys.modules.get(f"{__package__}.train")  # a command that never imported it made no group
     if trained is None or not trained.made_a_process_group():
         return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
