@@ -1255,3 +1255,15 @@ def test_each_evaluation_point_records_how_its_run_trained(sweep):
         (record,) = read_jsonl(sweep["out"] / "runs" / name / C.EVALS_NAME)
         assert record["train_precision"] == "fp32" and record["compiled"] is False
     assert "precision fp32." in (sweep["out"] / "report.md").read_text()
+
+
+def test_a_report_leaves_no_sample_grid_of_an_earlier_report_beside_its_own(sweep, tmp_path):
+    """Continuing a comparison with --objective eps,flow names the grids samples_<preset>_<objective>.png:
+    the earlier report's samples_<preset>.png stayed beside them, showing what the report no longer does."""
+    out = tmp_path / "report"
+    shutil.copytree(sweep["out"], out)
+    own = sorted(p.name for p in out.glob("samples_*.png"))
+    assert own == ["samples_dit-tiny_eps.png", "samples_dit-tiny_flow.png"]
+    shutil.copy(out / own[0], out / "samples_dit-tiny.png")
+    assert main_report_only(out) == 0
+    assert sorted(p.name for p in out.glob("samples_*.png")) == own

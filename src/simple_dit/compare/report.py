@@ -734,6 +734,10 @@ def write_report(out_dir: Path, results: dict) -> dict[str, Path]:
             caption = (f"{entry['label']} at lr {entry['best_lr']:g}, guidance {entry['best_guidance']:g}: "
                        f"FID {fmt_stat(b['fid'], '.2f')}, label accuracy {fmt_stat(b['label_accuracy'])}")  # fmt: skip
             grids[entry["label"]] = (g, caption)
+    shown = {path for path, _ in grids.values()}
+    for stale in out_dir.glob("samples_*.png"):  # e.g. samples_dit-tiny.png once the report adds objectives to the names
+        if stale not in shown:
+            stale.unlink()
     results["figures"] = {k: p.name for k, p in figures.items()}
     results["verdict_text"] = verdict_lines(results)
     results["confirmed_verdict_text"] = verdict_lines(results, confirmed=True)
