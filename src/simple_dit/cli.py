@@ -37,9 +37,10 @@ class _Parser(argparse.ArgumentParser):
         # sweeps one rate). Argument groups share this registry.
         for name in (None, "store", "store_true", argparse.BooleanOptionalAction):
             self.register("action", name, _given_once(self._registry_get("action", name, name)))
+        self.flags_given: dict[str, str] = {}  # dest -> the flag that set it, in this parse (a subcommand's parser has its own)
 
     def parse_known_args(self, args=None, namespace=None):
-        self.flags_given: dict[str, str] = {}  # dest -> the flag that set it, for this parse (a subcommand's parser has its own)
+        self.flags_given = {}
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
