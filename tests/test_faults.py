@@ -417,6 +417,33 @@ def test_a_set_writer_killed_outright_leaves_nothing_for_long(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".set.{os.getppid()}.abc123.tmp", "s.png"]
 
 
+@pytest.mark.parametrize("killed_after", [0, 1])  # renames done when the writer was killed
+def test_files_written_together_and_killed_between_renames_are_finished_by_the_next_lock(tmp_path, killed_after):
+    """atomic_write_together (the checkpoints of runs trained together) moves its files into place
+    once all are on disk; a SIGKILL between two renames left one run at its new step and one at its
+    old. The journal written before the first rename lets the next process to lock the directory
+    finish them."""
+    for name in ("a", "b", "c"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "ckpt").write_text(f"old {name}")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from simple_dit import io\n"
+        "real, done = os.replace, []\n"
+        f"def dying(a, b):\n    if len(done) == {killed_after}: os._exit(9)\n    done.append(a); real(a, b)\n"
+        "io.os.replace = dying\n"
+        "root = Path(sys.argv[1])\n"
+        "io.atomic_write_together([(root / n / 'ckpt', lambda tmp, n=n: Path(tmp).write_text(f'new {n}')) for n in ('a', 'b', 'c')])\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "runs")], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == 9, killed.stderr
+    assert [(tmp_path / "runs" / n / "ckpt").read_text() for n in "abc"] == [f"new {n}" if i < killed_after else f"old {n}" for i, n in enumerate("abc")]
+    with DirectoryLock(tmp_path):  # e.g. compare continuing the comparison
+        assert [(tmp_path / "runs" / n / "ckpt").read_text() for n in "abc"] == ["new a", "new b", "new c"]
+    assert not [p for p in tmp_path.rglob("*") if is_temporary(p.name)]
+
+
 # ---- full disk, unwritable output --------------------------------------------------------------
 
 

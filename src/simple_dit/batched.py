@@ -101,7 +101,8 @@ def checkpoint_together(runs: list[_Run], device: torch.device) -> None:
     """The runs' checkpoints (each ``checkpoint_due``), moved into place together once all are on
     disk: a kill between two runs' writes used to leave one at its new step and one at its old,
     which a resumed comparison then trained apart, in other company, where a UNet's batched bf16
-    kernels round otherwise. (A kill in the microseconds between two renames still splits them.)"""
+    kernels round otherwise. A kill between two renames is finished by the comparison's next lock
+    (``io.finish_interrupted_writes``)."""
     atomic_write_together([(run.out_dir / CHECKPOINT_NAME, functools.partial(run.write_checkpoint, device=device)) for run in runs])
     for run in runs:
         run.last_checkpoint = run.state.step

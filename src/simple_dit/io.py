@@ -46,8 +46,12 @@ def atomic_write(path: Path, write) -> None:
 def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) -> None:
     """``atomic_write`` of several files, which are moved into place together only once all are
     complete on disk (a SIGINT or SIGTERM waits for the renames): the checkpoints of runs trained
-    together, where a kill between two runs' writes used to leave one run ahead of the others."""
+    together, where a kill between two runs' writes used to leave one run ahead of the others.
+    Before the first rename, a journal of them is written where the files' directories meet, so
+    that the next process to lock a directory above them finishes the renames that a SIGKILL or a
+    power cut interrupted (``finish_interrupted_writes``)."""
     staged: list[tuple[str, Path]] = []
+    journal = None
     try:
         for path, write in writes:
             path = Path(path)
@@ -67,6 +71,8 @@ def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) ->
                     os.fsync(f.fileno())
             except OSError as e:
                 raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        if len(staged) > 1:
+            journal = _write_journal(staged)
         with stop_signals_deferred():  # a signal held back until the renames are durable too
             for tmp, path in staged:
                 try:
@@ -79,6 +85,55 @@ def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) ->
         for tmp, _ in staged:
             if os.path.exists(tmp):  # not moved into place: a failed or interrupted write
                 _remove(tmp)
+        if journal is not None:
+            _remove(journal)
+
+
+_JOURNAL_PREFIX = ".together."  # a temporary's name (is_temporary): what a lock does not finish, it removes
+
+
+def _write_journal(staged: list[tuple[str, Path]]) -> str:
+    """A durable list of ``staged``'s renames, in the directory where their directories meet,
+    with names relative to it."""
+    base = Path(os.path.commonpath([str(path.parent.resolve()) for _, path in staged]))
+    pairs = [[os.path.relpath(Path(tmp).resolve(), base), os.path.relpath(path.parent.resolve() / path.name, base)] for tmp, path in staged]
+    try:
+        fd, journal = tempfile.mkstemp(dir=base, prefix=_JOURNAL_PREFIX, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(pairs, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write {base}: {e.strerror or e}") from None
+    fsync_dir(base)
+    return journal
+
+
+def finish_interrupted_writes(directory: Path) -> None:
+    """Finish the renames of ``atomic_write_together`` calls that a killed process left under
+    ``directory`` (each journal's files were complete on disk before its first rename). Call it
+    only while holding the directory's lock."""
+    for journal in Path(directory).rglob(f"{_JOURNAL_PREFIX}*.tmp"):
+        try:
+            pairs = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: removed with the other temporaries
+        base = journal.parent
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs)):
+            continue
+        moved = set()
+        for tmp, path in pairs:
+            if any(Path(n).is_absolute() or ".." in Path(n).parts for n in (tmp, path)):
+                continue  # not one this package wrote
+            if (base / tmp).is_file():
+                try:
+                    os.replace(base / tmp, base / path)
+                except OSError:
+                    continue  # e.g. a directory in the way now: the temporary is removed, the old file stays
+                moved.add((base / path).parent)
+        for parent in moved:
+            fsync_dir(parent)
+        _remove(str(journal))
 
 
 def atomic_copy(source: Path, path: Path) -> None:
@@ -346,6 +401,7 @@ class DirectoryLock:
             raise error from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        finish_interrupted_writes(directory)  # before the temporaries it would move are removed
         remove_stale_temporaries(directory)
 
     @staticmethod
