@@ -588,7 +588,7 @@ NOTES = (
     "the same way; the evaluator learned from them, so the floor's label accuracy is somewhat above its accuracy on unseen digits). "
     f"Guidance is chosen the way the learning rate is: of each learning rate's guidance scales, the one with {GUIDANCE_RULE}, "
     "on the seed means of the final scores. The best learning rate of a preset has the lowest seed-mean final FID at its "
-    "guidance (ties: the highest label accuracy), among the learning rates whose every seed has finished where any has; "
+    "guidance (ties: the highest label accuracy), among the learning rates scored on every seed the preset (and objective) has runs of, where any is; "
     "a learning rate with a diverged seed is not picked. "
     "Spread: the standard deviation over seeds (3 or more), the min-max range (2), half the "
     f"{BOOTSTRAP_LEVEL:.0%} bootstrap interval over the evaluation samples (1). "

@@ -1133,7 +1133,6 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     import torch
 
     from ..config import get_preset
-
     from ..runtime import device_name
 
     presets: dict[tuple, dict] = {}
