@@ -494,16 +494,17 @@ def init_distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         # NCCL for CUDA tensors, gloo for CPU ones: a CPU run on a GPU machine still needs gloo.
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        _GROUPS_MADE.append(dist.group.WORLD)
+        global _made_a_group
+        _made_a_group = True
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-_GROUPS_MADE: list = []  # by init_distributed (a group the caller made is the caller's to end)
+_made_a_group = False  # by init_distributed (a group the caller made is the caller's to end)
 
 
 def made_a_process_group() -> bool:
     """Whether this process joined torchrun's process group in ``init_distributed``."""
-    return bool(_GROUPS_MADE)
+    return _made_a_group
 
 
 def train(
