@@ -102,7 +102,7 @@ def checkpoint_together(runs: list[_Run], device: torch.device) -> None:
     disk: a kill between two runs' writes used to leave one at its new step and one at its old,
     which a resumed comparison then trained apart, in other company, where a UNet's batched bf16
     kernels round otherwise. A kill between two renames is finished by the comparison's next lock
-    (``io.finish_interrupted_writes``)."""
+    (``io.remove_stale_temporaries``)."""
     atomic_write_together([(run.out_dir / CHECKPOINT_NAME, functools.partial(run.write_checkpoint, device=device)) for run in runs])
     for run in runs:
         run.last_checkpoint = run.state.step

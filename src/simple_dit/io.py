@@ -49,7 +49,7 @@ def atomic_write_together(writes: list[tuple[Path, Callable[[str], object]]]) ->
     together, where a kill between two runs' writes used to leave one run ahead of the others.
     Before the first rename, a journal of them is written where the files' directories meet, so
     that the next process to lock a directory above them finishes the renames that a SIGKILL or a
-    power cut interrupted (``finish_interrupted_writes``)."""
+    power cut interrupted (``remove_stale_temporaries``)."""
     staged: list[tuple[str, Path]] = []
     journal = None
     try:
@@ -109,31 +109,28 @@ def _write_journal(staged: list[tuple[str, Path]]) -> str:
     return journal
 
 
-def finish_interrupted_writes(directory: Path) -> None:
-    """Finish the renames of ``atomic_write_together`` calls that a killed process left under
-    ``directory`` (each journal's files were complete on disk before its first rename). Call it
-    only while holding the directory's lock."""
-    for journal in Path(directory).rglob(f"{_JOURNAL_PREFIX}*.tmp"):
-        try:
-            pairs = json.loads(journal.read_text())
-        except (OSError, ValueError):
-            continue  # unreadable: removed with the other temporaries
-        base = journal.parent
-        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs)):
-            continue
-        moved = set()
-        for tmp, path in pairs:
-            if any(Path(n).is_absolute() or ".." in Path(n).parts for n in (tmp, path)):
-                continue  # not one this package wrote
-            if (base / tmp).is_file():
-                try:
-                    os.replace(base / tmp, base / path)
-                except OSError:
-                    continue  # e.g. a directory in the way now: the temporary is removed, the old file stays
-                moved.add((base / path).parent)
-        for parent in moved:
-            fsync_dir(parent)
-        _remove(str(journal))
+def _finish_journaled_renames(journal: Path) -> None:
+    """Finish the renames of an ``atomic_write_together`` call that a killed process left (its
+    files were complete on disk before its first rename); an unreadable journal finishes none."""
+    try:
+        pairs = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        return
+    base = journal.parent
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs)):
+        return
+    moved = set()
+    for tmp, path in pairs:
+        if any(Path(n).is_absolute() or ".." in Path(n).parts for n in (tmp, path)):
+            continue  # not one this package wrote
+        if (base / tmp).is_file():
+            try:
+                os.replace(base / tmp, base / path)
+            except OSError:
+                continue  # e.g. a directory in the way now: the temporary is removed, the old file stays
+            moved.add((base / path).parent)
+    for parent in moved:
+        fsync_dir(parent)
 
 
 def atomic_copy(source: Path, path: Path) -> None:
@@ -270,11 +267,15 @@ def is_temporary(name: str) -> bool:
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Delete the temporary files of writes that a killed process never finished. Call it only
-    while holding the directory's lock, when no write of another process can be in flight."""
-    for tmp in Path(directory).rglob(".*"):
-        if is_temporary(tmp.name) and tmp.is_file():
-            _remove(str(tmp))
+    """Finish the renames of files written together that a killed process journaled, and delete
+    the temporary files of every other write it never finished. Call it only while holding the
+    directory's lock, when no write of another process can be in flight."""
+    temporaries = [tmp for tmp in Path(directory).rglob(".*") if is_temporary(tmp.name) and tmp.is_file()]
+    for journal in temporaries:
+        if journal.name.startswith(_JOURNAL_PREFIX):  # first: they move temporaries into place
+            _finish_journaled_renames(journal)
+    for tmp in temporaries:
+        _remove(str(tmp))
 
 
 def _remove(path: str) -> None:
@@ -401,7 +402,6 @@ class DirectoryLock:
             raise error from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        finish_interrupted_writes(directory)  # before the temporaries it would move are removed
         remove_stale_temporaries(directory)
 
     @staticmethod
