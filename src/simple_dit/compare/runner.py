@@ -89,9 +89,6 @@ class Settings:
         return [(preset, objective, lr, seed) for seed in self.seeds for preset in self.presets
                 for objective in self.objectives or [get_preset(preset).diffusion.objective] for lr in self.lrs]  # fmt: skip
 
-    def runs_asked(self) -> list[tuple]:
-        return self.grid() if self.asked is None else self.asked
-
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
         """Each list through the parser of its flag, so that a damaged compare.json is a one-line
@@ -179,9 +176,11 @@ def _check_settings(out_dir: Path, settings: Settings) -> Settings:
     earlier = []
     if old is not None and "seeds" in old:
         recorded = Settings.from_dict(old)
-        earlier = recorded.runs_asked()
-        if recorded.asked is None and (out_dir / "runs").is_dir():  # one from before the record: its runs were asked for too
-            earlier += [(run.preset, run.objective, run.lr, run.seed) for run in runs_on_disk(out_dir, recorded, [], {})]
+        earlier = recorded.asked
+        if earlier is None:  # one from before the record: its last grid, and its runs on disk, were asked for
+            earlier = recorded.grid()
+            if (out_dir / "runs").is_dir():
+                earlier += [(run.preset, run.objective, run.lr, run.seed) for run in runs_on_disk(out_dir, recorded, [], {})]
     settings = dataclasses.replace(settings, asked=list(dict.fromkeys(earlier + settings.grid())))
     new = settings.to_dict()
     if old is not None:
@@ -649,14 +648,19 @@ class PlannedRun:
 
 def plan_runs(out_dir: Path, settings: Settings, stats: dict) -> list[PlannedRun]:
     """Every run of this invocation's grid, in ``Settings.grid``'s order."""
-    from ..config import get_preset
-
     plan = []
     for preset, objective, lr, seed in settings.grid():
         targets = schedule(settings.budget, settings.fractions, stats[preset]["batch_size"], stats[preset]["gflops_per_image"])
-        override = objective if objective != get_preset(preset).diffusion.objective else None
+        override = _override(preset, objective)
         plan.append(PlannedRun(preset, objective, override, lr, seed, out_dir / "runs" / run_name(preset, lr, seed, override), targets))
     return plan
+
+
+def _override(preset: str, objective: str) -> str | None:
+    """``objective`` where it overrides the preset's own (as run names say it), else None."""
+    from ..config import get_preset
+
+    return objective if objective != get_preset(preset).diffusion.objective else None
 
 
 def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], stats: dict) -> list[PlannedRun]:
@@ -664,7 +668,7 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
     did not plan (other presets, objectives, learning rates or seeds), so that the report covers
     the directory: e.g. a grid of learning rates for one objective, then the other objective at the
     best learning rate only. Adds the ``_model_stats`` of their presets to ``stats``."""
-    from ..config import PRESETS, get_preset
+    from ..config import PRESETS
 
     planned_dirs = {run.run_dir.name for run in planned}
     found = []
@@ -677,9 +681,8 @@ def runs_on_disk(out_dir: Path, settings: Settings, planned: list[PlannedRun], s
             continue  # not a run (or a damaged one): the report covers what it can read
         if config.preset not in PRESETS:
             continue
-        own = get_preset(config.preset).diffusion.objective
         objective = config.diffusion.objective
-        override = objective if objective != own else None
+        override = _override(config.preset, objective)
         if run_dir.name != run_name(config.preset, config.train.lr, config.train.seed, override):
             continue
         if config.preset not in stats:
@@ -1132,7 +1135,6 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
                     machine: dict | None = None) -> dict:  # fmt: skip
     import torch
 
-    from ..config import get_preset
     from ..runtime import device_name
 
     presets: dict[tuple, dict] = {}
@@ -1186,8 +1188,7 @@ def collect_results(out_dir: Path, settings: Settings, stats: dict, plan: list[P
     for preset, objective, lr, seed in settings.asked or []:
         run = held.get((preset, objective, lr, seed))
         if not (run and (run["complete"] or run["diverged"])):
-            own = get_preset(preset).diffusion.objective
-            run_dir = out_dir / "runs" / run_name(preset, lr, seed, objective if objective != own else None)
+            run_dir = out_dir / "runs" / run_name(preset, lr, seed, _override(preset, objective))
             started = any((run_dir / name).is_file() for name in (CHECKPOINT_NAME, "metrics.jsonl", EVALS_NAME))  # in training, or stopped
             unfinished.append({"preset": preset, "objective": objective, "lr": lr, "seed": seed, "started": started})
     # Scores at different sample counts are not comparable (FID's bias depends on n): the
